@@ -33,9 +33,9 @@ Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.p
 kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (for testing). The interpreter computes bf16 arithmetic and
-bf16 `tl.dot` wrongly, and its fp32 -> bf16 conversion truncates instead of rounding to nearest even; so with bf16
-tensors there (`INTERPRET_BF16`) operands are upcast to fp32 after loading (bf16 loads and bf16 -> fp32 are exact)
-and results are rounded to bf16 by hand before they are stored.
+bf16 `tl.dot` wrongly, so bf16 operands are upcast to fp32 after loading there (`INTERPRET_BF16`; bf16 loads and
+bf16 -> fp32 are exact), and every store goes through common.to_dtype, which rounds fp32 -> bf16 to nearest-even
+where the interpreter would truncate.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fastgpt.kernels.common import to_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -109,16 +111,6 @@ def _act_grad(x, ACTIVATION: tl.constexpr):
     else:
         d = x * 0.0 + 1.0
     return d
-
-
-@triton.jit
-def _rounded(x, INTERPRET_BF16: tl.constexpr):
-    """x (fp32), made exactly representable in bf16 by round-to-nearest-even when the interpreter would truncate."""
-    if INTERPRET_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x
 
 
 @triton.jit
@@ -206,7 +198,7 @@ def _matmul_fused(
         if HAS_BIAS:
             acc = acc + bias[None, :]
         if STORE_AUX:
-            tl.store(aux_ptrs, _rounded(acc, INTERPRET_BF16).to(Aux.dtype.element_ty), mask=mask)
+            tl.store(aux_ptrs, to_dtype(acc, Aux.dtype.element_ty), mask=mask)
         out = _act(acc, ACTIVATION)
         if DROPOUT:
             keep = _dropout_keep(seed, offs_m, offs_n) >= p
@@ -224,7 +216,7 @@ def _matmul_fused(
         if BIAS_GRAD:
             _bias_partial_store(BiasPartial, out, mask, pid_m, offs_n, M, N, BLOCK_M, BLOCK_N, SLAB)
     c_ptrs = C + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, _rounded(out, INTERPRET_BF16).to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, to_dtype(out, C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -236,7 +228,7 @@ def _act_bwd(
     seed, p, scale,  # dropout that was applied to act(Pre) in the forward pass
     M, N, rows_per_program,
     stride_gm, stride_gn, stride_pm, stride_pn,
-    ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -257,8 +249,7 @@ def _act_bwd(
         if ACTIVATION != "none":
             pre = tl.load(Pre + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
             d = d * _act_grad(pre.to(tl.float32), ACTIVATION)
-        tl.store(dPre + rows[:, None] * N + offs_n[None, :], _rounded(d, INTERPRET_BF16).to(dPre.dtype.element_ty),
-                 mask=mask)
+        tl.store(dPre + rows[:, None] * N + offs_n[None, :], to_dtype(d, dPre.dtype.element_ty), mask=mask)
         if BIAS_GRAD:
             col_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
     if BIAS_GRAD:
@@ -343,8 +334,7 @@ def act_bwd(grad: torch.Tensor, pre: torch.Tensor | None, activation: str, *, bi
         seed, dropout_p, 1.0 / (1.0 - dropout_p),
         M, N, rows_per_program,
         grad.stride(0), grad.stride(1), pre_arg.stride(0), pre_arg.stride(1),
-        ACTIVATION=activation, DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad,
-        INTERPRET_BF16=grad.device.type == "cpu" and grad.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
+        ACTIVATION=activation, DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4,
     )
     return dpre, partial.sum(0) if partial is not None else None
