@@ -86,14 +86,6 @@ inline void check_same_shape(const at::Tensor& t, const char* name, const at::Te
               t.scalar_type());
 }
 
-// bias as float32 (N,), or undefined when absent.
-inline at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n) {
-  if (!bias.has_value()) return at::Tensor();
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear_gelu: expected bias of shape (", n, "), got ",
-              bias->sizes());
-  return bias->to(at::kFloat).contiguous();
-}
-
 inline uint64_t seed_value(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "linear_gelu: expected seed to be an int64 CPU tensor of shape ()");

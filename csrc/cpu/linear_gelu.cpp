@@ -1,8 +1,9 @@
 // Fused linear + activation (GELU) on CPU. The matrix products are ATen's (BLAS / oneDNN, fp32 accumulation);
 // what is ours is the element-wise work around them, done in one pass over each product's output instead of
 // eager's chain of element-wise ops:
-//   forward : pre = x W^T (ATen) -> [+ bias, store pre, act, dropout] in one pass, in place in pre's buffer
-//   backward: dPre = grad * dropout * act'(pre (+ bias)) with the bias gradient (column sums) in the same pass.
+//   forward : pre = x W^T + b (ATen's addmm: the bias added before the one rounding, as F.linear does)
+//             -> out = dropout(act(pre)) in one pass (in place in pre's buffer when pre is not kept)
+//   backward: dPre = grad * dropout * act'(pre) with the bias gradient (column sums) in the same pass.
 // Rows are converted once into float32 scratch, the activation maths runs on Vectorized<float>.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -63,19 +64,16 @@ void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed
   for (int64_t j = 0; j < n; ++j) v[j] *= dropout_factor(seed, row, col0 + j, p, scale);
 }
 
-// Forward epilogue over the rows of pre = x W^T (M, N), in place: pre += bias; out = dropout(act(pre)).
-// out may alias pre (when pre is not kept).
+// Forward epilogue over the rows of pre = x W^T + b (M, N): out = dropout(act(pre)). out may alias pre (when
+// pre is not kept).
 template <typename scalar_t, Activation A>
-void forward_epilogue(scalar_t* pre, scalar_t* out, const float* bias, int64_t rows, int64_t cols, bool store_pre,
-                      float p, uint64_t seed) {
+void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p, uint64_t seed) {
   const float scale = 1.f / (1.f - p);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
     std::vector<float> v(cols);
     for (int64_t row = begin; row < end; ++row) {
-      scalar_t* pre_row = pre + row * cols;
-      for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<float>(pre_row[j]) + (bias ? bias[j] : 0.f);
-      if (store_pre && bias)
-        for (int64_t j = 0; j < cols; ++j) pre_row[j] = static_cast<scalar_t>(v[j]);
+      const scalar_t* pre_row = pre + row * cols;
+      for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<float>(pre_row[j]);
       map_inplace(v.data(), cols, [](Vec x) { return activation_forward<A>(x); });
       if (p > 0.f) apply_dropout(v.data(), cols, row, 0, seed, p, scale);
       scalar_t* out_row = out + row * cols;
@@ -84,12 +82,12 @@ void forward_epilogue(scalar_t* pre, scalar_t* out, const float* bias, int64_t r
   });
 }
 
-// Backward epilogue: dpre = grad * dropout * act'(pre + pre_bias), and bias_grad = column sums of dpre.
+// Backward epilogue: dpre = grad * dropout * act'(pre), and bias_grad = column sums of dpre.
 // Parallel over fixed blocks of columns, each walking every row: the column sums need no partial buffers and are
 // bit-identical whatever the thread count. float32 sums per slab of kSlab rows, slabs added in float64.
 // dpre may alias grad or pre (each element is read before it is written).
 template <typename scalar_t, Activation A>
-void backward_epilogue(const scalar_t* grad, const scalar_t* pre, const float* pre_bias, scalar_t* dpre,
+void backward_epilogue(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre,
                        float* bias_grad, int64_t rows, int64_t cols, float p, uint64_t seed) {
   constexpr int64_t kCols = 128, kSlab = 64;
   const float scale = 1.f / (1.f - p);
@@ -106,8 +104,7 @@ void backward_epilogue(const scalar_t* grad, const scalar_t* pre, const float* p
         for (int64_t j = 0; j < n; ++j) g[j] = static_cast<float>(grad[offset + j]);
         if (p > 0.f) apply_dropout(g, n, row, col0, seed, p, scale);
         if constexpr (A != Activation::kNone) {
-          for (int64_t j = 0; j < n; ++j)
-            x[j] = static_cast<float>(pre[offset + j]) + (pre_bias ? pre_bias[col0 + j] : 0.f);
+          for (int64_t j = 0; j < n; ++j) x[j] = static_cast<float>(pre[offset + j]);
           int64_t j = 0;
           for (; j + Vec::size() <= n; j += Vec::size())
             (Vec::loadu(g + j) * activation_grad<A>(Vec::loadu(x + j))).store(g + j);
@@ -128,9 +125,18 @@ void backward_epilogue(const scalar_t* grad, const scalar_t* pre, const float* p
   });
 }
 
+// pre = input weight^T + bias with the bias added inside the product (addmm), rounded once to the dtype as
+// F.linear's is.
+at::Tensor product(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return at::mm(input, weight.t());
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type(),
+              "linear_gelu: expected bias of shape (", weight.size(0), ") and dtype ", input.scalar_type(), ", got ",
+              bias->sizes(), " ", bias->scalar_type());
+  return at::addmm(*bias, input, weight.t());
+}
+
 // Runs the backward epilogue on (M, N) tensors; returns (dpre, bias_grad float32 (N,) or empty).
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& pre, const at::Tensor& pre_bias,
-                                            at::Tensor dpre, Activation activation, double dropout_p, uint64_t seed,
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& pre, at::Tensor dpre, Activation activation, double dropout_p, uint64_t seed,
                                             bool bias_grad) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
   at::Tensor grad_bias = at::empty({bias_grad ? cols : 0}, grad.options().dtype(at::kFloat));
@@ -138,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Te
     dispatch_activation(activation, [&](auto a) {
       backward_epilogue<scalar_t, decltype(a)::value>(
           grad.const_data_ptr<scalar_t>(), pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
-          pre_bias.defined() ? pre_bias.const_data_ptr<float>() : nullptr, dpre.mutable_data_ptr<scalar_t>(),
+          dpre.mutable_data_ptr<scalar_t>(),
           bias_grad ? grad_bias.mutable_data_ptr<float>() : nullptr, rows, cols, static_cast<float>(dropout_p), seed);
     });
   });
@@ -156,15 +162,13 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
               ", got ", weight.sizes(), " ", weight.scalar_type());
   const Activation act = parse_activation(activation);
   const int64_t rows = input.size(0), cols = weight.size(0);
-  const at::Tensor b = bias_as_float(bias, cols);
   const uint64_t seed_v = dropout_p > 0 ? seed_value(seed) : 0;
-  at::Tensor pre = at::mm(input, weight.t());
+  at::Tensor pre = product(input, weight, bias);
   at::Tensor out = store_pre ? at::empty_like(pre) : pre;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_gelu_fwd", [&] {
     dispatch_activation(act, [&](auto a) {
-      forward_epilogue<scalar_t, decltype(a)::value>(pre.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                     b.defined() ? b.const_data_ptr<float>() : nullptr, rows, cols,
-                                                     store_pre, static_cast<float>(dropout_p), seed_v);
+      forward_epilogue<scalar_t, decltype(a)::value>(pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                     rows, cols, static_cast<float>(dropout_p), seed_v);
     });
   });
   return {out, store_pre ? pre : at::empty({0}, input.options())};
@@ -179,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad, const
   TORCH_CHECK(pre.has_value() || act == Activation::kNone, "linear_gelu: expected pre for activation ", activation);
   if (pre.has_value()) check_same_shape(*pre, "pre", grad);
   const at::Tensor pre_t = pre.has_value() ? pre->contiguous() : at::Tensor();
-  return backward(grad, pre_t, at::Tensor(), at::empty_like(grad), act, dropout_p,
+  return backward(grad, pre_t, at::empty_like(grad), act, dropout_p,
                   dropout_p > 0 ? seed_value(seed) : 0, bias_grad);
 }
 
@@ -191,10 +195,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& g
   check_matrix(grad, "grad");
   check_matrix(input, "input");
   check_matrix(weight, "weight");
-  at::Tensor pre = at::mm(input, weight.t());
+  at::Tensor pre = product(input, weight, bias);
   check_same_shape(grad, "grad", pre);
-  return backward(grad, pre, bias_as_float(bias, weight.size(0)), pre, parse_activation(activation), 0.0, 0,
-                  bias_grad);
+  return backward(grad, pre, pre, parse_activation(activation), 0.0, 0, bias_grad);
 }
 
 // dpre = (grad weight) * act'(pre): the backward through act and the following linear layer's input.
@@ -206,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, cons
   check_matrix(pre, "pre");
   at::Tensor grad_act = at::mm(grad, weight);
   check_same_shape(pre, "pre", grad_act);
-  return backward(grad_act, pre, at::Tensor(), grad_act, parse_activation(activation), 0.0, 0, bias_grad);
+  return backward(grad_act, pre, grad_act, parse_activation(activation), 0.0, 0, bias_grad);
 }
 
 }  // namespace

@@ -5,8 +5,8 @@
 //   backward through gelu_tanh      : CUBLASLT_EPILOGUE_DGELU_BGRAD   out = (A B) * gelu_tanh'(aux), bgrad = sum(out)
 //   forward, no activation/dropout  : CUBLASLT_EPILOGUE_BIAS
 // (cuBLASLt's GELU is the tanh form.) Everything else -- the exact erf GELU, relu, the output dropout, and the
-// element-wise backward of a gradient that arrives from outside -- is a plain cuBLASLt product followed by one of
-// our kernels below, which does all the element-wise work in a single pass over the product's output.
+// element-wise backward of a gradient that arrives from outside -- is a cuBLASLt product (with the bias in its
+// epilogue) followed by one of our kernels below, which does all the element-wise work in a single pass over the product's output.
 //
 // Layout: our tensors are row-major; cuBLASLt is column-major. A row-major (M, N) matrix is the column-major
 // (N, M) matrix with leading dimension N, so Y = X W^T (row-major) is computed as Y^T = W X^T (column-major):
@@ -142,39 +142,51 @@ bool lt_epilogue_fits(int64_t cols, std::initializer_list<const at::Tensor*> ten
   return true;
 }
 
+// bias (N,) in input's dtype, contiguous, or undefined when absent.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t cols) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols && bias->scalar_type() == input.scalar_type(),
+              "linear_gelu: expected bias of shape (", cols, ") and dtype ", input.scalar_type(), ", got ",
+              bias->sizes(), " ", bias->scalar_type());
+  return bias->contiguous();
+}
+
+Epilogue bias_epilogue(const at::Tensor& bias) {
+  Epilogue epilogue;
+  if (bias.defined()) {
+    epilogue.kind = CUBLASLT_EPILOGUE_BIAS;
+    epilogue.bias = bias.const_data_ptr();
+  }
+  return epilogue;
+}
+
 constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8));
 }
 
-// In place over pre (M, N): pre += bias (kept when store_pre); out = dropout(act(pre)). out may alias pre.
+// out = dropout(act(pre)) over (M, N), pre = x W^T + b; out may alias pre (when pre is not kept).
 template <typename scalar_t, Activation A>
-__global__ void forward_epilogue_kernel(scalar_t* pre, scalar_t* out, const float* bias, int64_t rows, int64_t cols,
-                                        bool store_pre, float p, float scale, uint64_t seed) {
+__global__ void forward_epilogue_kernel(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p,
+                                        float scale, uint64_t seed) {
   const int64_t total = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / cols, col = i - row * cols;
-    float x = static_cast<float>(pre[i]);
-    if (bias != nullptr) {
-      x += bias[col];
-      if (store_pre) pre[i] = static_cast<scalar_t>(x);
-    }
-    float y = activation_forward<A>(x);
+    float y = activation_forward<A>(static_cast<float>(pre[i]));
     if (p > 0.f) y *= dropout_factor(seed, row, col, p, scale);
     out[i] = static_cast<scalar_t>(y);
   }
 }
 
-// dpre = grad * dropout * act'(pre + pre_bias) over (M, N), and partial column sums of dpre: block (x, y) covers
+// dpre = grad * dropout * act'(pre) over (M, N), and partial column sums of dpre: block (x, y) covers
 // columns [32 x, 32 x + 32) and rows [y rows_per_block, (y + 1) rows_per_block); each of its 8 warps walks every
 // 8th row, then the warps' sums are added in a fixed order: deterministic, no atomics. dpre may alias grad or pre.
 constexpr int kColsPerBlock = 32, kRowWarps = 8;
 
 template <typename scalar_t, Activation A>
-__global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* pre, const float* pre_bias,
-                                         scalar_t* dpre, float* partial, int64_t rows, int64_t cols,
+__global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre, float* partial, int64_t rows, int64_t cols,
                                          int64_t rows_per_block, float p, float scale, uint64_t seed) {
   __shared__ float sums[kRowWarps][kColsPerBlock];
   const int64_t col = blockIdx.x * static_cast<int64_t>(kColsPerBlock) + threadIdx.x;
@@ -187,8 +199,7 @@ __global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* p
       float g = static_cast<float>(grad[i]);
       if (p > 0.f) g *= dropout_factor(seed, row, col, p, scale);
       if constexpr (A != Activation::kNone) {
-        const float x = static_cast<float>(pre[i]) + (pre_bias != nullptr ? pre_bias[col] : 0.f);
-        g *= activation_grad<A>(x);
+        g *= activation_grad<A>(static_cast<float>(pre[i]));
       }
       dpre[i] = static_cast<scalar_t>(g);
       sum += g;
@@ -204,8 +215,8 @@ __global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* p
   }
 }
 
-void forward_epilogue(at::Tensor& pre, at::Tensor& out, const at::Tensor& bias, Activation activation, bool store_pre,
-                      double dropout_p, uint64_t seed) {
+void forward_epilogue(const at::Tensor& pre, at::Tensor& out, Activation activation, double dropout_p,
+                      uint64_t seed) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
   if (rows * cols == 0) return;
   const float p = static_cast<float>(dropout_p);
@@ -213,17 +224,14 @@ void forward_epilogue(at::Tensor& pre, at::Tensor& out, const at::Tensor& bias, 
     dispatch_activation(activation, [&](auto a) {
       forward_epilogue_kernel<scalar_t, decltype(a)::value>
           <<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              pre.mutable_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-              bias.defined() ? bias.const_data_ptr<float>() : nullptr, rows, cols, store_pre, p, 1.f / (1.f - p),
-              seed);
+              pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, p, 1.f / (1.f - p), seed);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
 // Returns (dpre, bias_grad float32 (N,) or empty).
-std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, const at::Tensor& pre,
-                                                     const at::Tensor& pre_bias, at::Tensor dpre,
+std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, const at::Tensor& pre, at::Tensor dpre,
                                                      Activation activation, double dropout_p, uint64_t seed,
                                                      bool bias_grad) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
@@ -243,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, con
             <<<dim3(col_blocks, used_row_blocks), dim3(kColsPerBlock, kRowWarps), 0,
                c10::cuda::getCurrentCUDAStream()>>>(
                 grad.const_data_ptr<scalar_t>(), pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
-                pre_bias.defined() ? pre_bias.const_data_ptr<float>() : nullptr, dpre.mutable_data_ptr<scalar_t>(),
+                dpre.mutable_data_ptr<scalar_t>(),
                 bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows, cols, rows_per_block, p,
                 1.f / (1.f - p), seed);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -265,10 +273,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const int64_t rows = input.size(0), cols = weight.size(0);
-  const at::Tensor bias_t = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (bias_t.defined())
-    TORCH_CHECK(bias_t.dim() == 1 && bias_t.size(0) == cols && bias_t.scalar_type() == input.scalar_type(),
-                "linear_gelu: expected bias of shape (", cols, ") and dtype ", input.scalar_type());
+  const at::Tensor bias_t = checked_bias(bias, input, cols);
   at::Tensor out = at::empty({rows, cols}, input.options());
   at::Tensor pre = store_pre ? at::empty_like(out) : at::empty({0}, input.options());
   const bool lt_fused = dropout_p == 0.0 && (act == Activation::kGeluTanh || act == Activation::kNone) &&
@@ -292,11 +297,11 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
     if (store_pre && act == Activation::kNone) pre.copy_(out);  // with no activation, pre is the output
     return {out, pre};
   }
-  // Plain product into pre's buffer (or straight into out when pre is not kept), then one fused pass.
+  // x W^T + b (the bias in cuBLASLt's epilogue, before the one rounding) into pre's buffer, or straight into out
+  // when pre is not kept; then one fused pass for the activation and the dropout.
   at::Tensor product = store_pre ? pre : out;
-  linear(input, weight, product, Epilogue{});
-  forward_epilogue(product, out, bias_t.defined() ? bias_t.to(at::kFloat) : at::Tensor(), act, store_pre, dropout_p,
-                   dropout_p > 0 ? seed_value(seed) : 0);
+  linear(input, weight, product, bias_epilogue(bias_t));
+  forward_epilogue(product, out, act, dropout_p, dropout_p > 0 ? seed_value(seed) : 0);
   return {out, pre};
 }
 
@@ -309,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad, const
   TORCH_CHECK(pre.has_value() || act == Activation::kNone, "linear_gelu: expected pre for activation ", activation);
   if (pre.has_value()) check_same_shape(*pre, "pre", grad);
   const at::Tensor pre_t = pre.has_value() ? pre->contiguous() : at::Tensor();
-  return backward_epilogue(grad, pre_t, at::Tensor(), at::empty_like(grad), act, dropout_p,
+  return backward_epilogue(grad, pre_t, at::empty_like(grad), act, dropout_p,
                            dropout_p > 0 ? seed_value(seed) : 0, bias_grad);
 }
 
@@ -323,9 +328,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& g
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor pre = at::empty({input.size(0), weight.size(0)}, input.options());
   check_same_shape(grad, "grad", pre);
-  if (pre.numel() > 0) linear(input, weight, pre, Epilogue{});
-  return backward_epilogue(grad, pre, bias_as_float(bias, weight.size(0)), pre, parse_activation(activation), 0.0, 0,
-                           bias_grad);
+  const at::Tensor bias_t = checked_bias(bias, input, weight.size(0));
+  if (pre.numel() > 0) linear(input, weight, pre, bias_epilogue(bias_t));
+  return backward_epilogue(grad, pre, pre, parse_activation(activation), 0.0, 0, bias_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, const at::Tensor& weight,
@@ -352,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, cons
     return {dpre, grad_bias.to(at::kFloat)};
   }
   linear_input_grad(grad, weight, dpre, Epilogue{});
-  return backward_epilogue(dpre, pre, at::Tensor(), dpre, act, 0.0, 0, bias_grad);
+  return backward_epilogue(dpre, pre, dpre, act, 0.0, 0, bias_grad);
 }
 
 }  // namespace
