@@ -61,7 +61,8 @@ def _configs(gpu_shapes, interpret_shape):
 def _prune_for_head_dim(configs, named_args, **kwargs):
     # Large head dims: the (BLOCK, D) tiles of K and V per stage no longer fit shared memory
     # and the fp32 accumulators no longer fit registers with 128-wide blocks.
-    head_dim = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
+    meta = {**named_args, **kwargs}  # the constexpr head-dim blocks arrive as keyword arguments
+    head_dim = max(meta["BLOCK_D"], meta["BLOCK_DV"])
     if head_dim <= 128:
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
