@@ -20,8 +20,8 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from bench.common import (Row, environment, mark_speedups, matmul_tflops, peak_memory_mb, print_table, rotations,
-                          time_calls, write_results)
+from .common import (Row, environment, mark_speedups, matmul_tflops, peak_memory_mb, print_table, rotations,
+                     time_calls, write_results)
 from fastgpt.ops.attention import scaled_dot_product_attention
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,7 +92,8 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype
     out = []
     for impl, fn in impls.items():
         try:
-            out += _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops)
+            out += _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
+                               {"seq_len": L, "head_dim": D, "causal": causal, "batch": B, "heads": H})
         except RuntimeError as error:  # an SDPA backend that does not take this shape or dtype, or out of memory
             print(f"skip {impl} at {shape} {dtype}: {str(error).splitlines()[0][:120]}")
         if device.type == "cuda":
@@ -100,7 +101,8 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype
     return out
 
 
-def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops) -> list[Row]:
+def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
+                extra) -> list[Row]:
     q0, k0, v0, _ = inputs[0]
     got = fn(q0, k0, v0, causal)[:1, :2]
     error = (got.double() - expected).abs().max().item()
@@ -118,7 +120,7 @@ def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device,
         median, p20, p80 = time_calls(fns, device)
         tflops = count[pass_] / (median * 1e-3) / 1e12
         out.append(Row("attention", shape, str(dtype).replace("torch.", ""), pass_, impl, median, p20, p80,
-                       tflops, "TFLOP/s", tflops / ceiling_tflops, peak_memory_mb(fns[0], device)))
+                       tflops, "TFLOP/s", tflops / ceiling_tflops, peak_memory_mb(fns[0], device), extra=extra))
     del graphs
     return out
 
