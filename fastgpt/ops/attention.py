@@ -89,7 +89,7 @@ def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal,
         scores = scores + attn_mask
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # fp64 stays fp64
     probs = torch.nan_to_num(probs, nan=0.0).to(query.dtype)  # rows with every key masked: 0, not NaN
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
