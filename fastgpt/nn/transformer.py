@@ -53,7 +53,7 @@ def _feed_forward(layer, x: torch.Tensor, out_dropout: torch.nn.Dropout) -> torc
     return out_dropout(linear2(layer.dropout(hidden)))
 
 
-def _add_norm(sublayer_out: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+def add_norm(sublayer_out: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     """norm(residual + sublayer_out), fused when `norm` is a LayerNorm."""
     if not isinstance(norm, torch.nn.LayerNorm):
         return norm(residual + sublayer_out)
@@ -99,8 +99,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
             return x + self._ff_block(self.norm2(x))
-        x = _add_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x, self.norm1)
-        return _add_norm(self._ff_block(x), x, self.norm2)
+        x = add_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x, self.norm1)
+        return add_norm(self._ff_block(x), x, self.norm2)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return _feed_forward(self, x, self.dropout2)
@@ -120,10 +120,10 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
             return x + self._ff_block(self.norm3(x))
-        x = _add_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, self.norm1)
-        x = _add_norm(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), x,
+        x = add_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, self.norm1)
+        x = add_norm(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), x,
                       self.norm2)
-        return _add_norm(self._ff_block(x), x, self.norm3)
+        return add_norm(self._ff_block(x), x, self.norm3)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return _feed_forward(self, x, self.dropout3)
