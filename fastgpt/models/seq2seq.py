@@ -101,18 +101,31 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _DecoderCache:
-    """Per decoder layer: self-attention keys/values (B, H, capacity, D) filled up to `length`, and the
-    cross-attention keys/values of the memory (B, H, S, D), computed once."""
+    """Per decoder layer: self-attention keys/values (B, H, capacity, D) filled up to `length` (allocated at the
+    first write, in the dtype the keys arrive in: bf16 under autocast), and the cross-attention keys/values of the
+    memory (B, H, S, D), computed once."""
 
-    def __init__(self, self_kv, cross_kv, memory_mask):
-        self.self_kv = self_kv
+    def __init__(self, capacity, cross_kv, memory_mask):
+        self.capacity = capacity
+        self.self_kv = [None] * len(cross_kv)
         self.cross_kv = cross_kv
-        self.memory_mask = memory_mask  # (B, 1, 1, S) True = may attend, or None
+        self.memory_mask = memory_mask  # (B, 1, 1, S) True = may attend
         self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (B, H, 1, D) at position `length`; returns the keys and values up to it."""
+        if self.self_kv[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.self_kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+        keys, values = self.self_kv[layer]
+        keys[:, :, self.length:self.length + 1] = k
+        values[:, :, self.length:self.length + 1] = v
+        return keys[:, :, :self.length + 1], values[:, :, :self.length + 1]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: row i continues hypothesis rows[i] (of the same sentence, so the memory is unchanged)."""
-        self.self_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_kv]
+        self.self_kv = [None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+                        for kv in self.self_kv]
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -177,8 +190,11 @@ class Seq2SeqTransformer(nn.Module):
         if src_padding.shape != memory.shape[:2]:
             raise ValueError(f"Seq2SeqTransformer: expected src_padding of shape {tuple(memory.shape[:2])} "
                              f"(memory's batch and length), got {tuple(src_padding.shape)}")
-        hidden = self.transformer.decoder(self._embed(self.tgt_embed, tgt), memory, tgt_is_causal=True,
-                                          memory_key_padding_mask=src_padding)
+        # The causal mask and the is_causal hint, as torch.nn's modules expect them; the hint lets the fused
+        # attention skip the mask.
+        causal = torch.ones(tgt.shape[1], tgt.shape[1], dtype=torch.bool, device=tgt.device).triu(1)
+        hidden = self.transformer.decoder(self._embed(self.tgt_embed, tgt), memory, tgt_mask=causal,
+                                          tgt_is_causal=True, memory_key_padding_mask=src_padding)
         return self._logits(hidden)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: torch.Tensor | None = None) -> Seq2SeqOutput:
@@ -202,17 +218,14 @@ class Seq2SeqTransformer(nn.Module):
     # Incremental decoding
 
     def _start_cache(self, memory: torch.Tensor, src_padding: torch.Tensor, capacity: int) -> _DecoderCache:
-        batch, width = memory.shape[0], self.config.d_model
-        self_kv, cross_kv = [], []
+        width = self.config.d_model
+        cross_kv = []
         for layer in self.transformer.decoder.layers:
-            heads = layer.self_attn.num_heads
-            shape = (batch, heads, capacity, width // heads)
-            self_kv.append((memory.new_empty(shape), memory.new_empty(shape)))
             attn = layer.multihead_attn
             bias = None if attn.in_proj_bias is None else attn.in_proj_bias[width:]
             k, v = F.linear(memory, attn.in_proj_weight[width:], bias).chunk(2, dim=-1)
-            cross_kv.append((_heads(k, heads), _heads(v, heads)))  # (B, H, S, D)
-        return _DecoderCache(self_kv, cross_kv, ~src_padding[:, None, None, :])
+            cross_kv.append((_heads(k, attn.num_heads), _heads(v, attn.num_heads)))  # (B, H, S, D)
+        return _DecoderCache(capacity, cross_kv, ~src_padding[:, None, None, :])
 
     def _attend(self, attn, x, k, v, mask):
         """attn's output for queries x (B, T, E) against projected keys/values k, v (B, H, L, D)."""
@@ -229,18 +242,15 @@ class Seq2SeqTransformer(nn.Module):
         x = self._embed(self.tgt_embed, tokens, position)  # (B, 1, E)
         width = self.config.d_model
         for i, layer in enumerate(self.transformer.decoder.layers):
-            self_k, self_v = cache.self_kv[i]
             cross_k, cross_v = cache.cross_kv[i]
 
-            def self_block(h, layer=layer, self_k=self_k, self_v=self_v):
+            def self_block(h, layer=layer, i=i):
                 attn = layer.self_attn
                 bias = None if attn.in_proj_bias is None else attn.in_proj_bias[width:]
                 k, v = F.linear(h, attn.in_proj_weight[width:], bias).chunk(2, dim=-1)
-                self_k[:, :, position:position + 1] = _heads(k, attn.num_heads)
-                self_v[:, :, position:position + 1] = _heads(v, attn.num_heads)
+                keys, values = cache.write(i, _heads(k, attn.num_heads), _heads(v, attn.num_heads))
                 # One query at the newest position sees every cached key: no mask.
-                out = self._attend(attn, h, self_k[:, :, :position + 1], self_v[:, :, :position + 1], None)
-                return layer.dropout1(out)
+                return layer.dropout1(self._attend(attn, h, keys, values, None))
 
             def cross_block(h, layer=layer, cross_k=cross_k, cross_v=cross_v):
                 return layer.dropout2(self._attend(layer.multihead_attn, h, cross_k, cross_v, cache.memory_mask))
