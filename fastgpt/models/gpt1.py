@@ -3,10 +3,10 @@
 A decoder-only Transformer: token + learned position embeddings, n_layer post-LN blocks, no final LayerNorm, and an
 output head tied to the token embedding. Each block, for the residual stream x (B, T, C):
 
-    a = dropout(c_proj(causal_attention(c_attn(x))))       fastgpt.ops.scaled_dot_product_attention
-    n = LayerNorm(x + a)                                    fastgpt.ops.add_layer_norm
-    m = dropout(c_proj(gelu_tanh(c_fc(n))))                 fastgpt.ops.gelu_ffn
-    x = LayerNorm(n + m)                                    fastgpt.ops.add_layer_norm
+    a = c_proj(causal_attention(c_attn(x)))                 fastgpt.ops.scaled_dot_product_attention
+    n = LayerNorm(x + dropout(a))                           fastgpt.ops.add_layer_norm (dropout fused)
+    m = c_proj(gelu_tanh(c_fc(n)))                          fastgpt.ops.gelu_ffn
+    x = LayerNorm(n + dropout(m))                           fastgpt.ops.add_layer_norm (dropout fused)
 
 The API (stable: fastgpt.train builds on it):
 
@@ -148,20 +148,20 @@ class Attention(nn.Module):
         y = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                          dropout_p=self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).reshape(batch, length, width)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)  # resid_dropout is applied by the block, fused into add_layer_norm
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPT1Config):
         super().__init__()
         self.approximate = config.gelu_approximate
-        self.resid_pdrop = config.resid_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_ffn(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias, self.approximate,
-                        dropout_p=self.resid_pdrop if self.training else 0.0, training=self.training)
+        # resid_dropout is applied by the block, fused into add_layer_norm
+        return gelu_ffn(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias, self.approximate)
 
 
 class Block(nn.Module):
@@ -173,8 +173,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        n = add_norm(self.attn(x, cache, layer), x, self.ln_1)
-        return add_norm(self.mlp(n), n, self.ln_2)
+        n = add_norm(self.attn(x, cache, layer), x, self.ln_1, self.attn.resid_dropout)
+        return add_norm(self.mlp(n), n, self.ln_2, self.mlp.resid_dropout)
 
 
 class GPT1(nn.Module):

@@ -7,7 +7,8 @@ MultiheadAttention and LayerNorm ones into their fastgpt twins (same state, diff
 
 What runs, per layer (post-LN, the default; norm_first=True gives the pre-LN form x + f(norm(x))):
     self-attention    fastgpt.nn.MultiheadAttention (fused attention, one merged mask)
-    x = LN(x + f(x))  fastgpt.ops.add_layer_norm(f(x), x): the sum is never written to memory
+    x = LN(x + f(x))  fastgpt.ops.add_layer_norm(f(x), x, dropout_p): the sub-layer's dropout, the sum and the
+                      norm in one pass
     feed-forward      fastgpt.ops.gelu_ffn for GELU (when the inner dropout is off: eval, or p = 0), else
                       linear_gelu + dropout + linear; ReLU and other callables through plain PyTorch.
 
@@ -39,30 +40,39 @@ def _gelu_approximation(activation) -> str | None:
     return None
 
 
-def _feed_forward(layer, x: torch.Tensor, out_dropout: torch.nn.Dropout) -> torch.Tensor:
-    """out_dropout(linear2(dropout(activation(linear1(x))))), on the fused GELU ops where they apply."""
+def _attend(attn, x: torch.Tensor, memory: torch.Tensor, mask, padding, causal: bool) -> torch.Tensor:
+    """attn(x, memory, memory) without weights: the fused attention path."""
+    return attn(x, memory, memory, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                is_causal=causal)[0]
+
+
+def _feed_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """linear2(dropout(activation(linear1(x)))), on the fused GELU ops where they apply; the output dropout is the
+    caller's (fused into add_layer_norm after post-LN layers)."""
     approximate = _gelu_approximation(layer.activation)
     linear1, linear2 = layer.linear1, layer.linear2
     if approximate is not None and (not layer.training or layer.dropout.p == 0.0):
-        return gelu_ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, approximate,
-                        dropout_p=out_dropout.p if layer.training else 0.0, training=layer.training)
+        return gelu_ffn(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, approximate)
     if approximate is not None:
         hidden = linear_gelu(x, linear1.weight, linear1.bias, approximate)
     else:
         hidden = layer.activation(linear1(x))
-    return out_dropout(linear2(layer.dropout(hidden)))
+    return linear2(layer.dropout(hidden))
 
 
-def add_norm(sublayer_out: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """norm(residual + sublayer_out), fused when `norm` is a LayerNorm."""
+def add_norm(sublayer_out: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
+             dropout: torch.nn.Dropout | None = None) -> torch.Tensor:
+    """norm(residual + dropout(sublayer_out)), in one fused op (dropout included) when `norm` is a LayerNorm."""
     if not isinstance(norm, torch.nn.LayerNorm):
-        return norm(residual + sublayer_out)
+        return norm(residual + (sublayer_out if dropout is None else dropout(sublayer_out)))
     if sublayer_out.dtype != residual.dtype:
         # Under autocast the sub-layer gives bf16/fp16 while the residual stream stays float32: add in the wider
         # type, as `residual + sublayer_out` would.
         dtype = torch.promote_types(sublayer_out.dtype, residual.dtype)
         sublayer_out, residual = sublayer_out.to(dtype), residual.to(dtype)
-    return add_layer_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return add_layer_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                          dropout_p=0.0 if dropout is None else dropout.p,
+                          training=dropout is not None and dropout.training)
 
 
 def _adopt(module: torch.nn.Module) -> None:
@@ -99,11 +109,12 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
             return x + self._ff_block(self.norm2(x))
-        x = add_norm(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x, self.norm1)
-        return add_norm(self._ff_block(x), x, self.norm2)
+        x = add_norm(_attend(self.self_attn, x, x, src_mask, src_key_padding_mask, is_causal), x,
+                     self.norm1, self.dropout1)
+        return add_norm(_feed_forward(self, x), x, self.norm2, self.dropout2)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return _feed_forward(self, x, self.dropout2)
+        return self.dropout2(_feed_forward(self, x))
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
@@ -120,13 +131,14 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
             return x + self._ff_block(self.norm3(x))
-        x = add_norm(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x, self.norm1)
-        x = add_norm(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal), x,
-                      self.norm2)
-        return add_norm(self._ff_block(x), x, self.norm3)
+        x = add_norm(_attend(self.self_attn, x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x,
+                     self.norm1, self.dropout1)
+        x = add_norm(_attend(self.multihead_attn, x, memory, memory_mask, memory_key_padding_mask,
+                             memory_is_causal), x, self.norm2, self.dropout2)
+        return add_norm(_feed_forward(self, x), x, self.norm3, self.dropout3)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return _feed_forward(self, x, self.dropout3)
+        return self.dropout3(_feed_forward(self, x))
 
 
 class TransformerEncoder(torch.nn.TransformerEncoder):
