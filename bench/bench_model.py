@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     mark_speedups(rows)
     path = write_results("model", rows, info, None if args.out is None else Path(args.out))
     print_table(rows, info)
-    print(f"\n'of ceil' = MFU against the measured {ceiling:.1f} TFLOP/s matrix-product rate"
+    print(f"\n'of ceil' = MFU against the measured {ceiling:.3g} TFLOP/s matrix-product rate"
           + (f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""))
     print(f"results: {path} (+ .csv)")
 
