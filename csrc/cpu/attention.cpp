@@ -371,16 +371,18 @@ void attention_bwd_kernel(const Problem<scalar_t>& pb, const scalar_t* grad_out,
   const int64_t D = pb.D, Dv = pb.Dv, Lq = pb.Lq, Lk = pb.Lk;
   const float scale = static_cast<float>(pb.scale);
 
-  // delta[b, h, i] = rowsum(dO * O), with out contiguous (B, H, Lq, Dv).
+  // delta[b, h, i] = rowsum(dO * O), with out contiguous (B, H, Lq, Dv). Summed by gemm_acc, which sums dP' too
+  // (in order, with the same fused multiply-adds), so a row with one visible key (P = 1, O = V exactly) gets
+  // dS = P (dP' - delta) = 0 exactly, as the maths says.
   std::vector<float> delta(pb.B * pb.H * Lq);
-  at::parallel_for(0, pb.B * pb.H * Lq, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pb.B * pb.H * Lq, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> go_row(Dv), o_row(Dv);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % Lq, bh = row / Lq, b = bh / pb.H, h = bh % pb.H;
-      const scalar_t* go = grad_out + b * go_s[0] + h * go_s[1] + i * go_s[2];
-      const scalar_t* o = out + row * Dv;
-      float sum = 0;
-      for (int64_t n = 0; n < Dv; ++n) sum += static_cast<float>(go[n * go_s[3]]) * static_cast<float>(o[n]);
-      delta[row] = sum;
+      load_tile(grad_out + b * go_s[0] + h * go_s[1] + i * go_s[2], 1, Dv, 0, go_s[3], go_row.data());
+      load_tile(out + row * Dv, 1, Dv, 0, 1, o_row.data());
+      delta[row] = 0.0f;
+      gemm_acc(1, 1, Dv, go_row.data(), Dv, 1, o_row.data(), 1, &delta[row], 1);
     }
   });
 

@@ -7,7 +7,13 @@ query head h reads key/value head h // (H // Hk). is_causal is aligned top-left,
 j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or additive float, broadcastable to
 (..., H, Lq, Lk). A query row whose keys are all masked gives 0, and 0 gradients.
 
-Backends: reference (this file); the triton and csrc kernels are added by their own modules' registrations.
+Kernels (flash-style: online softmax, a float32 log-sum-exp kept per query row, the backward pass recomputing the
+probabilities and regenerating the dropout mask from the seed; nothing Lq x Lk is ever stored):
+    reference  _reference below, by the definition
+    csrc       csrc/cpu/attention.cpp as fastgpt::attention_{fwd,bwd} (schemas in csrc/fastgpt.cpp)
+The kernels take 4-D (B, H, L, D) views of any strides and a mask expanded to (B, H, Lq, Lk) by strides, so a
+key-padding mask (B, 1, 1, Lk) is read in place. Dropout draws one int64 seed from torch's default generator per
+call (all backends alike, so torch.manual_seed reproduces a run) and the Philox stream of fastgpt/ops/philox.py.
 """
 
 from __future__ import annotations
@@ -16,9 +22,56 @@ import math
 
 import torch
 
+from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
 
 _OP = "scaled_dot_product_attention"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: the schema (fake implementation) and autograd formula are shared by the kernel backends.
+
+def _fwd_fake(q, k, v, attn_mask, is_causal, scale, dropout_p, seed):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, Dv)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)  # lse (B, H, Lq)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.flags = (is_causal, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+        is_causal, scale, dropout_p = ctx.flags
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None
+    return backward
+
+
+def _register(fwd_op, bwd_op) -> None:
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(fwd_op, _autograd_for(bwd_op), setup_context=_setup_context)
+
+
+_OPS = {}
+# The csrc backend's devices: its CPU kernel always, a CUDA kernel when the extension was built with one.
+_CSRC_DEVICES = set()
+if backends.CSRC_LOADED:
+    _register(torch.ops.fastgpt.attention_fwd.default, torch.ops.fastgpt.attention_bwd.default)
+    _OPS["csrc"] = torch.ops.fastgpt.attention_fwd.default
+    _CSRC_DEVICES = {device for device in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastgpt::attention_fwd", device.upper())}
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -96,6 +149,16 @@ def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal,
     return probs @ value
 
 
+def _kernel_supports(backend, query, key, attn_mask) -> bool:
+    if query.dtype not in _KERNEL_DTYPES or query.numel() == 0 or key.shape[-2] == 0:
+        return False
+    if attn_mask is not None and attn_mask.requires_grad:  # the kernels give no gradient for the mask
+        return False
+    if backend == "csrc":
+        return query.device.type in _CSRC_DEVICES
+    return False
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
@@ -103,6 +166,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """torch.nn.functional.scaled_dot_product_attention, on fastgpt's kernels (same arguments, same result)."""
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, attn_mask))
+    if backend != "reference":
+        return _kernel_attention(_OPS[backend], query, key, value, attn_mask, float(dropout_p), is_causal, scale)
     dropout_keep = None
     if dropout_p > 0.0:
         from fastgpt.ops.philox import attention_dropout_keep
@@ -111,3 +177,20 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
                                               dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
     return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
+
+
+def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """Runs a kernel backend on the (B, H, L, D) views of the inputs (batch dims flattened, strides kept)."""
+    *batch_shape, heads, lq, _ = query.shape
+    lk = key.shape[-2]
+    batch = math.prod(batch_shape)
+    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    mask = None
+    if attn_mask is not None:  # a broadcast view: size-1 dims become zero strides, nothing is copied
+        mask = attn_mask.expand(*batch_shape, heads, lq, lk).reshape(batch, heads, lq, lk)
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    else:
+        seed = torch.zeros((), dtype=torch.int64)
+    out, _lse = fwd_op(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    return out.view(*batch_shape, heads, lq, value.shape[-1])
