@@ -9,7 +9,7 @@
 - The extension is optional: if it fails to build, fastgpt still installs and runs on reference and triton
   (FASTGPT_REQUIRE_EXT=1 makes a failed build an error, as CI wants).
 The Triton kernels in kernels/ are installed as the package fastgpt.kernels (the import name `kernels` is taken on
-PyPI).
+PyPI), and the benchmarks in bench/ as fastgpt.bench (so that `fastgpt bench` works wherever fastgpt is installed).
 """
 
 import glob
@@ -47,8 +47,8 @@ setup(
     name="fastgpt",
     version="0.1.0",
     description="Triton and CUDA C++ kernels for GPT-style training in PyTorch: attention, LayerNorm, GELU FFN",
-    packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"],
-    package_dir={"fastgpt.kernels": "kernels"},
+    packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels", "fastgpt.bench"],
+    package_dir={"fastgpt.kernels": "kernels", "fastgpt.bench": "bench"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
