@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-from fastgpt import backends
+import fastgpt
 from fastgpt.ops.philox import attention_dropout_keep
 from tests.utils import assert_close
 
-pytestmark = pytest.mark.skipif(not backends.CSRC_LOADED, reason="the C++ extension fastgpt._C is not built")
+pytestmark = pytest.mark.skipif(not fastgpt.backends.CSRC_LOADED,
+                                reason="the C++ extension fastgpt._C is not built")
 
 
 def _ops():
@@ -180,7 +181,6 @@ def test_opcheck():
 
 
 def _sdpa(backend, *args, **kwargs):
-    import fastgpt
     with fastgpt.use_backend(backend):
         return fastgpt.ops.scaled_dot_product_attention(*args, **kwargs)
 
@@ -208,10 +208,19 @@ def test_torch_compile_fullgraph():
     q, k, v, _ = _inputs(1, 2, 2, 24, 24, 16, 16, torch.float32)
     leaves = [x.requires_grad_() for x in (q, k, v)]
     expected = _sdpa("reference", *leaves, is_causal=True)
-    import fastgpt
     with fastgpt.use_backend("csrc"):
         compiled = torch.compile(lambda *a: fastgpt.ops.scaled_dot_product_attention(*a, is_causal=True),
                                  fullgraph=True)(*leaves)
         compiled.sum().backward()
     torch.testing.assert_close(compiled, expected)
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_unsupported_inputs_fall_back_to_reference():
+    """float64, and an additive mask that wants its own gradient, are not the kernel's: reference answers."""
+    q, k, v, _ = _inputs(1, 2, 2, 9, 11, 16, 16, torch.float64)
+    torch.testing.assert_close(_sdpa("csrc", q, k, v), _sdpa("reference", q, k, v))
+    q, k, v = (x.float() for x in (q, k, v))
+    mask = torch.randn(1, 2, 9, 11, requires_grad=True)
+    _sdpa("csrc", q, k, v, attn_mask=mask).sum().backward()
+    assert mask.grad is not None
