@@ -25,6 +25,7 @@ def extension_modules():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastgpt.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]  # shared headers
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     with_cuda = (os.environ.get("FASTGPT_SKIP_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
@@ -35,9 +36,10 @@ def extension_modules():
             "fastgpt._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                                            "--expt-relaxed-constexpr", "-std=c++20"]},
-            libraries=["cublasLt", "cublas"], optional=optional)
+            include_dirs=include_dirs, libraries=["cublasLt", "cublas"], optional=optional)
     else:
-        extension = CppExtension("fastgpt._C", sources, extra_compile_args={"cxx": cxx_flags}, optional=optional)
+        extension = CppExtension("fastgpt._C", sources, include_dirs=include_dirs,
+                                 extra_compile_args={"cxx": cxx_flags}, optional=optional)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

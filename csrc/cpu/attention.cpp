@@ -16,8 +16,8 @@
 // padding mask (B, 1, 1, Lk) is read in place, no copy), bool (true = attend) or additive in q's dtype.
 // Results are contiguous: out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32, dq/dk/dv like q/k/v.
 // A query row with no visible key gets out = 0, lse = -inf and zero gradients.
-// Dropout draws u = philox(seed; c0 = j, c1 = i, c2 = b * H + h, c3 = 0) and keeps P[b, h, i, j] iff u >= p,
-// the generator every fastgpt backend shares (fastgpt/ops/philox.py), so backward regenerates the mask.
+// Dropout draws u = philox(seed; c0 = j, c1 = i, c2 = b * H + h, c3 = 0) and keeps P[b, h, i, j] iff u >= p, the
+// generator every fastgpt backend shares (csrc/philox.h, fastgpt/ops/philox.py); backward regenerates the mask.
 //
 // Dtypes: float32, float16, bfloat16, all arithmetic in float32 (float64 goes to the reference backend: lse is
 // float32 by contract, which would cap a float64 backward at float32 accuracy). The tile products go through one
@@ -37,6 +37,8 @@
 #include <limits>
 #include <vector>
 
+#include "philox.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTGPT_HOT __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
@@ -52,30 +54,6 @@ namespace {
 
 constexpr int64_t BLOCK_M = 64;  // query rows per tile
 constexpr int64_t BLOCK_N = 64;  // keys per tile
-
-// ------------------------------------------------------------------------------------------------------------
-// Philox4x32-10 as Triton's tl.philox + tl.random.uint_to_uniform_float (see HELPERS / fastgpt/ops/philox.py).
-
-inline uint32_t mulhi32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
-inline float philox_uniform(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t prev_c0 = c0, prev_c2 = c2;
-    c0 = mulhi32(0xCD9E8D57u, prev_c2) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, prev_c0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * prev_c2;
-    c3 = 0xD2511F53u * prev_c0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t x;
-  std::memcpy(&x, &c0, sizeof(x));
-  x = x < 0 ? ~x : x;  // ~x == -x - 1, without the overflow at INT32_MIN
-  return static_cast<float>(x) * 4.6566127342e-10f;
-}
 
 // ------------------------------------------------------------------------------------------------------------
 // Hot loops on float buffers.

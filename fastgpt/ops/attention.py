@@ -24,6 +24,7 @@ import torch
 
 from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops.philox import attention_dropout_keep, draw_seed
 
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -171,8 +172,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return _kernel_attention(_OPS[backend], query, key, value, attn_mask, float(dropout_p), is_causal, scale)
     dropout_keep = None
     if dropout_p > 0.0:
-        from fastgpt.ops.philox import attention_dropout_keep
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        seed = draw_seed()
         batch = math.prod(query.shape[:-3])
         dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
                                               dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
@@ -188,9 +188,6 @@ def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal
     mask = None
     if attn_mask is not None:  # a broadcast view: size-1 dims become zero strides, nothing is copied
         mask = attn_mask.expand(*batch_shape, heads, lq, lk).reshape(batch, heads, lq, lk)
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    else:
-        seed = torch.zeros((), dtype=torch.int64)
+    seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)  # read only when dropping
     out, _lse = fwd_op(q, k, v, mask, is_causal, scale, dropout_p, seed)
     return out.view(*batch_shape, heads, lq, value.shape[-1])

@@ -41,17 +41,22 @@ def _mul_hi_lo(a: int, x: torch.Tensor):
     return hi & _MASK32, lo
 
 
-def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
+def philox_uniform(seed, c0, c1, c2, c3) -> torch.Tensor:
     """Uniform [0, 1) float32 numbers from Philox4x32-10 at counters (c0, c1, c2, c3).
 
     The counters are integer tensors (or ints) broadcast together; their low 32 bits are used,
-    as Triton does with int32 counters. ``seed`` is a Python int taken as a 64-bit pattern.
+    as Triton does with int32 counters. ``seed`` is a Python int or an int64 tensor of shape ()
+    (the op layer's seed, which torch.compile traces without reading its value), taken as a 64-bit pattern.
     """
     tensors = [c for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     c0, c1, c2, c3 = torch.broadcast_tensors(
         *(torch.as_tensor(c, dtype=torch.int64, device=device) & _MASK32 for c in (c0, c1, c2, c3)))
-    k0, k1 = int(seed) & _MASK32, (int(seed) >> 32) & _MASK32
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64)
+    else:
+        seed = int(seed)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(_N_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
@@ -63,7 +68,7 @@ def philox_uniform(seed: int, c0, c1, c2, c3) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
 
 
-def attention_dropout_keep(seed: int, B: int, H: int, Lq: int, Lk: int, p: float,
+def attention_dropout_keep(seed, B: int, H: int, Lq: int, Lk: int, p: float,
                            device=None) -> torch.Tensor:
     """Boolean (B, H, Lq, Lk) mask of the attention probabilities kept by dropout with rate ``p``."""
     arange = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
@@ -72,3 +77,17 @@ def attention_dropout_keep(seed: int, B: int, H: int, Lq: int, Lk: int, p: float
     bh = (arange(B).view(B, 1, 1, 1) * H + arange(H).view(1, H, 1, 1))
     u = philox_uniform(seed, j, i, bh, 0)
     return u >= torch.tensor(p, dtype=torch.float32, device=u.device)
+
+
+def elementwise_dropout_keep(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean (rows, cols) mask of the elements of a row-major (M, N) activation kept by dropout with rate ``p``."""
+    row = torch.arange(rows, dtype=torch.int64, device=device).view(rows, 1)
+    col = torch.arange(cols, dtype=torch.int64, device=device).view(1, cols)
+    u = philox_uniform(seed, col, row, 0, 1)
+    return u >= torch.tensor(p, dtype=torch.float32, device=u.device)
+
+
+def draw_seed() -> torch.Tensor:
+    """A dropout seed: an int64 CPU scalar tensor from torch's default generator (so torch.manual_seed reproduces
+    a run, and torch.compile traces the draw instead of baking a value into the graph)."""
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
