@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
     gemm_rs<kBlockN, D, false, D, T>(dp, do_frag, v_tile);  // dP = dO V^T
     const bool check = n0 + kBlockN > p.len_k || (kMode == MaskMode::kCausal && n0 + kBlockN - 1 > row0);
     scale_and_mask<kMode, false, T>(s, p, b, h, row0, n0, check);
-    if constexpr (kDropout) apply_dropout<false>(dp, p, bh, row0, n0, p.dropout_scale);
+    if constexpr (kDropout)
+      apply_dropout(dp, dropout_bits<false, kBlockN / 8>(p, bh, row0, n0), p.dropout_scale);  // dP * Z / (1 - p)
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
@@ -255,8 +256,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
         pd[nt][e] = s[nt][e];
       }
     if constexpr (kDropout) {
-      apply_dropout<true>(pd, p, bh, key0, m0, p.dropout_scale);
-      apply_dropout<true>(dp, p, bh, key0, m0, p.dropout_scale);
+      const uint32_t bits = dropout_bits<true, kBlockM / 8>(p, bh, key0, m0);
+      apply_dropout(pd, bits, p.dropout_scale);  // P * Z / (1 - p)
+      apply_dropout(dp, bits, p.dropout_scale);  // dP * Z / (1 - p)
     }
     uint32_t a_frag[kBlockM / 16][4];
     acc_to_a<T, kBlockM>(a_frag, pd);

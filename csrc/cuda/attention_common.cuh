@@ -331,17 +331,28 @@ __device__ __forceinline__ bool dropout_keep(const Params& p, uint32_t bh, int i
   return u >= p.dropout_p;
 }
 
-// Multiplies each element of a score-shaped fragment by `kept` (the dropout scale) or 0, regenerating the mask.
+// The dropout mask of a score-shaped fragment (16 x 8 NT, top-left at (row0, col0)): bit 4 nt + e is set iff
+// element e of n-tile nt is kept. A rolled loop, two Philox chains at a time: unrolling all 4 NT of them would
+// hold their states at once and push the kernels into spills. kTransposed: rows are keys, columns queries.
 template <bool kTransposed, int NT>
-__device__ __forceinline__ void apply_dropout(float (&x)[NT][4], const Params& p, uint32_t bh, int row0, int col0,
-                                              float kept) {
+__device__ __forceinline__ uint32_t dropout_bits(const Params& p, uint32_t bh, int row0, int col0) {
+  static_assert(NT * 4 <= 32, "one bit per element of the lane's fragment");
+  uint32_t bits = 0u;
+#pragma unroll 2
+  for (int bit = 0; bit < NT * 4; ++bit) {
+    const int r = frag_row(row0, bit & 3), c = frag_col(col0, bit >> 2, bit & 3);
+    bits |= static_cast<uint32_t>(dropout_keep(p, bh, kTransposed ? c : r, kTransposed ? r : c)) << bit;
+  }
+  return bits;
+}
+
+// x <- x * kept where the bit is set, 0 where it is not (a dropped element).
+template <int NT>
+__device__ __forceinline__ void apply_dropout(float (&x)[NT][4], uint32_t bits, float kept) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = frag_row(row0, e), c = frag_col(col0, nt, e);
-      x[nt][e] *= dropout_keep(p, bh, kTransposed ? c : r, kTransposed ? r : c) ? kept : 0.f;
-    }
+    for (int e = 0; e < 4; ++e) x[nt][e] *= (bits >> (4 * nt + e)) & 1u ? kept : 0.f;
 }
 
 // Sum and max over the 4 lanes of a quad (the lanes holding one accumulator row).

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
       }
     }
     // l holds the undropped probabilities; dropped ones are zeroed before P V, the 1 / (1 - p) comes at the end.
-    if constexpr (kDropout) apply_dropout<false>(s, p, bh, row0, n0, 1.f);
+    if constexpr (kDropout) apply_dropout(s, dropout_bits<false, kBlockN / 8>(p, bh, row0, n0), 1.f);
 
     uint32_t p_frag[kBlockN / 16][4];
     acc_to_a<T, kBlockN>(p_frag, s);
