@@ -1,5 +1,6 @@
 """Drop-in replacements for torch.nn modules, on fastgpt's ops."""
 
+from fastgpt.nn.feed_forward import FeedForward
 from fastgpt.nn.layer_norm import LayerNorm
 
-__all__ = ["LayerNorm"]
+__all__ = ["FeedForward", "LayerNorm"]
