@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
+from fastgpt.ops.philox import attention_dropout_keep
 from tests.utils import assert_close
 
 CUDA_ATTENTION = (torch.cuda.is_available() and backends.CSRC_LOADED
@@ -75,7 +76,6 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     keep = None
     if dropout_p > 0:
-        from fastgpt.ops.philox import attention_dropout_keep
         keep = attention_dropout_keep(seed, B, H, Lq, Lk, dropout_p, device="cuda")
     results = {}
     for name, cast in (("float64", torch.float64), ("torch", q.dtype)):
@@ -148,7 +148,6 @@ def test_dropout_matches_shared_philox_mask(dtype, kind):
     seed = (1 << 40) + 12345  # both Philox key words non-zero
     _check(q, k, v, do, mask, kind == "causal", D ** -0.5, p, seed)
     # The fraction of dropped probabilities is p within a binomial bound (on the shared mask the check used).
-    from fastgpt.ops.philox import attention_dropout_keep
     kept = attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cuda").float().mean().item()
     n = B * H * Lq * Lk
     assert abs((1 - kept) - p) < 5 * math.sqrt(p * (1 - p) / n)

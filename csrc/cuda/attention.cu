@@ -154,9 +154,7 @@ Params make_params(const Shape& s, const at::Tensor& q, const at::Tensor& k, con
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.dropout_p = static_cast<float>(dropout_p);
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  const uint64_t seed_bits = static_cast<uint64_t>(seed.item<int64_t>());
-  p.seed_lo = static_cast<uint32_t>(seed_bits & 0xFFFFFFFFu);
-  p.seed_hi = static_cast<uint32_t>(seed_bits >> 32);
+  p.seed = static_cast<uint64_t>(seed.item<int64_t>());
   return p;
 }
 

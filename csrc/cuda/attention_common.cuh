@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "philox.h"
+
 namespace fastgpt {
 namespace attention {
 
@@ -66,7 +68,7 @@ struct Params {
   float scale_log2;    // scale * log2(e): scores go straight to the exp2 domain
   float dropout_p;     // float32, as the Triton kernel and the reference compare it
   float dropout_scale; // 1 / (1 - dropout_p)
-  uint32_t seed_lo, seed_hi;  // Philox key: low and high words of the int64 seed
+  uint64_t seed;              // Philox key: the int64 seed's bits
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -306,29 +308,11 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NT][4], const Params& 
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Dropout: Philox4x32-10 exactly as Triton's tl.philox(seed, c0, c1, c2, c3) (triton/language/random.py) and
-// fastgpt/ops/philox.py, first output word, mapped to [0, 1) as tl.random.uint_to_uniform_float. Attention
-// probability P[b, h, i, j] uses counters (j, i, b * H + h, 0) and is kept iff u >= p.
-// ---------------------------------------------------------------------------------------------------------------
+// Dropout: the shared Philox4x32-10 of csrc/philox.h (bit-identical to Triton's tl.philox + uint_to_uniform_float
+// and to fastgpt/ops/philox.py). Attention probability P[b, h, i, j] uses counters (j, i, b * H + h, 0) and is kept
+// iff u >= p.
 __device__ __forceinline__ bool dropout_keep(const Params& p, uint32_t bh, int i, int j) {
-  uint32_t c0 = static_cast<uint32_t>(j), c1 = static_cast<uint32_t>(i), c2 = bh, c3 = 0u;
-  uint32_t k0 = p.seed_lo, k1 = p.seed_hi;
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t hi_b = __umulhi(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
-    const uint32_t hi_a = __umulhi(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
-    c0 = hi_b ^ c1 ^ k0;
-    c1 = lo_b;
-    c2 = hi_a ^ c3 ^ k1;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t x = static_cast<int32_t>(c0);
-  x = x < 0 ? ~x : x;  // -x - 1 without the overflow at INT32_MIN
-  const float u = __fmul_rn(__int2float_rn(x), 4.6566127342e-10f);
-  return u >= p.dropout_p;
+  return philox_uniform(p.seed, static_cast<uint32_t>(j), static_cast<uint32_t>(i), bh, 0u) >= p.dropout_p;
 }
 
 // The dropout mask of a score-shaped fragment (16 x 8 NT, top-left at (row0, col0)): bit 4 nt + e is set iff
