@@ -219,9 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0,
            [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
              // delta = rowsum(dO * O); its instantiation depends on (T, D) only.
-             constexpr int kRowsPerBlock = attention::kThreads / 8;  // 8 lanes per row
              launch(attention::attention_bwd_preprocess_kernel<T, D>,
-                    dim3(ceil_div(s.batch * s.heads * s.len_q, kRowsPerBlock)), 0, p);
+                    dim3(ceil_div(s.batch * s.heads * s.len_q, attention::kDeltaRowsPerBlock)), 0, p);
              using DqTile = attention::BwdDqTile<D>;
              launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout>,
                     dim3(ceil_div(s.len_q, DqTile::kBlockM), s.heads, s.batch), DqTile::kSmemBytes, p);

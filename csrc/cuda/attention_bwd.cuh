@@ -48,10 +48,13 @@ struct BwdDkvTile {
 // or +inf as the Triton kernel stores it) gets +inf: exp2(s - inf) = 0 for every s, -inf included.
 __device__ __forceinline__ float lse_to_log2(float lse) { return isfinite(lse) ? lse * kLog2e : INFINITY; }
 
-// delta = rowsum(dO * O) in fp32; 8 threads per row, each summing D / 8 elements (16-byte loads).
+// delta = rowsum(dO * O) in fp32; kDeltaLanesPerRow threads per row, each summing 8-element (16-byte) chunks.
+constexpr int kDeltaLanesPerRow = 8;
+constexpr int kDeltaRowsPerBlock = kThreads / kDeltaLanesPerRow;
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_preprocess_kernel(const Params p) {
-  constexpr int kLanesPerRow = 8, kRowsPerBlock = kThreads / kLanesPerRow;
+  constexpr int kLanesPerRow = kDeltaLanesPerRow, kRowsPerBlock = kDeltaRowsPerBlock;
   static_assert(D % (8 * kLanesPerRow) == 0, "whole 16-byte chunks per lane");
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanesPerRow;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.len_q;
