@@ -297,3 +297,27 @@ def test_torch_compile_fullgraph(backend):
             torch.testing.assert_close(t.grad, g)
     else:  # torch.compile draws its own random numbers, so only the shape of the result and the mask rate match
         assert compiled.shape == expected.shape and all(t.grad is not None for t in params)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_behaves_like_f_linear(device, backend):
+    """Under bf16 autocast the kernels take float32 parameters and activations as F.linear would: cast to bf16,
+    output in bf16, float32 gradients for the float32 leaves; errors within 2x PyTorch's own autocast error."""
+    tensors = _make_ffn((7, 48), 96, torch.float32, device, True)
+    grad = torch.randn(7, 48, device=device)
+
+    def run(backend_name, inputs):
+        for t in inputs:
+            t.grad = None
+        with fastgpt.use_backend(backend_name), torch.autocast(device, dtype=torch.bfloat16):
+            out = feed_forward(*inputs, activation="gelu_tanh")
+        out.backward(grad.to(out.dtype))
+        return out.detach(), [t.grad.clone() for t in inputs]
+
+    out, grads = run(backend, tensors)
+    torch_out, torch_grads = run("reference", tensors)
+    expected, expected_grads = run("reference", [t.detach().double().requires_grad_() for t in tensors])
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+    assert_close("output", out, expected, torch_out)
+    for name, g, eg, tg in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, expected_grads, torch_grads):
+        assert_close(name, g, eg, tg)

@@ -2,5 +2,10 @@
 
 from fastgpt.nn.feed_forward import FeedForward
 from fastgpt.nn.layer_norm import LayerNorm
+from fastgpt.nn.multihead_attention import MultiheadAttention
+from fastgpt.nn.transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                                    TransformerEncoderLayer)
+from fastgpt.nn.convert import convert
 
-__all__ = ["FeedForward", "LayerNorm"]
+__all__ = ["FeedForward", "LayerNorm", "MultiheadAttention", "Transformer", "TransformerDecoder",
+           "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer", "convert"]

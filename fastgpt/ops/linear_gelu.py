@@ -150,6 +150,16 @@ if backends.CSRC_LOADED:
                                   torch.ops.fastgpt.linear_gelu_dact.default))
 
 
+def _autocast_inputs(device_type: str, *tensors):
+    """Under autocast, F.linear's behaviour: the inputs cast to autocast's dtype (bf16/fp16; float64 is left alone,
+    as autocast does), outputs in it. The kernels then run with autocast off, so that ATen products inside them (the
+    csrc CPU path) are not cast again."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 class _FeedForward(torch.autograd.Function):
     """The whole block on one backend's ops: its backward fuses act' into the product dz W2 (the `dact` op),
     which per-op autograd of two linear layers cannot express."""
@@ -165,6 +175,11 @@ class _FeedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _FeedForward._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, w1, b1, w2, b2, h, pre, seed = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         needs = ctx.needs_input_grad
@@ -202,9 +217,12 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     backend = backends.select(input.device, lambda name: _kernel_supports(name, input))
     if backend == "reference":
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
+    device_type = input.device.type
+    input, weight, bias = _autocast_inputs(device_type, input, weight, bias)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
-    out, _pre = _OPS[backend].fwd(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                  activation, not recompute, 0.0, _NO_SEED())
+    with torch.autocast(device_type, enabled=False):
+        out, _pre = _OPS[backend].fwd(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                      activation, not recompute, 0.0, _NO_SEED())
     return out.view(*input.shape[:-1], weight.shape[0])
 
 
@@ -272,7 +290,9 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             keep = elementwise_dropout_keep(seed, out.shape[0], out.shape[1], p, out.device)
             out = torch.where(keep, out * (1.0 / (1.0 - p)), 0.0)
     else:
-        out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
-                                 w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation, p,
-                                 seed, recompute)
+        x2d, w1, b1, w2, b2 = _autocast_inputs(x.device.type, x2d, w1, b1, w2, b2)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
+                                     w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation,
+                                     p, seed, recompute)
     return out.view(*x.shape[:-1], w2.shape[0])
