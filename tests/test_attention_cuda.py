@@ -153,6 +153,18 @@ def test_dropout_matches_shared_philox_mask(dtype, kind):
     assert abs((1 - kept) - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
+def test_any_layout():
+    """Operands whose rows cannot be copied as 16-byte vectors (last dim strided, odd offsets) give the same
+    result as contiguous ones: the launcher copies them first."""
+    q, k, v, do = _inputs(1, 2, 2, 37, 45, 64, torch.float16)
+    expected = _run(q, k, v, do, None, True, 0.125)
+    odd = [torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape).copy_(t) for t in (q, k)]
+    strided = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (v, do)]
+    got = _run(*odd, *strided, None, True, 0.125)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def test_deterministic():
     q, k, v, do = _inputs(2, 4, 2, 300, 333, 64, torch.bfloat16)
     first = _run(q, k, v, do, None, True, 0.125, 0.1, 7)
@@ -175,7 +187,6 @@ def test_empty_sequences():
     (lambda t: {**t, "v": t["v"][..., :32].contiguous()}, "v's head dim"),
     (lambda t: {**t, "q": t["q"][..., :48].contiguous(), "k": t["k"][..., :48].contiguous(),
                 "v": t["v"][..., :48].contiguous()}, "head dim 64 or 128"),
-    (lambda t: {**t, "k": t["k"].transpose(2, 3).contiguous().transpose(2, 3)}, "contiguous last dim"),
     (lambda t: {**t, "k": t["k"][:, :3], "v": t["v"][:, :3]}, "multiple of k's"),
     (lambda t: {**t, "mask": torch.ones(1, 1, 1, 9, dtype=torch.int32, device="cuda")}, "attn_mask of dtype"),
     (lambda t: {**t, "seed": torch.tensor(0, dtype=torch.int64, device="cuda")}, "seed"),

@@ -4,9 +4,10 @@
 //
 // Supported (anything else is a TORCH_CHECK error; the op layer routes such inputs to another backend):
 //   q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, D): CUDA, fp16 or bf16, one dtype, D in {64, 128}, H % Hk == 0,
-//   last dim contiguous, the other strides multiples of 8 elements and 16-byte aligned data (rows are copied as
-//   16-byte vectors); attn_mask None or bool / q's dtype, broadcastable to (B, H, Lq, Lk) (read through expanded
-//   strides, never materialised), not together with is_causal; dropout_p in [0, 1); seed an int64 CPU scalar.
+//   any strides (rows are copied as 16-byte vectors: a layout that does not allow it is copied to a contiguous
+//   one first, see rows_aligned; a packed QKV view is read in place); attn_mask None or bool / q's dtype,
+//   broadcastable to (B, H, Lq, Lk) (read through expanded strides, never materialised), not together with
+//   is_causal; dropout_p in [0, 1); seed an int64 CPU scalar.
 // Compile-time variants: dtype x head dim x {no mask, causal, mask tensor} x {dropout, none}, chosen by dispatch().
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -66,20 +67,23 @@ int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 attention::Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// A (B, heads, L, D) operand the kernels can copy with 16-byte cp.async: last dim contiguous, rows aligned.
+// A (B, heads, L, D) operand on q's device, in q's dtype.
 void check_operand(const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 4, "attention (CUDA): expected ", name, " of 4 dims (B, heads, L, D), got ", t.dim());
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "attention (CUDA): expected ", name, " on ", q.device(),
               ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention (CUDA): expected ", name, " of q's dtype ",
               q.scalar_type(), ", got ", t.scalar_type());
+}
+
+// t itself when the kernels can copy its rows as 16-byte vectors (last dim contiguous, the other strides multiples
+// of 8 elements, 16-byte aligned data: a contiguous tensor, or the (B, L, H, D) storage of a packed QKV projection
+// seen as (B, H, L, D)); otherwise a contiguous copy (fresh allocations are aligned).
+at::Tensor rows_aligned(const at::Tensor& t) {
   const bool aligned = t.numel() == 0 || (t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                                           t.stride(2) % 8 == 0 &&
                                           reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0);
-  TORCH_CHECK(aligned, "attention (CUDA): expected ", name,
-              " with a contiguous last dim, strides that are multiples of 8 elements and 16-byte aligned data "
-              "(call .contiguous()), got strides ",
-              t.strides());
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 struct Shape {
@@ -170,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   at::Tensor out = at::empty({s.batch, s.heads, s.len_q, s.head_dim}, q.options());  // (B, H, Lq, D)
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));  // (B, H, Lq)
   if (out.numel() == 0) return {out, lse};
-  Params p = make_params(s, q, k, v, attn_mask, scale, dropout_p, seed);
+  const at::Tensor q_rows = rows_aligned(q), k_rows = rows_aligned(k), v_rows = rows_aligned(v);
+  Params p = make_params(s, q_rows, k_rows, v_rows, attn_mask, scale, dropout_p, seed);
   p.out_w = out.mutable_data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse.mutable_data_ptr<float>();
@@ -203,11 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dv = at::empty({s.batch, s.kv_heads, s.len_k, s.head_dim}, q.options());
   if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};  // no query: no gradient. Lk = 0: dQ = 0 (below)
   at::Tensor delta = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));  // rowsum(dO * O)
-  Params p = make_params(s, q, k, v, attn_mask, scale, dropout_p, seed);
-  p.out = out.const_data_ptr();
-  p.out_st = strides_of(out);
-  p.grad_out = grad_out.const_data_ptr();
-  p.do_st = strides_of(grad_out);
+  const at::Tensor q_rows = rows_aligned(q), k_rows = rows_aligned(k), v_rows = rows_aligned(v);
+  const at::Tensor out_rows = rows_aligned(out), grad_out_rows = rows_aligned(grad_out);
+  Params p = make_params(s, q_rows, k_rows, v_rows, attn_mask, scale, dropout_p, seed);
+  p.out = out_rows.const_data_ptr();
+  p.out_st = strides_of(out_rows);
+  p.grad_out = grad_out_rows.const_data_ptr();
+  p.do_st = strides_of(grad_out_rows);
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only in the backward kernels
   p.delta = delta.mutable_data_ptr<float>();
   p.dq = dq.mutable_data_ptr();
