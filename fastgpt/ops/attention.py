@@ -184,7 +184,16 @@ def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
     if backend == "triton":
         from fastgpt.kernels.attention import HEAD_DIMS
         return query.shape[-1] in HEAD_DIMS and value.shape[-1] in HEAD_DIMS
-    return query.device.type in _CSRC_DEVICES
+    if query.device.type not in _CSRC_DEVICES:
+        return False
+    if query.device.type == "cuda":
+        # csrc/cuda/attention.cu: tensor cores (sm_80+), half precision, head dims 64 and 128 with Dv = D, and a
+        # grid of (batch, heads) blocks within CUDA's 65535 limit on grid dims y and z.
+        return (query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128)
+                and value.shape[-1] == query.shape[-1]
+                and torch.cuda.get_device_capability(query.device)[0] >= 8
+                and math.prod(query.shape[:-3]) <= 65535 and query.shape[-3] <= 65535)
+    return True
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
