@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.attention import scaled_dot_product_attention
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, peak_memory_mb,
-                     rotations, standard_parser, time_calls)
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, optional_peer,
+                     peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -59,16 +59,12 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
             continue
         impls[f"fastgpt-{name}"] = fastgpt_backend(name)
     impls.update(_sdpa_backends(device))
-    try:
-        from flash_attn import flash_attn_func  # (B, L, H, D) layout
 
-        def flash_attn(q, k, v, causal):
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                   causal=causal).transpose(1, 2)
-        if device.type == "cuda":
-            impls["flash-attn"] = flash_attn
-    except ImportError:
-        pass
+    def flash_attn():
+        from flash_attn import flash_attn_func  # (B, L, H, D) layout
+        return lambda q, k, v, causal: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       causal=causal).transpose(1, 2)
+    optional_peer(impls, "flash-attn", device, flash_attn)
     for mode in compile_modes:
         impls[f"torch-compile-{mode}-reference"] = torch.compile(fastgpt_backend("reference"),
                                                                   mode=None if mode == "default" else mode)
@@ -91,7 +87,7 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype
             out += _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
                                {"seq_len": L, "head_dim": D, "causal": causal, "batch": B, "heads": H})
         except RuntimeError as error:  # an SDPA backend that does not take this shape or dtype, or out of memory
-            print(f"skip {impl} at {shape} {dtype}: {str(error).splitlines()[0][:120]}")
+            skip(f"{impl} at {shape} {dtype}", str(error).splitlines()[0][:120])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -22,7 +22,7 @@ import fastgpt
 from fastgpt.ops.layer_norm import layer_norm
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, finish,
-                     peak_memory_mb, rotations, standard_parser, time_calls)
+                     optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
 
 def bytes_moved(rows: int, cols: int, elem: int) -> dict[str, int]:
     fwd = 2 * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
@@ -48,6 +48,35 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
     impls["torch-eager"] = eager
     for mode in compile_modes:
         impls[f"torch-compile-{mode}"] = torch.compile(eager, mode=None if mode == "default" else mode)
+
+    def module_peer(make_module):
+        # The peers are modules: one per width, parameters taken from the call.
+        def build():
+            cache = {}
+
+            def run(x, w, b):
+                module = cache.get(x.shape[-1])
+                if module is None:
+                    module = cache[x.shape[-1]] = make_module(x.shape[-1]).to(x.device)
+                module.weight, module.bias = torch.nn.Parameter(w, w.requires_grad), torch.nn.Parameter(b)
+                return module(x)
+            return run
+        return build
+
+    def apex():
+        from apex.normalization import FusedLayerNorm
+        return module_peer(FusedLayerNorm)()
+
+    def liger():
+        from liger_kernel.transformers import LigerLayerNorm
+        return module_peer(LigerLayerNorm)()
+
+    def transformer_engine():
+        import transformer_engine.pytorch as te
+        return module_peer(lambda n: te.LayerNorm(n))()
+    optional_peer(impls, "apex", device, apex)
+    optional_peer(impls, "liger-kernel", device, liger)
+    optional_peer(impls, "transformer-engine", device, transformer_engine)
     return impls
 
 

@@ -23,7 +23,7 @@ import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, peak_memory_mb,
-                     rotations, standard_parser, time_calls)
+                     rotations, skip, standard_parser, time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -50,6 +50,10 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
     impls["torch-eager"] = eager
     for mode in compile_modes:
         impls[f"torch-compile-{mode}"] = torch.compile(eager, mode=None if mode == "default" else mode)
+
+    # Transformer Engine fuses GELU only inside LayerNormMLP (LayerNorm + FFN), a different op from this one.
+    skip("transformer-engine", "fuses GELU only inside LayerNormMLP, which includes a LayerNorm: not this op")
+    skip("liger-kernel", "has no GELU feed-forward kernel to compare (it fuses GEGLU and SwiGLU)")
     return impls
 
 

@@ -24,7 +24,8 @@ from torch import nn
 import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
-from .common import Row, chosen_compile_modes, environment, finish, matmul_tflops, standard_parser, time_calls
+from .common import (Row, chosen_compile_modes, environment, finish, matmul_tflops, skip, standard_parser,
+                     time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -84,7 +85,7 @@ def implementations(config: GPT1Config, device: torch.device, include_interprete
         hf = to_hf(ours)
         impls["hf-openai-gpt"] = (hf, lambda m, ids: m(ids, labels=ids).loss, contextlib.nullcontext)
     except ImportError:
-        print("transformers is not installed: skipping Hugging Face's OpenAIGPTLMHeadModel")
+        skip("hf-openai-gpt", "transformers is not installed")
     return ours, impls
 
 

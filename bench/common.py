@@ -224,10 +224,35 @@ def chosen_compile_modes(args, default: Sequence[str]) -> list[str]:
     return [] if args.compile == "none" else args.compile.split(",")
 
 
+# Competitors that did not run in this process (not installed, no GPU, a shape they refuse): listed in the table's
+# footer and in the result file, never silently dropped.
+SKIPPED: list[str] = []
+
+
+def skip(impl: str, reason: str) -> None:
+    SKIPPED.append(f"{impl}: {reason}")
+
+
+def optional_peer(impls: dict, impl: str, device: torch.device, build: Callable[[], Callable],
+                  cuda_only: bool = True) -> None:
+    """Adds competitor `impl` made by `build()` (which imports it) to `impls`, or records why it is skipped."""
+    if cuda_only and device.type != "cuda":
+        skip(impl, "CUDA only")
+        return
+    try:
+        impls[impl] = build()
+    except ImportError as error:
+        skip(impl, f"not installed ({error.name or error})")
+
+
 def finish(name: str, rows: list[Row], info: dict, out: str | None) -> Path:
-    """Speed-ups against the best peer, the result files, the printed table."""
+    """Speed-ups against the best peer, the result files, the printed table with the skipped competitors."""
     mark_speedups(rows)
-    path = write_results(name, rows, info, None if out is None else Path(out))
+    skipped = list(dict.fromkeys(SKIPPED))
+    SKIPPED.clear()
+    path = write_results(name, rows, {**info, "skipped": skipped}, None if out is None else Path(out))
     print_table(rows, info)
+    for line in skipped:
+        print(f"skipped {line}")
     print(f"\nresults: {path} (+ .csv)")
     return path
