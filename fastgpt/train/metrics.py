@@ -45,9 +45,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.3) -> float:
     """The best rate of repeated square matrix products: an attainable peak where no data sheet applies."""
-    size = size or (4096 if device.type == "cuda" else 512)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    size = size or (4096 if device.type == "cuda" else 1024)
+    # A private generator: the training RNG (dropout masks) must not move, or a resumed run would diverge.
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
         _sync(device)
