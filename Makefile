@@ -1,0 +1,45 @@
+# Quick start on a fresh machine:  `make run` (the main job)  and  `make test` (the test suite).
+# Both set up .venv first: torch 2.13 (the CPU build on a CPU machine), the dev requirements, and fastgpt with its
+# C++ extension built in place. On a GPU machine with a CUDA torch already installed, see README "On a GPU".
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastgpt-installed
+CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CUDA_ARCHS ?= 80 90a
+
+.PHONY: setup run test bench cuda-check clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml requirements-dev.txt $(CSRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	FASTGPT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m bench.bench_layer_norm --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.bench_layer_norm
+
+# Compile every .cu for each architecture in CUDA_ARCHS without a GPU or a CUDA torch: CUDA code cannot rot unseen
+# between GPU sessions. C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for the header the CPU wheel of torch lacks.
+cuda-check: $(STAMP)
+	@set -e; nvcc=$${NVCC:-$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}; \
+	includes=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done); \
+	for f in $(wildcard csrc/cuda/*.cu); do \
+	  echo "nvcc $$f [$(CUDA_ARCHS)]"; \
+	  $$nvcc -c $$f -o /dev/null -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	    $$includes -Icsrc $$gencode; \
+	done
+
+clean:
+	rm -rf build $(VENV) fastgpt/_C*.so *.egg-info

@@ -1,0 +1,138 @@
+"""LayerNorm forward, backward and forward+backward: fastgpt's backends against PyTorch eager and torch.compile.
+
+    python -m bench.bench_layer_norm             # the full grid on a GPU (or a CPU-sized one on CPU)
+    python -m bench.bench_layer_norm --quick     # a smoke run
+
+Bytes moved (the GB/s below), for M rows of N elements of `e` bytes, parameters in float32:
+    forward   read x (M N e) + write y (M N e) + read weight, bias (2 N 4) + write mean, rstd (2 M 4)
+    backward  read dy, x (2 M N e) + write dx (M N e) + read weight, mean, rstd (N 4 + 2 M 4)
+              + write dweight, dbias (2 N 4)
+    fwd+bwd   the sum of the two
+The ceiling is the device's measured copy rate (read + write), so "of ceil" is the fraction of the memory
+bandwidth that a copy achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch._functorch.config as functorch_config
+import torch.nn.functional as F
+
+import fastgpt
+from bench.common import (Row, copy_bandwidth_gbs, environment, mark_speedups, peak_memory_mb, print_table,
+                          rotations, time_calls, write_results)
+from fastgpt.ops.layer_norm import layer_norm
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bytes_moved(rows: int, cols: int, elem: int) -> dict[str, int]:
+    fwd = 2 * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
+    bwd = 3 * rows * cols * elem + cols * 4 + 2 * rows * 4 + 2 * cols * 4
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
+def implementations(device: torch.device, include_interpreter: bool, compile_modes: list[str]) -> dict:
+    def fastgpt_backend(name):
+        def run(x, w, b):
+            with fastgpt.use_backend(name):
+                return layer_norm(x, (x.shape[-1],), w, b)
+        return run
+
+    def eager(x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b)
+
+    impls = {}
+    for name in fastgpt.available_backends(device):
+        if name == "reference" or (name == "triton" and device.type == "cpu" and not include_interpreter):
+            continue
+        impls[f"fastgpt-{name}"] = fastgpt_backend(name)
+    impls["torch-eager"] = eager
+    for mode in compile_modes:
+        impls[f"torch-compile-{mode}"] = torch.compile(eager, mode=None if mode == "default" else mode)
+    return impls
+
+
+def bench_shape(rows: int, cols: int, dtype: torch.dtype, device: torch.device, impls: dict,
+                ceiling_gbs: float) -> list[Row]:
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = bytes_moved(rows, cols, elem)
+    copies = rotations(moved["fwd+bwd"])
+    inputs = []
+    for _ in range(copies):
+        x = torch.randn(rows, cols, device=device, dtype=dtype).requires_grad_()
+        w = (torch.rand(cols, device=device) + 0.5).requires_grad_()
+        b = torch.randn(cols, device=device).requires_grad_()
+        inputs.append((x, w, b, torch.randn(rows, cols, device=device, dtype=dtype)))
+    x0, w0, b0, _ = inputs[0]
+    expected = F.layer_norm(x0.double(), (cols,), w0.double(), b0.double())
+    out = []
+    for impl, fn in impls.items():
+        got = fn(x0, w0, b0)
+        error = (got.double() - expected).abs().max().item()
+        assert error < {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype], \
+            f"{impl} is wrong at {rows}x{cols} {dtype}: max error {error}"
+        graphs = [(fn(x, w, b), (x, w, b), dy) for x, w, b, dy in inputs]
+        calls = {
+            "fwd": [lambda x=x, w=w, b=b: fn(x, w, b) for x, w, b, _ in inputs],
+            "bwd": [lambda y=y, p=p, dy=dy: torch.autograd.grad(y, p, dy, retain_graph=True) for y, p, dy in graphs],
+            "fwd+bwd": [lambda x=x, w=w, b=b, dy=dy: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+                        for x, w, b, dy in inputs],
+        }
+        for pass_, fns in calls.items():
+            median, p20, p80 = time_calls(fns, device)
+            gbs = moved[pass_] / (median * 1e-3) / 1e9
+            out.append(Row("layer_norm", f"{rows}x{cols}", str(dtype).replace("torch.", ""), pass_, impl, median,
+                           p20, p80, gbs, "GB/s", gbs / ceiling_gbs, peak_memory_mb(fns[0], device)))
+        del graphs
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32")
+    parser.add_argument("--compile", default=None,
+                        help="torch.compile modes to compare, comma-separated (default, max-autotune); 'none' skips")
+    parser.add_argument("--include-interpreter", action="store_true",
+                        help="also time the triton backend on CPU through the interpreter (very slow)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    # The backward pass is timed alone by replaying one graph (retain_graph=True), which compiled graphs that
+    # donate their saved buffers refuse.
+    functorch_config.donated_buffer = False
+    cuda = device.type == "cuda"
+    if args.quick:
+        grid = [(1024, 768), (4096, 1024)] if cuda else [(512, 768), (2048, 1024)]
+    elif cuda:
+        grid = [(m, n) for m in (4096, 32768) for n in (768, 1024, 2048, 4096, 8192, 16384)]
+    else:
+        grid = [(m, n) for m in (1024, 8192) for n in (768, 2048, 4096)]
+    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else \
+        ([torch.bfloat16, torch.float32] if cuda else [torch.float32])
+    compile_modes = ([] if args.compile == "none" else args.compile.split(",")) if args.compile else \
+        (["default", "max-autotune"] if cuda and not args.quick else ["default"])
+
+    info = environment(device)
+    ceiling = copy_bandwidth_gbs(device)
+    info["copy_bandwidth_gbs"] = ceiling
+    print(f"measured copy bandwidth: {ceiling:.1f} GB/s")
+    impls = implementations(device, args.include_interpreter, compile_modes)
+    rows = []
+    for dtype in dtypes:
+        for m, n in grid:
+            rows += bench_shape(m, n, dtype, device, impls, ceiling)
+    mark_speedups(rows)
+    path = write_results("layer_norm", rows, info, None if args.out is None else Path(args.out))
+    print_table(rows, info)
+    print(f"\nresults: {path} (+ .csv)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Timing, device ceilings and result files shared by the benchmarks.
+
+Timing rules: inputs are random (never zeros); results are checked against the reference before anything is
+timed; each measurement rotates through several copies of its inputs, together larger than the last-level cache,
+so that small shapes are not flattered by a warm cache; the reported time is the median over many repeats, with
+the 20th-80th percentile spread. On CUDA, CUDA events bracket each call; on CPU, perf_counter does.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE_BYTES = 256 << 20  # rotate inputs through more than this: beyond H100's 50 MB L2 and CPU caches
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    pass_: str
+    impl: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    metric: float  # GB/s for memory-bound ops, TFLOP/s for compute-bound ones
+    unit: str
+    fraction_of_ceiling: float | None = None
+    peak_memory_mb: float | None = None
+    speedup_vs_best_peer: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda,
+                    driver=_nvidia_driver())
+    else:
+        info.update(device=_cpu_name(), threads=torch.get_num_threads())
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import subprocess
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU {platform.processor()} ({os.cpu_count()} cores)"
+
+
+def device_slug(info: dict) -> str:
+    return "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-").replace("--", "-")
+
+
+def rotations(bytes_per_call: int) -> int:
+    """How many copies of a call's inputs to cycle through so that the set exceeds the caches (at most 32)."""
+    return max(1, min(32, -(-CACHE_BYTES // max(bytes_per_call, 1))))
+
+
+def time_calls(fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 3,
+               repeats: int = 30, min_seconds: float = 0.2) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile milliseconds of one call, rotating through `fns` (one per input copy)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    times = []
+    cuda = device.type == "cuda"
+    started = time.perf_counter()
+    i = 0
+    while len(times) < repeats or (time.perf_counter() - started < min_seconds and len(times) < 10 * repeats):
+        fn = fns[i % len(fns)]
+        i += 1
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory one call allocates beyond what was live before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """The device's measured copy rate (bytes read + written per second): the ceiling for memory-bound ops."""
+    numel = (512 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = time_calls([lambda: dst.copy_(src)], device, repeats=20)
+    return 2 * src.numel() * 4 / (median * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The device's measured dense matrix-product rate: the ceiling for compute-bound ops."""
+    n = 8192 if device.type == "cuda" else 1024
+    if device.type != "cuda":
+        dtype = torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    median, _, _ = time_calls([lambda: a @ b], device, repeats=10)
+    return 2 * n**3 / (median * 1e-3) / 1e12
+
+
+def mark_speedups(rows: list[Row], ours_prefix: str = "fastgpt") -> None:
+    """Each fastgpt row's speed-up against the fastest non-fastgpt row of the same op, shape, dtype and pass."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.op, row.shape, row.dtype, row.pass_), []).append(row)
+    for group in groups.values():
+        peers = [r.median_ms for r in group if not r.impl.startswith(ours_prefix) and r.median_ms > 0]
+        if peers:
+            for row in group:
+                if row.impl.startswith(ours_prefix):
+                    row.speedup_vs_best_peer = min(peers) / row.median_ms
+
+
+def write_results(name: str, rows: list[Row], info: dict, out_dir: Path | None = None) -> Path:
+    """Writes <out_dir>/<device>/<name>.json and .csv; returns the JSON path."""
+    folder = (out_dir or RESULTS) / device_slug(info)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [asdict(r) for r in rows]
+    json_path = folder / f"{name}.json"
+    json_path.write_text(json.dumps({"environment": info, "rows": records}, indent=1) + "\n")
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in records[0] if k != "extra"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    return json_path
+
+
+def print_table(rows: list[Row], info: dict) -> None:
+    print(f"\n{info['device']} | torch {info['torch']} | triton {info.get('triton')} | {info['date']}")
+    header = f"{'op':<16}{'shape':<18}{'dtype':<10}{'pass':<9}{'impl':<24}{'median ms':>11}{'spread':>17}" \
+             f"{'rate':>14}{'of ceil':>9}{'vs best':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ceiling = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-"
+        speedup = f"{r.speedup_vs_best_peer:.2f}x" if r.speedup_vs_best_peer is not None else "-"
+        print(f"{r.op:<16}{r.shape:<18}{r.dtype:<10}{r.pass_:<9}{r.impl:<24}{r.median_ms:>11.4f}"
+              f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>17}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")

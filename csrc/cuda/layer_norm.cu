@@ -1,0 +1,341 @@
+// LayerNorm (optionally fused with a residual add) on CUDA: forward and backward over contiguous (M, N) rows.
+// The maths is in fastgpt/ops/layer_norm.py.
+//
+// Layout: a block holds ROWS rows of THREADS_PER_ROW threads each (blockDim = (THREADS_PER_ROW, ROWS)). Thread t of
+// a row owns the vectors t, t + THREADS_PER_ROW, ... of VEC elements (16-byte loads when the row length allows), at
+// most kCache floats, which stay in registers between the statistics and the output: the row is read once.
+// Reductions: warp shuffles, then one shared-memory slot per warp when a row spans several warps.
+// Backward: the grid strides over rows; each thread keeps its columns' partial sums of dy * xhat and dy in registers
+// across the rows it visits, and writes them once, as one row of a (gridDim.x * ROWS, N) float32 buffer that is
+// summed afterwards: deterministic, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace fastgpt {
+namespace {
+
+constexpr int kCache = 16;       // floats of the row each thread keeps in registers
+constexpr int kMaxThreads = 1024;  // so the widest row is kCache * kMaxThreads = 16384 (MAX_N in the op)
+constexpr int kBlockThreads = 256;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
+  Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pack.v[k]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pack.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+// Sum over the threads of one row (threadIdx.x), for every row of the block at once. `shared` holds one float per
+// warp of the block; all threads of the block must call this.
+__device__ __forceinline__ float row_sum(float value, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  const int warps_per_row = blockDim.x / 32;
+  if (warps_per_row == 1) return value;
+  const int warp = threadIdx.x / 32, first = threadIdx.y * warps_per_row;
+  __syncthreads();  // the previous call's readers are done with `shared`
+  if (threadIdx.x % 32 == 0) shared[first + warp] = value;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps_per_row; ++w) total += shared[first + w];
+  return total;
+}
+
+template <typename T, typename W, int VEC>
+__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                      const W* __restrict__ weight, const W* __restrict__ bias, T* __restrict__ y,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
+                                      int cols, float eps) {
+  constexpr int kItems = kCache / VEC;
+  __shared__ float shared[kBlockThreads / 32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < rows;
+  const int64_t base = row * cols;
+  float z[kItems][VEC];
+  float local = 0.f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < cols) {
+      load<VEC>(x + base + col, z[i]);
+      if (residual != nullptr) {
+        float r[VEC];
+        load<VEC>(residual + base + col, r);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) z[i][k] += r[k];
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) local += z[i][k];
+    }
+  }
+  const float mean = row_sum(local, shared) / cols;
+  local = 0.f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < cols) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        z[i][k] -= mean;
+        local += z[i][k] * z[i][k];
+      }
+    }
+  }
+  const float rstd = rsqrtf(row_sum(local, shared) / cols + eps);
+  if (!valid) return;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < cols) {
+      float out[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        out[k] = z[i][k] * rstd;
+        if (weight != nullptr) out[k] *= static_cast<float>(weight[col + k]);
+        if (bias != nullptr) out[k] += static_cast<float>(bias[col + k]);
+      }
+      store<VEC>(y + base + col, out);
+    }
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+template <typename T, typename W, int VEC>
+__global__ void layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                      const T* __restrict__ residual, const W* __restrict__ weight,
+                                      const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                                      T* __restrict__ dz, float* __restrict__ dw_partial,
+                                      float* __restrict__ db_partial, int64_t rows, int cols) {
+  constexpr int kItems = kCache / VEC;
+  __shared__ float shared[kBlockThreads / 32];
+  float dw[kItems][VEC] = {}, db[kItems][VEC] = {};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  // Every thread of the block runs the same number of iterations, so that row_sum's barriers line up.
+  const int64_t iterations = (rows + stride - 1) / stride;
+  for (int64_t it = 0; it < iterations; ++it) {
+    const int64_t row = first_row + it * stride;
+    const bool valid = row < rows;
+    const int64_t base = row * cols;
+    const float mean = valid ? mean_in[row] : 0.f, rstd = valid ? rstd_in[row] : 0.f;
+    float xhat[kItems][VEC], g[kItems][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (i * blockDim.x + threadIdx.x) * VEC;
+      if (valid && col < cols) {
+        float d[VEC];
+        load<VEC>(x + base + col, xhat[i]);
+        if (residual != nullptr) {
+          float r[VEC];
+          load<VEC>(residual + base + col, r);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) xhat[i][k] += r[k];
+        }
+        load<VEC>(dy + base + col, d);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          xhat[i][k] = (xhat[i][k] - mean) * rstd;
+          g[i][k] = weight != nullptr ? d[k] * static_cast<float>(weight[col + k]) : d[k];
+          sum_g += g[i][k];
+          sum_gx += g[i][k] * xhat[i][k];
+          dw[i][k] += d[k] * xhat[i][k];
+          db[i][k] += d[k];
+        }
+      }
+    }
+    const float mean_g = row_sum(sum_g, shared) / cols;
+    const float mean_gx = row_sum(sum_gx, shared) / cols;
+    if (!valid) continue;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (i * blockDim.x + threadIdx.x) * VEC;
+      if (col < cols) {
+        float out[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = (g[i][k] - mean_g - xhat[i][k] * mean_gx) * rstd;
+        store<VEC>(dz + base + col, out);
+      }
+    }
+  }
+  if (dw_partial == nullptr) return;
+  const int64_t partial_row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < cols) {
+      store<VEC>(dw_partial + partial_row * cols + col, dw[i]);
+      store<VEC>(db_partial + partial_row * cols + col, db[i]);
+    }
+  }
+}
+
+struct Launch {
+  dim3 block;
+  int64_t row_blocks;
+};
+
+// Threads per row: enough that each holds at most kCache floats, a multiple of a warp; rows per block fill
+// kBlockThreads.
+Launch launch_shape(int64_t rows, int cols) {
+  const int per_row = std::min(kMaxThreads, std::max(32, ((cols + kCache - 1) / kCache + 31) / 32 * 32));
+  const int rows_per_block = std::max(1, kBlockThreads / per_row);
+  return {dim3(per_row, rows_per_block), (rows + rows_per_block - 1) / rows_per_block};
+}
+
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Runs `body.template operator()<scalar_t, weight_t, VEC>()` with the input dtype, the parameters' dtype (the
+// input's, or float32) and the widest vector that the row length and every pointer's alignment allow.
+template <typename Body>
+void dispatch(const at::Tensor& input, const std::optional<at::Tensor>& weight, std::initializer_list<const void*> ptrs,
+              const Body& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "layer_norm_cuda", [&] {
+    const bool float_params = weight.has_value() && weight->scalar_type() == at::kFloat;
+    constexpr int kVec = 16 / sizeof(scalar_t) < kCache ? 16 / sizeof(scalar_t) : kCache;
+    bool vectorise = input.size(1) % kVec == 0;
+    for (const void* p : ptrs) vectorise = vectorise && aligned(p);
+    auto with_vec = [&](auto weight_tag) {
+      using weight_t = decltype(weight_tag);
+      if (vectorise)
+        body.template operator()<scalar_t, weight_t, kVec>();
+      else
+        body.template operator()<scalar_t, weight_t, 1>();
+    };
+    if (float_params)
+      with_vec(float{});
+    else
+      with_vec(scalar_t{});
+  });
+}
+
+void check_inputs(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.is_cuda() && input.dim() == 2 && input.is_contiguous(),
+              "layer_norm: expected input to be contiguous (M, N) rows on a CUDA device");
+  TORCH_CHECK(input.size(1) <= kCache * kMaxThreads, "layer_norm: rows of ", input.size(1),
+              " elements exceed the CUDA kernel's ", kCache * kMaxThreads);
+  if (residual.has_value())
+    TORCH_CHECK(residual->sizes() == input.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == input.scalar_type() && residual->device() == input.device(),
+                "layer_norm: expected residual contiguous, with input's shape, dtype and device");
+  for (const auto* p : {&weight, &bias})
+    if (p->has_value())
+      TORCH_CHECK((*p)->dim() == 1 && (*p)->size(0) == input.size(1) && (*p)->is_contiguous() &&
+                      (*p)->device() == input.device() &&
+                      ((*p)->scalar_type() == input.scalar_type() || (*p)->scalar_type() == at::kFloat),
+                  "layer_norm: expected weight and bias contiguous (N,) in input's dtype or float32");
+  if (weight.has_value() && bias.has_value())
+    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), "layer_norm: expected weight and bias of one dtype");
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
+                                                                  const std::optional<at::Tensor>& residual,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  double eps) {
+  check_inputs(input, residual, weight, bias);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t rows = input.size(0);
+  const int cols = static_cast<int>(input.size(1));
+  at::Tensor output = at::empty_like(input);
+  at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  if (rows == 0) return {output, mean, rstd};
+  const Launch shape = launch_shape(rows, cols);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(input, weight,
+           {input.const_data_ptr(), residual ? residual->const_data_ptr() : nullptr,
+            weight ? weight->const_data_ptr() : nullptr, bias ? bias->const_data_ptr() : nullptr,
+            output.const_data_ptr()},
+           [&]<typename T, typename W, int VEC>() {
+             layer_norm_fwd_kernel<T, W, VEC><<<shape.row_blocks, shape.block, 0, stream>>>(
+                 input.const_data_ptr<T>(), ptr_or_null<T>(residual), ptr_or_null<W>(weight), ptr_or_null<W>(bias),
+                 output.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
+                 cols, static_cast<float>(eps));
+             C10_CUDA_KERNEL_LAUNCH_CHECK();
+           });
+  return {output, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input,
+                                                                  const std::optional<at::Tensor>& residual,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  bool compute_affine_grads) {
+  check_inputs(input, residual, weight, std::nullopt);
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.is_contiguous() &&
+                  grad_output.scalar_type() == input.scalar_type(),
+              "layer_norm: expected grad_output contiguous with input's shape and dtype");
+  TORCH_CHECK(mean.numel() == input.size(0) && rstd.numel() == input.size(0) && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat,
+              "layer_norm: expected mean and rstd float32 of shape (M,)");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t rows = input.size(0);
+  const int cols = static_cast<int>(input.size(1));
+  at::Tensor grad_z = at::empty_like(input);
+  const Launch shape = launch_shape(rows, cols);
+  // A few row-blocks per SM: enough to hide latency, few enough that the partial sums stay small.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, input.get_device()));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(shape.row_blocks, 4LL * sms * 32 / shape.block.y));
+  at::Tensor partial = at::empty({2, compute_affine_grads ? blocks * shape.block.y : 0, cols},
+                                 input.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch(input, weight,
+             {grad_output.const_data_ptr(), input.const_data_ptr(), residual ? residual->const_data_ptr() : nullptr,
+              weight ? weight->const_data_ptr() : nullptr, grad_z.const_data_ptr(),
+              compute_affine_grads ? partial[1].const_data_ptr() : nullptr},
+             [&]<typename T, typename W, int VEC>() {
+               layer_norm_bwd_kernel<T, W, VEC><<<blocks, shape.block, 0, stream>>>(
+                   grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),
+                   ptr_or_null<W>(weight), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+                   grad_z.mutable_data_ptr<T>(),
+                   compute_affine_grads ? partial[0].mutable_data_ptr<float>() : nullptr,
+                   compute_affine_grads ? partial[1].mutable_data_ptr<float>() : nullptr, rows, cols);
+               C10_CUDA_KERNEL_LAUNCH_CHECK();
+             });
+  }
+  if (!compute_affine_grads) {
+    at::Tensor empty = at::empty({0}, input.options().dtype(at::kFloat));
+    return {grad_z, empty, empty.clone()};
+  }
+  if (rows == 0) return {grad_z, at::zeros({cols}, partial.options()), at::zeros({cols}, partial.options())};
+  return {grad_z, partial[0].sum(0), partial[1].sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+}
+
+}  // namespace fastgpt

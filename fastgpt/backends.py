@@ -1,0 +1,146 @@
+"""Backend registry and selection.
+
+Every op in ``fastgpt.ops`` has three implementations:
+
+- ``reference``: plain PyTorch. The ground truth the tests compare against, and the fallback for any input a
+  kernel does not handle.
+- ``triton``: the Triton kernels in ``kernels/`` (imported as ``fastgpt.kernels``). Runs on CUDA GPUs, and on CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported (slow; for testing only).
+- ``csrc``: the C++/CUDA extension ``fastgpt._C`` (``csrc/``), when it was built and loads.
+
+Which one runs: the innermost ``with use_backend(name)``, else the environment variable ``FASTGPT_BACKEND``, else the
+op's preference order for the input's device type. A backend that cannot run on the input's device, or whose kernel
+does not support the input (dtype, size), hands the call to ``reference``: never a wrong answer.
+
+Everything here is plain Python over module-level data, so that ``torch.compile(fullgraph=True)`` traces through
+the choice without graph breaks (the choice is made at trace time and guarded like any other global).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("reference", "triton", "csrc")
+
+# Default order when nothing is forced. On CPU the Triton interpreter is a correctness tool, never the fast path.
+# On CUDA, LayerNorm and the element-wise fusions favour Triton (autotuned per GPU); ops whose measurements say
+# otherwise pass their own order to `select`.
+DEFAULT_PREFERENCE = {
+    "cuda": ("triton", "csrc", "reference"),
+    "cpu": ("csrc", "reference"),
+}
+
+
+def _load_extension() -> str | None:
+    """Imports fastgpt._C (which runs the TORCH_LIBRARY registrations); returns why it failed, or None."""
+    try:
+        from fastgpt import _C  # noqa: F401
+    except ImportError as error:
+        return f"the C++ extension fastgpt._C could not be loaded ({error}); build it with " \
+               f"`pip install --no-build-isolation -e .`"
+    return None
+
+
+_CSRC_ERROR = _load_extension()
+CSRC_LOADED = _CSRC_ERROR is None
+if _CSRC_ERROR is not None:
+    warnings.warn(f"fastgpt: {_CSRC_ERROR}. The csrc backend is unavailable; reference and triton still work.",
+                  stacklevel=2)
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CUDA = torch.cuda.is_available()
+_CSRC_CUDA = _CSRC_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastgpt::layer_norm_fwd", "CUDA")
+
+
+def _why_not(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run on `device_type`, or None when it can."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        if not _TRITON_INSTALLED:
+            return "the triton backend needs the `triton` package (pip install triton)"
+        if device_type == "cuda":
+            return None if _CUDA else "the triton backend needs a CUDA GPU, and torch sees none"
+        if device_type == "cpu":
+            return None if _TRITON_INTERPRET else \
+                "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastgpt)"
+        return f"the triton backend does not run on {device_type} tensors"
+    if name == "csrc":
+        if _CSRC_ERROR is not None:
+            return _CSRC_ERROR
+        if device_type == "cpu" or (device_type == "cuda" and _CSRC_CUDA):
+            return None
+        return f"fastgpt._C was built without {device_type} kernels"
+    raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+# Plain dict lookups at call time: {(backend, device type): runs}.
+_RUNS_ON = {(name, dev): _why_not(name, dev) is None for name in BACKENDS for dev in ("cpu", "cuda")}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on `device` (``reference`` always can)."""
+    device_type = torch.device(device).type
+    return [name for name in BACKENDS if _why_not(name, device_type) is None]
+
+
+def _check_name(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _check_runs_somewhere(name: str) -> None:
+    reasons = [_why_not(name, dev) for dev in ("cuda", "cpu")]
+    if all(reasons):
+        raise RuntimeError(f"backend {name!r} cannot run on this machine: " + "; ".join(dict.fromkeys(reasons)))
+
+
+_ENV_BACKEND = os.environ.get("FASTGPT_BACKEND") or None
+if _ENV_BACKEND is not None:
+    _check_name(_ENV_BACKEND, "FASTGPT_BACKEND")
+    _check_runs_somewhere(_ENV_BACKEND)
+
+_FORCED: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Forces every fastgpt op inside the block onto backend `name` (inputs it cannot handle go to reference).
+
+    Raises at once if the backend cannot run on this machine at all, naming what is missing.
+    """
+    _check_name(name, "use_backend")
+    _check_runs_somewhere(name)
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def forced_backend() -> str | None:
+    """The backend forced by `use_backend` or FASTGPT_BACKEND, if any."""
+    return _FORCED[-1] if _FORCED else _ENV_BACKEND
+
+
+def select(device: torch.device, supports: Callable[[str], bool],
+           preference: Sequence[str] | None = None) -> str:
+    """Picks the backend for one call of an op whose tensors live on `device`.
+
+    `supports(name)` says whether backend `name`'s kernel handles these inputs (dtype, sizes, layout).
+    """
+    forced = _FORCED[-1] if _FORCED else _ENV_BACKEND
+    candidates = (forced,) if forced is not None else (preference or DEFAULT_PREFERENCE.get(device.type, ()))
+    for name in candidates:
+        if name != "reference" and _RUNS_ON.get((name, device.type), False) and supports(name):
+            return name
+    return "reference"

@@ -1,0 +1,176 @@
+"""LayerNorm, and the residual-add LayerNorm that follows every sub-layer of a post-LN block.
+
+    z = x + residual                      (add_layer_norm; layer_norm has z = x)
+    y = (z - mean(z)) * rstd * weight + bias,   rstd = 1 / sqrt(var(z) + eps)
+
+mean and the biased var are taken over the trailing `normalized_shape` dimensions, always in float32. The
+backward pass, per row, with xhat = (z - mean) * rstd and g = dy * weight (N = numel(normalized_shape)):
+
+    dz = rstd * (g - mean(g) - xhat * mean(g * xhat))        (dx = dresidual = dz)
+    dweight = sum over rows of dy * xhat,   dbias = sum over rows of dy
+
+Kernels keep the row statistics (mean, rstd: float32, one per row) for the backward pass and recompute z from
+x and residual rather than storing it: the same traffic (one more read instead of one more write) and less memory.
+
+Backends (see fastgpt.backends):
+    reference  torch.nn.functional.layer_norm
+    triton     kernels/layer_norm.py, as custom ops fastgpt_triton::layer_norm_{fwd,bwd}
+    csrc       csrc/cpu/layer_norm.cpp, csrc/cuda/layer_norm.cu, as fastgpt::layer_norm_{fwd,bwd}
+               (schemas in csrc/fastgpt.cpp)
+Kernels take contiguous (M, N) rows; weight and bias (N,) in the input's dtype or float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt import backends
+from fastgpt.ops._checks import check_like, check_tensor
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Widest row each kernel keeps on chip (one pass over the row); wider rows go to reference.
+MAX_N = {"triton": 65536, "csrc": {"cpu": None, "cuda": 16384}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: the schema (fake implementation) and autograd formula are shared by both kernel backends.
+
+def _fwd_fake(input, residual, weight, bias, eps):
+    rows = input.shape[0]
+    stats = input.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+def _bwd_fake(grad_output, input, residual, weight, mean, rstd, compute_affine_grads):
+    cols = input.shape[1] if compute_affine_grads else 0
+    affine = input.new_empty(cols, dtype=torch.float32)
+    return torch.empty_like(input), affine, torch.empty_like(affine)
+
+
+def _setup_context(ctx, inputs, output):
+    input, residual, weight, bias, _eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, residual, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_output, _grad_mean, _grad_rstd):
+        input, residual, weight, mean, rstd = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        compute_affine_grads = weight_dtype is not None or bias_dtype is not None
+        grad_z, grad_weight, grad_bias = bwd_op(grad_output.contiguous(), input, residual, weight, mean, rstd,
+                                                compute_affine_grads)
+        return (grad_z,
+                grad_z if ctx.has_residual else None,
+                None if weight_dtype is None else grad_weight.to(weight_dtype),
+                None if bias_dtype is None else grad_bias.to(bias_dtype),
+                None)
+    return backward
+
+
+def _register(fwd_op, bwd_op) -> None:
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(fwd_op, _autograd_for(bwd_op), setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastgpt_triton::layer_norm_fwd", mutates_args=())
+def _triton_fwd(input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastgpt.kernels.layer_norm import layer_norm_forward
+    return layer_norm_forward(input, residual, weight, bias, eps)
+
+
+@torch.library.custom_op("fastgpt_triton::layer_norm_bwd", mutates_args=())
+def _triton_bwd(grad_output: torch.Tensor, input: torch.Tensor, residual: torch.Tensor | None,
+                weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                compute_affine_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastgpt.kernels.layer_norm import layer_norm_backward
+    return layer_norm_backward(grad_output, input, residual, weight, mean, rstd, compute_affine_grads)
+
+
+_register(_triton_fwd, _triton_bwd)
+_OPS = {"triton": _triton_fwd}
+if backends.CSRC_LOADED:
+    _register(torch.ops.fastgpt.layer_norm_fwd.default, torch.ops.fastgpt.layer_norm_bwd.default)
+    _OPS["csrc"] = torch.ops.fastgpt.layer_norm_fwd.default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The public ops.
+
+def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.layer_norm, on fastgpt's kernels."""
+    return _layer_norm("layer_norm", input, None, normalized_shape, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: int | Sequence[int],
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """layer_norm(x + residual, ...) in one pass: the sum is formed in float32 and never written to memory."""
+    return _layer_norm("add_layer_norm", x, residual, normalized_shape, weight, bias, eps)
+
+
+def _check(op, input, residual, normalized_shape, weight, bias) -> tuple[int, ...]:
+    check_tensor(op, "input" if residual is None else "x", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    if not all(isinstance(s, int) and s > 0 for s in normalized_shape):
+        raise ValueError(f"{op}: expected normalized_shape to be positive ints, got {normalized_shape}")
+    if len(normalized_shape) > input.dim() or tuple(input.shape[input.dim() - len(normalized_shape):]) \
+            != normalized_shape:
+        raise ValueError(f"{op}: input of shape {tuple(input.shape)} does not end with "
+                         f"normalized_shape {normalized_shape}")
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        check_like(op, "residual", residual, "x", input)
+        if residual.shape != input.shape:
+            raise ValueError(f"{op}: expected residual of shape {tuple(input.shape)} (the shape of x), "
+                             f"got {tuple(residual.shape)}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        check_tensor(op, name, param)
+        check_like(op, name, param, "input", input, dtype=False)
+        if tuple(param.shape) != normalized_shape:
+            raise ValueError(f"{op}: expected {name} of shape {normalized_shape} (normalized_shape), "
+                             f"got {tuple(param.shape)}")
+    return normalized_shape
+
+
+def _kernel_supports(backend, input, weight, bias, cols) -> bool:
+    if input.dtype not in _KERNEL_DTYPES or input.numel() == 0:
+        return False
+    param_dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    if len(param_dtypes) > 1 or not param_dtypes <= {input.dtype, torch.float32}:
+        return False
+    limit = MAX_N[backend]
+    if isinstance(limit, dict):
+        limit = limit[input.device.type]
+    return limit is None or cols <= limit
+
+
+def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps):
+    normalized_shape = _check(op, input, residual, normalized_shape, weight, bias)
+    cols = math.prod(normalized_shape)
+    backend = backends.select(input.device, lambda name: _kernel_supports(name, input, weight, bias, cols))
+    if backend == "reference":
+        z = input if residual is None else input + residual
+        return F.layer_norm(z, normalized_shape, weight, bias, eps)
+    rows = input.numel() // cols
+    output, _mean, _rstd = _OPS[backend](
+        input.reshape(rows, cols).contiguous(),
+        None if residual is None else residual.reshape(rows, cols).contiguous(),
+        None if weight is None else weight.reshape(cols).contiguous(),
+        None if bias is None else bias.reshape(cols).contiguous(),
+        float(eps))
+    return output.view(input.shape)

@@ -1,0 +1,19 @@
+"""Test set-up: Triton kernels run on CPU tensors through the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton (and so fastgpt) is imported: @triton.jit reads it at decoration.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastgpt  # noqa: E402  (after TRITON_INTERPRET)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

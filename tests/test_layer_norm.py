@@ -1,0 +1,235 @@
+"""fastgpt.ops.layer_norm / add_layer_norm and fastgpt.nn.LayerNorm against a float64 reference, every backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgpt
+from fastgpt import backends
+from fastgpt.ops.layer_norm import _kernel_supports, add_layer_norm, layer_norm
+from tests.utils import DEVICE_BACKENDS, DTYPES, assert_close
+
+# (input shape, normalized_shape): odd sizes, one row, not powers of two, the widest row the kernels keep on chip.
+SHAPES = [
+    ((1151, 768), (768,)),
+    ((3, 7, 1000), (1000,)),
+    ((1, 4096), (4096,)),
+    ((4, 5, 6, 7), (6, 7)),
+    ((33, 1), (1,)),
+    ((2, 65536), (65536,)),
+]
+
+
+def _make(shape, normalized_shape, dtype, device, affine, residual, contiguous=True):
+    def leaf(*size, scale=1.0, shift=0.0):
+        return (torch.randn(*size, device=device) * scale + shift).to(dtype).requires_grad_()
+
+    if contiguous:
+        x = leaf(*shape, scale=2.0, shift=0.5)
+    else:  # a transposed view: the op must not assume a layout
+        x = (torch.randn(*reversed(shape), device=device) * 2 + 0.5).to(dtype).t().requires_grad_()
+    r = leaf(*shape) if residual else None
+    w = leaf(*normalized_shape, scale=0.5, shift=1.0) if affine in ("both", "weight") else None
+    b = leaf(*normalized_shape) if affine in ("both", "bias") else None
+    return x, r, w, b
+
+
+def _run(fn, tensors, grad):
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    out = fn(*tensors)
+    out.backward(grad)
+    return out.detach(), [None if t is None else t.grad.clone() for t in tensors]
+
+
+def _check(device, backend, dtype, shape, normalized_shape, affine, residual, contiguous=True):
+    x, r, w, b = _make(shape, normalized_shape, dtype, device, affine, residual, contiguous)
+    tensors = [x, r, w, b]
+    grad = torch.randn(shape, device=device).to(dtype)
+
+    def ours(x, r, w, b):
+        if r is None:
+            return layer_norm(x, normalized_shape, w, b, eps=1e-5)
+        return add_layer_norm(x, r, normalized_shape, w, b, eps=1e-5)
+
+    def torch_ln(x, r, w, b):
+        return F.layer_norm(x if r is None else x + r, normalized_shape, w, b, eps=1e-5)
+
+    def float64(x, r, w, b):
+        return torch_ln(*(None if t is None else t.double() for t in (x, r, w, b)))
+
+    with fastgpt.use_backend(backend):
+        out, grads = _run(ours, tensors, grad)
+    expected, expected_grads = _run(float64, tensors, grad.double())
+    torch_out, torch_grads = _run(torch_ln, tensors, grad)
+    assert_close("output", out, expected, torch_out)
+    for name, g, eg, tg in zip(("dx", "dresidual", "dweight", "dbias"), grads, expected_grads, torch_grads):
+        if g is not None:
+            assert_close(name, g, eg, tg)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_shape", SHAPES, ids=str)
+def test_layer_norm(device, backend, dtype, shape, normalized_shape):
+    _check(device, backend, dtype, shape, normalized_shape, "both", residual=False)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_affine_variants(device, backend, dtype, affine):
+    _check(device, backend, dtype, (97, 300), (300,), affine, residual=False)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_shape", [((3, 129, 768), (768,)), ((1, 1000), (1000,))], ids=str)
+def test_add_layer_norm(device, backend, dtype, shape, normalized_shape):
+    _check(device, backend, dtype, shape, normalized_shape, "both", residual=True)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_non_contiguous(device, backend, dtype):
+    _check(device, backend, dtype, (50, 384), (384,), "both", residual=False, contiguous=False)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_float32_params_with_half_input(device, backend):
+    """Under autocast, activations are bf16 while LayerNorm's parameters stay float32: the kernels take both,
+    returning a bf16 output and float32 parameter gradients."""
+    x = torch.randn(64, 256, device=device).bfloat16().requires_grad_()
+    w = (torch.randn(256, device=device) * 0.5 + 1).requires_grad_()
+    b = torch.randn(256, device=device).requires_grad_()
+    grad = torch.randn(64, 256, device=device).bfloat16()
+
+    def ours(x, w, b):
+        return layer_norm(x, (256,), w, b)
+
+    def torch_ln(x, w, b):
+        return F.layer_norm(x, (256,), w, b)
+
+    with fastgpt.use_backend(backend):
+        out, grads = _run(ours, [x, w, b], grad)
+    expected, expected_grads = _run(torch_ln, [t.detach().double().requires_grad_() for t in (x, w, b)],
+                                    grad.double())
+    torch_out, torch_grads = _run(torch_ln, [x, w, b], grad)
+    assert out.dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    assert_close("output", out, expected, torch_out)
+    for name, g, eg, tg in zip(("dx", "dweight", "dbias"), grads, expected_grads, torch_grads):
+        assert_close(name, g, eg, tg)
+
+
+# --- fallback: inputs a kernel does not take go to reference, and still give the right answer ----------------
+
+@pytest.mark.parametrize("backend", [b for b in fastgpt.available_backends("cpu") if b != "reference"])
+@pytest.mark.parametrize("dtype,cols", [(torch.float64, 64), (torch.float32, 65537)], ids=["float64", "wide-row"])
+def test_unsupported_inputs_fall_back_to_reference(backend, dtype, cols):
+    x = torch.randn(3, cols, dtype=dtype)
+    w = torch.randn(cols, dtype=dtype)
+    if backend == "triton" or dtype == torch.float64:
+        assert not _kernel_supports(backend, x, w, None, cols)
+        assert backends.select(x.device, lambda name: _kernel_supports(name, x, w, None, cols),
+                               preference=(backend,)) == "reference"
+    with fastgpt.use_backend(backend):
+        out = layer_norm(x, (cols,), w)
+    torch.testing.assert_close(out, F.layer_norm(x, (cols,), w))
+
+
+def test_mixed_parameter_dtypes_fall_back():
+    x = torch.randn(4, 8)
+    w, b = torch.randn(8, dtype=torch.float16), torch.randn(8)
+    assert not _kernel_supports("csrc", x, w, b, 8)
+
+
+def test_empty_input():
+    for backend in fastgpt.available_backends("cpu"):
+        with fastgpt.use_backend(backend):
+            assert layer_norm(torch.randn(0, 16), (16,)).shape == (0, 16)
+
+
+# --- bad input: the same clear error from every backend ----------------------------------------------------------
+
+BAD_INPUTS = [
+    (lambda: layer_norm(torch.randn(4, 8), (7,)), ValueError, "does not end with normalized_shape"),
+    (lambda: layer_norm(torch.randn(4, 8), (8,), torch.randn(7)), ValueError, "expected weight of shape"),
+    (lambda: layer_norm(torch.randn(4, 8), (8,), None, torch.randn(2, 4)), ValueError, "expected bias of shape"),
+    (lambda: layer_norm(torch.randint(0, 5, (4, 8)), (8,)), TypeError, "expected input to have a floating"),
+    (lambda: layer_norm(torch.randn(4, 8), (8,), torch.randn(8, device="meta")), ValueError, "same device"),
+    (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(4, 8).half(), (8,)), TypeError,
+     "expected residual to have the same dtype"),
+    (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(8), (8,)), ValueError, "expected residual of shape"),
+    (lambda: layer_norm(torch.randn(4, 8), (0,)), ValueError, "positive ints"),
+    (lambda: layer_norm([1.0, 2.0], (2,)), TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+@pytest.mark.parametrize("call,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(backend, call, error, message):
+    with fastgpt.use_backend(backend), pytest.raises(error, match=message):
+        call()
+
+
+# --- the custom ops: schema, fake, autograd registration, and torch.compile without graph breaks -----------------
+
+def _custom_ops():
+    ops = [("triton", torch.ops.fastgpt_triton.layer_norm_fwd.default, torch.ops.fastgpt_triton.layer_norm_bwd.default)]
+    if backends.CSRC_LOADED:
+        ops.append(("csrc", torch.ops.fastgpt.layer_norm_fwd.default, torch.ops.fastgpt.layer_norm_bwd.default))
+    return [pytest.param(f, b, id=name) for name, f, b in ops if name in fastgpt.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("fwd,bwd", _custom_ops())
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_opcheck(fwd, bwd, with_residual):
+    x = torch.randn(6, 40, requires_grad=True)
+    r = torch.randn(6, 40, requires_grad=True) if with_residual else None
+    w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5))
+    _, mean, rstd = fwd(x.detach(), None if r is None else r.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(bwd, (torch.randn(6, 40), x.detach(), None if r is None else r.detach(), w.detach(),
+                                mean, rstd, True))
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_torch_compile_fullgraph(backend):
+    ln = fastgpt.nn.LayerNorm(48)
+
+    def block(x, residual):
+        return ln(add_layer_norm(x, residual, (48,)))
+
+    x = torch.randn(5, 48, requires_grad=True)
+    residual = torch.randn(5, 48)
+    with fastgpt.use_backend(backend):
+        expected = block(x, residual)
+        expected.sum().backward()
+        grad, x.grad = x.grad.clone(), None
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True)(x, residual)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, expected)
+    torch.testing.assert_close(x.grad, grad)
+
+
+# --- fastgpt.nn.LayerNorm is a drop-in for torch.nn.LayerNorm ----------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(normalized_shape=64), dict(normalized_shape=(4, 16), eps=1e-6),
+                                    dict(normalized_shape=64, elementwise_affine=False),
+                                    dict(normalized_shape=64, bias=False)], ids=str)
+def test_nn_layer_norm_drop_in(kwargs):
+    theirs = torch.nn.LayerNorm(**kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours = fastgpt.nn.LayerNorm(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    x = torch.randn(3, 5, *ours.normalized_shape)
+    for backend in fastgpt.available_backends("cpu"):
+        with fastgpt.use_backend(backend):
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
