@@ -23,21 +23,21 @@ class PretrainConfig:
     # data
     data: list[str] | None = None  # None: the embedded Shakespeare corpus
     cache_dir: str | None = None  # None: $FASTGPT_CACHE or ~/.cache/fastgpt
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     val_fraction: float = 0.05
     # model
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128
+    block_size: int = 64
     dropout: float = 0.0
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int = 400
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 40
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -52,12 +52,12 @@ class PretrainConfig:
     fsdp: bool = False
     # output
     out_dir: str | None = None  # None: runs/<preset>-<time>
-    log_interval: int = 25
-    eval_interval: int = 250
+    log_interval: int = 20
+    eval_interval: int = 100
     eval_batches: int = 20
     sample_tokens: int = 64
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    checkpoint_interval: int = 500
+    checkpoint_interval: int = 200
     keep_checkpoints: int = 2
     tensorboard: bool = True
 

@@ -128,7 +128,7 @@ class Run:
         self.config = config
         self.info = dist_utils.setup(config.device)
         self.log = log if self.info.is_main else (lambda *a, **k: None)
-        self.resume_from = ckpt_io.find_checkpoint(resume) if resume else None
+        self.resume = resume
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def _prepare(self):
@@ -136,6 +136,7 @@ class Run:
         self.out_dir = Path(c.out_dir or f"runs/{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         c.out_dir = str(self.out_dir)  # saved with the run, so that --resume finds its way back
         resume_meta, resume_weights, resume_state = None, None, None
+        self.resume_from = ckpt_io.find_checkpoint(self.resume) if self.resume else None
         if self.resume_from is not None:
             resume_meta, resume_weights, resume_state = ckpt_io.load_checkpoint(self.resume_from)
 
