@@ -26,18 +26,18 @@ class PretrainConfig:
     vocab_size: int = 2048
     val_fraction: float = 0.05
     # model
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
     # optimisation
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 400
-    lr: float = 2e-3
+    max_steps: int = 1200
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -52,12 +52,12 @@ class PretrainConfig:
     fsdp: bool = False
     # output
     out_dir: str | None = None  # None: runs/<preset>-<time>
-    log_interval: int = 20
-    eval_interval: int = 100
+    log_interval: int = 50
+    eval_interval: int = 300
     eval_batches: int = 20
     sample_tokens: int = 64
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    checkpoint_interval: int = 200
+    checkpoint_interval: int = 600
     keep_checkpoints: int = 2
     tensorboard: bool = True
 

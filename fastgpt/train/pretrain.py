@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import PretrainConfig
 from .metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
-from .schedule import make_optimizer, make_scheduler
+from .schedule import make_optimizer, make_scheduler, parameter_dims
 
 
 def build_model(config: PretrainConfig, vocab_size: int):
@@ -162,6 +162,7 @@ class Run:
         self.n_params = model.num_parameters()
         self.amp_dtype = autocast_dtype(c, info.device)
 
+        dims = parameter_dims(self.model)  # before FSDP flattens the parameters
         wrapped = self.model
         if c.compile:
             wrapped = torch.compile(wrapped)
@@ -176,7 +177,7 @@ class Run:
         self.wrapped = wrapped
 
         self.optimizer = make_optimizer(wrapped, c.lr, c.weight_decay, (c.beta1, c.beta2), c.adam_eps,
-                                        fused=info.device.type == "cuda")
+                                        fused=info.device.type == "cuda", dims=dims)
         self.scheduler = make_scheduler(self.optimizer, c.warmup_steps, c.max_steps, c.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
 

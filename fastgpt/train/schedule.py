@@ -16,17 +16,35 @@ import math
 import torch
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "module.")
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name without the prefixes DDP, FSDP and torch.compile add to it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def parameter_dims(model: torch.nn.Module) -> dict[str, int]:
+    return {_plain_name(n): p.dim() for n, p in model.named_parameters()}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, dims: dict[str, int] | None = None) -> list[dict]:
+    """Two AdamW groups: matrices decay, vectors do not. Under FSDP pass `dims` (parameter_dims of the model taken
+    before wrapping): FSDP flattens parameters into 1-D shards, so their shapes no longer tell matrix from vector."""
+    dims = dims or parameter_dims(model)
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if dims[_plain_name(name)] >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, lr, weight_decay, betas, eps, fused: bool) -> torch.optim.AdamW:
+def make_optimizer(model, lr, weight_decay, betas, eps, fused: bool, dims=None) -> torch.optim.AdamW:
     # fused=True runs the whole update as one multi-tensor CUDA kernel; it is CUDA-only (and needs float params).
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+    groups = parameter_groups(model, weight_decay, dims)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
