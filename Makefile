@@ -38,7 +38,7 @@ cuda-check: $(STAMP)
 	gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done); \
 	for f in $(wildcard csrc/cuda/*.cu); do \
 	  echo "nvcc $$f [$(CUDA_ARCHS)]"; \
-	  $$nvcc -c $$f -o /dev/null -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	  $$nvcc -c $$f -o /dev/null --threads 0 -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    $$includes -Icsrc $$gencode; \
 	done
 

@@ -9,7 +9,7 @@
 - The extension is optional: if it fails to build, fastgpt still installs and runs on reference and triton
   (FASTGPT_REQUIRE_EXT=1 makes a failed build an error, as CI wants).
 The Triton kernels in kernels/ are installed as the package fastgpt.kernels (the import name `kernels` is taken on
-PyPI).
+PyPI), and the benchmarks in bench/ as fastgpt.bench (so that `fastgpt bench` works wherever fastgpt is installed).
 """
 
 import glob
@@ -25,6 +25,7 @@ def extension_modules():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastgpt.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]  # shared headers
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     with_cuda = (os.environ.get("FASTGPT_SKIP_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
@@ -35,9 +36,10 @@ def extension_modules():
             "fastgpt._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                                            "--expt-relaxed-constexpr", "-std=c++20"]},
-            libraries=["cublasLt", "cublas"], optional=optional)
+            include_dirs=include_dirs, libraries=["cublasLt", "cublas"], optional=optional)
     else:
-        extension = CppExtension("fastgpt._C", sources, extra_compile_args={"cxx": cxx_flags}, optional=optional)
+        extension = CppExtension("fastgpt._C", sources, include_dirs=include_dirs,
+                                 extra_compile_args={"cxx": cxx_flags}, optional=optional)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
@@ -47,8 +49,8 @@ setup(
     name="fastgpt",
     version="0.1.0",
     description="Triton and CUDA C++ kernels for GPT-style training in PyTorch: attention, LayerNorm, GELU FFN",
-    packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"],
-    package_dir={"fastgpt.kernels": "kernels"},
+    packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels", "fastgpt.bench"],
+    package_dir={"fastgpt.kernels": "kernels", "fastgpt.bench": "bench"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tokenizers", "safetensors"],
     extras_require={

@@ -22,7 +22,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from bench.common import (Row, copy_bandwidth_gbs, environment, mark_speedups, peak_memory_mb, print_table,
+from .common import (Row, copy_bandwidth_gbs, environment, mark_speedups, peak_memory_mb, print_table,
                           rotations, time_calls, write_results)
 from fastgpt.ops.layer_norm import layer_norm
 
@@ -86,7 +86,8 @@ def bench_shape(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
             median, p20, p80 = time_calls(fns, device)
             gbs = moved[pass_] / (median * 1e-3) / 1e9
             out.append(Row("layer_norm", f"{rows}x{cols}", str(dtype).replace("torch.", ""), pass_, impl, median,
-                           p20, p80, gbs, "GB/s", gbs / ceiling_gbs, peak_memory_mb(fns[0], device)))
+                           p20, p80, gbs, "GB/s", gbs / ceiling_gbs, peak_memory_mb(fns[0], device),
+                           extra={"tokens": rows, "hidden": cols}))
         del graphs
     return out
 

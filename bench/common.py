@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import json
 import os
 import platform
@@ -132,8 +133,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+@functools.cache
 def copy_bandwidth_gbs(device: torch.device) -> float:
-    """The device's measured copy rate (bytes read + written per second): the ceiling for memory-bound ops."""
+    """The device's measured copy rate (bytes read + written per second): the ceiling for memory-bound ops.
+    Measured once per process, so that a suite of benchmarks shares one ceiling."""
     numel = (512 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
@@ -141,8 +144,9 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (median * 1e-3) / 1e9
 
 
+@functools.cache
 def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """The device's measured dense matrix-product rate: the ceiling for compute-bound ops."""
+    """The device's measured dense matrix-product rate: the ceiling for compute-bound ops (once per process)."""
     n = 8192 if device.type == "cuda" else 1024
     if device.type != "cuda":
         dtype = torch.float32

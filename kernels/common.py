@@ -23,3 +23,13 @@ def to_dtype(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def elementwise_dropout_uniform(seed, row, col):
+    """Uniforms in [0, 1) of the element-wise dropout stream at (row, col) of a row-major (M, N) activation:
+    Philox4x32-10 at counters (col, row, 0, 1) (fastgpt/ops/philox.py; csrc/philox.h draws the same). `row` and
+    `col` are int32 and broadcast together; an element is kept iff its uniform >= p."""
+    zero = row * 0 + col * 0
+    r0, _, _, _ = tl.philox(seed, col + zero, row + zero, zero, zero + 1)
+    return tl.random.uint_to_uniform_float(r0)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt import backends
 from fastgpt.ops.layer_norm import _kernel_supports, add_layer_norm, layer_norm
+from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 from tests.utils import DEVICE_BACKENDS, DTYPES, assert_close
 
 # (input shape, normalized_shape): odd sizes, one row, not powers of two, the widest row the kernels keep on chip.
@@ -122,6 +123,51 @@ def test_float32_params_with_half_input(device, backend):
         assert_close(name, g, eg, tg)
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_add_layer_norm_dropout(device, backend, dtype, dropout_p):
+    """LN(dropout(x) + residual) equals the reference computed with the very mask the kernel drew: the Philox
+    stream at counters (col, row, 0, 1) from the seed the op drew from torch's generator."""
+    shape, cols = (3, 41, 160), 160
+    x, r, w, b = _make(shape, (cols,), dtype, device, "both", residual=True)
+    tensors = [x, r, w, b]
+    grad = torch.randn(shape, device=device).to(dtype)
+    torch.manual_seed(2024)
+    with fastgpt.use_backend(backend):
+        out, grads = _run(lambda *t: add_layer_norm(*t[:2], (cols,), *t[2:], dropout_p=dropout_p), tensors, grad)
+    torch.manual_seed(2024)
+    keep = elementwise_dropout_keep(draw_seed(), 3 * 41, cols, dropout_p, device).view(shape)
+
+    def torch_ln(x, r, w, b):
+        return F.layer_norm(x * keep.to(x.dtype) * (1 / (1 - dropout_p)) + r, (cols,), w, b)
+
+    expected, expected_grads = _run(torch_ln, [t.detach().double().requires_grad_() for t in tensors],
+                                    grad.double())
+    torch_out, torch_grads = _run(torch_ln, tensors, grad)
+    assert_close("output", out, expected, torch_out)
+    for name, g, eg, tg in zip(("dx", "dresidual", "dweight", "dbias"), grads, expected_grads, torch_grads):
+        assert_close(name, g, eg, tg)
+
+
+def test_dropout_mask_statistics():
+    """The element-wise stream drops a fraction p of the elements, within 5 binomial standard deviations, and
+    different seeds give different masks."""
+    rows, cols, p = 300, 500, 0.3
+    keep = elementwise_dropout_keep(draw_seed(), rows, cols, p)
+    n = rows * cols
+    assert abs((~keep).sum().item() - p * n) <= 5 * (n * p * (1 - p)) ** 0.5
+    assert not torch.equal(keep, elementwise_dropout_keep(draw_seed(), rows, cols, p))
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_dropout_only_in_training(backend):
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    with fastgpt.use_backend(backend):
+        evaluated = add_layer_norm(x, r, (32,), dropout_p=0.5, training=False)
+    torch.testing.assert_close(evaluated, F.layer_norm(x + r, (32,)))
+
+
 # --- fallback: inputs a kernel does not take go to reference, and still give the right answer ----------------
 
 @pytest.mark.parametrize("backend", [b for b in fastgpt.available_backends("cpu") if b != "reference"])
@@ -162,6 +208,8 @@ BAD_INPUTS = [
      "expected residual to have the same dtype"),
     (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(8), (8,)), ValueError, "expected residual of shape"),
     (lambda: layer_norm(torch.randn(4, 8), (0,)), ValueError, "positive ints"),
+    (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), (8,), dropout_p=1.0), ValueError,
+     r"dropout_p in \[0, 1\)"),
     (lambda: layer_norm([1.0, 2.0], (2,)), TypeError, "torch.Tensor"),
 ]
 
@@ -188,10 +236,13 @@ def test_opcheck(fwd, bwd, with_residual):
     x = torch.randn(6, 40, requires_grad=True)
     r = torch.randn(6, 40, requires_grad=True) if with_residual else None
     w, b = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
-    torch.library.opcheck(fwd, (x, r, w, b, 1e-5))
-    _, mean, rstd = fwd(x.detach(), None if r is None else r.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(bwd, (torch.randn(6, 40), x.detach(), None if r is None else r.detach(), w.detach(),
-                                mean, rstd, True))
+    seed = torch.tensor(1234)
+    for dropout_p in (0.0, 0.25):
+        torch.library.opcheck(fwd, (x, r, w, b, 1e-5, dropout_p, seed))
+        _, mean, rstd = fwd(x.detach(), None if r is None else r.detach(), w.detach(), b.detach(), 1e-5,
+                            dropout_p, seed)
+        torch.library.opcheck(bwd, (torch.randn(6, 40), x.detach(), None if r is None else r.detach(), w.detach(),
+                                    mean, rstd, True, dropout_p, seed))
 
 
 @pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))

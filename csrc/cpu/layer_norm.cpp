@@ -1,6 +1,7 @@
-// LayerNorm (optionally fused with a residual add) on CPU: forward and backward over contiguous (M, N) rows.
-// The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads; each row is converted once into a
-// float32 scratch row, and the reductions and the normalisation run on Vectorized<float>.
+// LayerNorm (optionally fused with dropout and a residual add) on CPU: forward and backward over contiguous (M, N)
+// rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads; each row is converted once into
+// a float32 scratch row, and the reductions run on Vectorized<float>. Dropout keeps x[row, col] iff
+// philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws (csrc/philox.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +9,8 @@
 #include <torch/library.h>
 
 #include <vector>
+
+#include "philox.h"
 
 namespace fastgpt {
 namespace {
@@ -38,10 +41,28 @@ float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// z = float(x) (+ float(residual)): the sum is formed in float32, never rounded to the input dtype.
+struct Dropout {
+  float p = 0.f;
+  uint64_t seed = 0;
+  bool keeps(int64_t row, int64_t col) const {
+    return philox_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p;
+  }
+};
+
+Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
+  if (p <= 0.0) return {};
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
+              "layer_norm: dropout needs seed, an int64 scalar tensor");
+  return {static_cast<float>(p), static_cast<uint64_t>(seed->item<int64_t>())};
+}
+
+// z = dropout(float(x)) (+ float(residual)): formed in float32, never rounded to the input dtype.
 template <typename scalar_t>
-void load_row(const scalar_t* x, const scalar_t* residual, int64_t n, float* z) {
+void load_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
+              float* z) {
   for (int64_t j = 0; j < n; ++j) z[j] = static_cast<float>(x[j]);
+  if (dropout.p > 0.f)
+    for (int64_t j = 0; j < n; ++j) z[j] = dropout.keeps(row, j) ? z[j] / (1.f - dropout.p) : 0.f;
   if (residual != nullptr)
     for (int64_t j = 0; j < n; ++j) z[j] += static_cast<float>(residual[j]);
 }
@@ -64,11 +85,13 @@ at::Tensor as_float_row(const std::optional<at::Tensor>& param, const char* name
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
                                                              const std::optional<at::Tensor>& residual,
                                                              const std::optional<at::Tensor>& weight,
-                                                             const std::optional<at::Tensor>& bias, double eps) {
+                                                             const std::optional<at::Tensor>& bias, double eps,
+                                                             double dropout_p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "layer_norm: expected input to be contiguous (M, N) rows");
   if (residual.has_value()) check_rows(*residual, "residual", input);
   const int64_t rows = input.size(0), cols = input.size(1);
   const at::Tensor w = as_float_row(weight, "weight", cols), b = as_float_row(bias, "bias", cols);
+  const Dropout dropout = make_dropout(dropout_p, seed);
   at::Tensor output = at::empty_like(input);
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
@@ -83,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
       std::vector<float> z(cols);
       for (int64_t row = begin; row < end; ++row) {
-        load_row(x + row * cols, r ? r + row * cols : nullptr, cols, z.data());
+        load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z.data());
         const float mu = sum(z.data(), cols) / cols;
         for (int64_t j = 0; j < cols; ++j) z[j] -= mu;
         const float inv_std = 1.f / std::sqrt(dot(z.data(), z.data(), cols) / cols + static_cast<float>(eps));
@@ -102,12 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   return {output, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_output,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_output,
                                                              const at::Tensor& input,
                                                              const std::optional<at::Tensor>& residual,
                                                              const std::optional<at::Tensor>& weight,
                                                              const at::Tensor& mean, const at::Tensor& rstd,
-                                                             bool compute_affine_grads) {
+                                                             bool compute_affine_grads, double dropout_p,
+                                                             const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "layer_norm: expected input to be contiguous (M, N) rows");
   check_rows(grad_output, "grad_output", input);
   if (residual.has_value()) check_rows(*residual, "residual", input);
@@ -116,7 +140,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
                   rstd.scalar_type() == at::kFloat,
               "layer_norm: expected mean and rstd to be float32 of shape (", rows, ")");
   const at::Tensor w = as_float_row(weight, "weight", cols);
-  at::Tensor grad_z = at::empty_like(input);
+  const Dropout dropout = make_dropout(dropout_p, seed);
+  at::Tensor grad_input = at::empty_like(input);
+  // dresidual = dz differs from dinput only under dropout.
+  at::Tensor grad_residual = dropout.p > 0.f && residual.has_value() ? at::empty_like(input) : input.new_empty({0});
   // Deterministic column sums: a fixed split of the rows into chunks, one partial row per chunk, summed after.
   const int64_t chunks = compute_affine_grads ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows))
                                               : 1;
@@ -128,13 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
     const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
     const float* mean_p = mean.const_data_ptr<float>();
     const float* rstd_p = rstd.const_data_ptr<float>();
-    scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
+    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    scalar_t* dz = grad_residual.numel() > 0 ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
     float* dw_partial = partial.mutable_data_ptr<float>();
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
       std::vector<float> xhat(cols), g(cols);
       for (int64_t row = begin; row < end; ++row) {
-        load_row(x + row * cols, r ? r + row * cols : nullptr, cols, xhat.data());
+        load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, xhat.data());
         const float mu = mean_p[row], inv_std = rstd_p[row];
         const scalar_t* dy_row = dy + row * cols;
         for (int64_t j = 0; j < cols; ++j) {
@@ -148,8 +176,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
         }
         const float mean_g = sum(g.data(), cols) / cols;
         const float mean_gx = dot(g.data(), xhat.data(), cols) / cols;
-        scalar_t* dz_row = dz + row * cols;
-        for (int64_t j = 0; j < cols; ++j) dz_row[j] = static_cast<scalar_t>((g[j] - mean_g - xhat[j] * mean_gx) * inv_std);
+        scalar_t* dx_row = dx + row * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          float d = (g[j] - mean_g - xhat[j] * mean_gx) * inv_std;
+          if (dz != nullptr) dz[row * cols + j] = static_cast<scalar_t>(d);
+          if (dropout.p > 0.f) d = dropout.keeps(row, j) ? d / (1.f - dropout.p) : 0.f;
+          dx_row[j] = static_cast<scalar_t>(d);
+        }
       }
     };
     if (compute_affine_grads) {
@@ -164,9 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   });
   if (!compute_affine_grads) {
     at::Tensor empty = at::empty({0}, input.options().dtype(at::kFloat));
-    return {grad_z, empty, empty.clone()};
+    return {grad_input, grad_residual, empty, empty.clone()};
   }
-  return {grad_z, partial[0].sum(0), partial[1].sum(0)};
+  return {grad_input, grad_residual, partial[0].sum(0), partial[1].sum(0)};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// LayerNorm (optionally fused with a residual add) on CUDA: forward and backward over contiguous (M, N) rows.
-// The maths is in fastgpt/ops/layer_norm.py.
+// LayerNorm (optionally fused with dropout and a residual add) on CUDA: forward and backward over contiguous (M, N)
+// rows. The maths is in fastgpt/ops/layer_norm.py. Dropout keeps x[row, col] iff
+// philox_uniform(seed; col, row, 0, 1) >= p (csrc/philox.h), drawn again in the backward pass.
 //
 // Layout: a block holds ROWS rows of THREADS_PER_ROW threads each (blockDim = (THREADS_PER_ROW, ROWS)). Thread t of
 // a row owns the vectors t, t + THREADS_PER_ROW, ... of VEC elements (16-byte loads when the row length allows), at
@@ -14,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "philox.h"
 
 namespace fastgpt {
 namespace {
@@ -42,6 +45,21 @@ __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 
+struct Dropout {
+  float p;  // 0: no dropout
+  uint64_t seed;
+  // Applies dropout to the VEC elements of `row` starting at column `col`.
+  template <int VEC>
+  __device__ __forceinline__ void apply(int64_t row, int col, float (&v)[VEC]) const {
+    if (p <= 0.f) return;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      v[k] = philox_uniform(seed, static_cast<uint32_t>(col + k), static_cast<uint32_t>(row), 0u, 1u) >= p
+                 ? v[k] / (1.f - p)
+                 : 0.f;
+  }
+};
+
 // Sum over the threads of one row (threadIdx.x), for every row of the block at once. `shared` holds one float per
 // warp of the block; all threads of the block must call this.
 __device__ __forceinline__ float row_sum(float value, float* shared) {
@@ -62,7 +80,7 @@ template <typename T, typename W, int VEC>
 __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                       const W* __restrict__ weight, const W* __restrict__ bias, T* __restrict__ y,
                                       float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
-                                      int cols, float eps) {
+                                      int cols, float eps, Dropout dropout) {
   constexpr int kItems = kCache / VEC;
   __shared__ float shared[kBlockThreads / 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -75,6 +93,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
     const int col = (i * blockDim.x + threadIdx.x) * VEC;
     if (valid && col < cols) {
       load<VEC>(x + base + col, z[i]);
+      dropout.apply<VEC>(row, col, z[i]);
       if (residual != nullptr) {
         float r[VEC];
         load<VEC>(residual + base + col, r);
@@ -124,8 +143,8 @@ template <typename T, typename W, int VEC>
 __global__ void layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                       const T* __restrict__ residual, const W* __restrict__ weight,
                                       const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-                                      T* __restrict__ dz, float* __restrict__ dw_partial,
-                                      float* __restrict__ db_partial, int64_t rows, int cols) {
+                                      T* __restrict__ dx, T* __restrict__ dz, float* __restrict__ dw_partial,
+                                      float* __restrict__ db_partial, int64_t rows, int cols, Dropout dropout) {
   constexpr int kItems = kCache / VEC;
   __shared__ float shared[kBlockThreads / 32];
   float dw[kItems][VEC] = {}, db[kItems][VEC] = {};
@@ -146,6 +165,7 @@ __global__ void layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restr
       if (valid && col < cols) {
         float d[VEC];
         load<VEC>(x + base + col, xhat[i]);
+        dropout.apply<VEC>(row, col, xhat[i]);
         if (residual != nullptr) {
           float r[VEC];
           load<VEC>(residual + base + col, r);
@@ -174,7 +194,9 @@ __global__ void layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restr
         float out[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) out[k] = (g[i][k] - mean_g - xhat[i][k] * mean_gx) * rstd;
-        store<VEC>(dz + base + col, out);
+        if (dz != nullptr) store<VEC>(dz + base + col, out);  // dresidual, kept apart only under dropout
+        dropout.apply<VEC>(row, col, out);
+        store<VEC>(dx + base + col, out);
       }
     }
   }
@@ -254,12 +276,21 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
+  if (p <= 0.0) return {0.f, 0};
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->is_cpu(),
+              "layer_norm: dropout needs seed, an int64 CPU scalar tensor");
+  return {static_cast<float>(p), static_cast<uint64_t>(seed->item<int64_t>())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
                                                                   const std::optional<at::Tensor>& residual,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias,
-                                                                  double eps) {
+                                                                  double eps, double dropout_p,
+                                                                  const std::optional<at::Tensor>& seed) {
   check_inputs(input, residual, weight, bias);
+  const Dropout dropout = make_dropout(dropout_p, seed);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t rows = input.size(0);
   const int cols = static_cast<int>(input.size(1));
@@ -277,19 +308,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
              layer_norm_fwd_kernel<T, W, VEC><<<shape.row_blocks, shape.block, 0, stream>>>(
                  input.const_data_ptr<T>(), ptr_or_null<T>(residual), ptr_or_null<W>(weight), ptr_or_null<W>(bias),
                  output.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
-                 cols, static_cast<float>(eps));
+                 cols, static_cast<float>(eps), dropout);
              C10_CUDA_KERNEL_LAUNCH_CHECK();
            });
   return {output, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_output,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_output,
                                                                   const at::Tensor& input,
                                                                   const std::optional<at::Tensor>& residual,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                                  bool compute_affine_grads) {
+                                                                  bool compute_affine_grads, double dropout_p,
+                                                                  const std::optional<at::Tensor>& seed) {
   check_inputs(input, residual, weight, std::nullopt);
+  const Dropout dropout = make_dropout(dropout_p, seed);
   TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.is_contiguous() &&
                   grad_output.scalar_type() == input.scalar_type(),
               "layer_norm: expected grad_output contiguous with input's shape and dtype");
@@ -299,7 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t rows = input.size(0);
   const int cols = static_cast<int>(input.size(1));
-  at::Tensor grad_z = at::empty_like(input);
+  at::Tensor grad_input = at::empty_like(input);
+  at::Tensor grad_residual = dropout.p > 0.f && residual.has_value() ? at::empty_like(input) : input.new_empty({0});
   const Launch shape = launch_shape(rows, cols);
   // A few row-blocks per SM: enough to hide latency, few enough that the partial sums stay small.
   int sms = 0;
@@ -311,24 +345,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch(input, weight,
              {grad_output.const_data_ptr(), input.const_data_ptr(), residual ? residual->const_data_ptr() : nullptr,
-              weight ? weight->const_data_ptr() : nullptr, grad_z.const_data_ptr(),
+              weight ? weight->const_data_ptr() : nullptr, grad_input.const_data_ptr(),
+              grad_residual.numel() > 0 ? grad_residual.const_data_ptr() : nullptr,
               compute_affine_grads ? partial[1].const_data_ptr() : nullptr},
              [&]<typename T, typename W, int VEC>() {
                layer_norm_bwd_kernel<T, W, VEC><<<blocks, shape.block, 0, stream>>>(
                    grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),
                    ptr_or_null<W>(weight), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-                   grad_z.mutable_data_ptr<T>(),
+                   grad_input.mutable_data_ptr<T>(),
+                   grad_residual.numel() > 0 ? grad_residual.mutable_data_ptr<T>() : nullptr,
                    compute_affine_grads ? partial[0].mutable_data_ptr<float>() : nullptr,
-                   compute_affine_grads ? partial[1].mutable_data_ptr<float>() : nullptr, rows, cols);
+                   compute_affine_grads ? partial[1].mutable_data_ptr<float>() : nullptr, rows, cols, dropout);
                C10_CUDA_KERNEL_LAUNCH_CHECK();
              });
   }
   if (!compute_affine_grads) {
     at::Tensor empty = at::empty({0}, input.options().dtype(at::kFloat));
-    return {grad_z, empty, empty.clone()};
+    return {grad_input, grad_residual, empty, empty.clone()};
   }
-  if (rows == 0) return {grad_z, at::zeros({cols}, partial.options()), at::zeros({cols}, partial.options())};
-  return {grad_z, partial[0].sum(0), partial[1].sum(0)};
+  if (rows == 0)
+    return {grad_input, grad_residual, at::zeros({cols}, partial.options()), at::zeros({cols}, partial.options())};
+  return {grad_input, grad_residual, partial[0].sum(0), partial[1].sum(0)};
 }
 
 }  // namespace

@@ -2,6 +2,6 @@
 
 from fastgpt.ops.attention import scaled_dot_product_attention
 from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
-from fastgpt.ops.linear_gelu import gelu_ffn, linear_gelu
+from fastgpt.ops.linear_gelu import feed_forward, gelu_ffn, linear_gelu
 
-__all__ = ["add_layer_norm", "gelu_ffn", "layer_norm", "linear_gelu", "scaled_dot_product_attention"]
+__all__ = ["add_layer_norm", "feed_forward", "gelu_ffn", "layer_norm", "linear_gelu", "scaled_dot_product_attention"]

@@ -7,7 +7,15 @@ query head h reads key/value head h // (H // Hk). is_causal is aligned top-left,
 j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or additive float, broadcastable to
 (..., H, Lq, Lk). A query row whose keys are all masked gives 0, and 0 gradients.
 
-Backends: reference (this file); the triton and csrc kernels are added by their own modules' registrations.
+Dropout draws one seed (an int64 CPU tensor of shape (), from torch's default generator) per call; every backend
+derives its mask from it with the shared Philox generator (fastgpt/ops/philox.py, counters (j, i, b*H + h, 0)).
+
+Backends (see fastgpt.backends):
+    reference  this file: the definition, in the inputs' dtype
+    triton     kernels/attention.py, as custom ops fastgpt_triton::attention_{fwd,bwd}
+Kernels take q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with any strides and a 4-D mask broadcastable
+to (B, H, Lq, Lk); they return out and the fp32 row log-sum-exp lse (B, H, Lq) that the backward pass recomputes
+the probabilities from, so no Lq x Lk matrix is ever stored.
 """
 
 from __future__ import annotations
@@ -16,9 +24,68 @@ import math
 
 import torch
 
+from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops.philox import attention_dropout_keep, draw_seed
 
 _OP = "scaled_dot_product_attention"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: the schema (fake implementation) and autograd formula are shared by the kernel backends.
+
+def _fwd_fake(q, k, v, attn_mask, is_causal, scale, dropout_p, seed):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.args = (is_causal, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_for(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+        is_causal, scale, dropout_p = ctx.args
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None
+    return backward
+
+
+def _register(fwd_op, bwd_op) -> None:
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(fwd_op, _autograd_for(bwd_op), setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastgpt_triton::attention_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool, scale: float, dropout_p: float,
+                seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastgpt.kernels.attention import attention_forward
+    return attention_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, int(seed.item()))
+
+
+@torch.library.custom_op("fastgpt_triton::attention_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, dropout_p: float,
+                seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastgpt.kernels.attention import attention_backward
+    return attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p,
+                              int(seed.item()))
+
+
+_register(_triton_fwd, _triton_bwd)
+_OPS = {"triton": _triton_fwd}
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -89,11 +156,36 @@ def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal,
         scores = scores + attn_mask
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0).to(query.dtype)  # rows with every key masked: 0, not NaN
+    # Softmax with rows whose keys are all masked giving 0, and 0 gradients: subtracting their -inf maximum would
+    # make NaN (and NaN gradients reach q and k through an additive mask), so they subtract 0 instead.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float64 stays float64
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    exp = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
+    denom = exp.sum(dim=-1, keepdim=True)
+    probs = (exp / torch.where(denom == 0, 1.0, denom)).to(query.dtype)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
     return probs @ value
+
+
+def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
+    if backend not in _OPS or query.dtype not in _KERNEL_DTYPES or query.numel() == 0 or key.numel() == 0:
+        return False
+    if attn_mask is not None and attn_mask.requires_grad:  # the kernels give no gradient for the mask
+        return False
+    if backend == "triton":
+        from fastgpt.kernels.attention import HEAD_DIMS
+        return query.shape[-1] in HEAD_DIMS and value.shape[-1] in HEAD_DIMS
+    return True
+
+
+def _mask_4d(attn_mask, batch_shape, batch):
+    """attn_mask as a 4-D (B or 1, H or 1, Lq or 1, Lk or 1) tensor; a view unless batch dims must be merged."""
+    ndim = len(batch_shape) + 3
+    mask = attn_mask.reshape((1,) * (ndim - attn_mask.dim()) + tuple(attn_mask.shape))
+    if all(size == 1 for size in mask.shape[:-3]):
+        return mask.reshape(1, *mask.shape[-3:])
+    return mask.expand(*batch_shape, *mask.shape[-3:]).reshape(batch, *mask.shape[-3:])
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -103,11 +195,20 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """torch.nn.functional.scaled_dot_product_attention, on fastgpt's kernels (same arguments, same result)."""
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    dropout_keep = None
-    if dropout_p > 0.0:
-        from fastgpt.ops.philox import attention_dropout_keep
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        batch = math.prod(query.shape[:-3])
-        dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
-                                              dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
-    return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
+    dropout_p = float(dropout_p)
+    seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    batch_shape = query.shape[:-3]
+    batch = math.prod(batch_shape)
+    backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask))
+    if backend == "reference":
+        dropout_keep = None
+        if dropout_p > 0.0:
+            dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
+                                                  dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
+        return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
+    q = query.reshape(batch, *query.shape[-3:])  # (B, H, Lq, D)
+    k = key.reshape(batch, *key.shape[-3:])  # (B, Hk, Lk, D)
+    v = value.reshape(batch, *value.shape[-3:])  # (B, Hk, Lk, Dv)
+    mask = None if attn_mask is None else _mask_4d(attn_mask, batch_shape, batch)
+    out, _lse = _OPS[backend](q, k, v, mask, bool(is_causal), scale, dropout_p, seed)
+    return out.view(*query.shape[:-1], value.shape[-1])

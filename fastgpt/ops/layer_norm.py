@@ -1,16 +1,18 @@
 """LayerNorm, and the residual-add LayerNorm that follows every sub-layer of a post-LN block.
 
-    z = x + residual                      (add_layer_norm; layer_norm has z = x)
+    z = dropout(x) + residual             (add_layer_norm; layer_norm has z = x)
     y = (z - mean(z)) * rstd * weight + bias,   rstd = 1 / sqrt(var(z) + eps)
 
 mean and the biased var are taken over the trailing `normalized_shape` dimensions, always in float32. The
 backward pass, per row, with xhat = (z - mean) * rstd and g = dy * weight (N = numel(normalized_shape)):
 
-    dz = rstd * (g - mean(g) - xhat * mean(g * xhat))        (dx = dresidual = dz)
+    dz = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dresidual = dz,  dx = dz * keep / (1 - p)
     dweight = sum over rows of dy * xhat,   dbias = sum over rows of dy
 
 Kernels keep the row statistics (mean, rstd: float32, one per row) for the backward pass and recompute z from
 x and residual rather than storing it: the same traffic (one more read instead of one more write) and less memory.
+The dropout mask is not stored either: element (row, col) of the (M, N) view is kept iff
+Philox(seed; col, row, 0, 1) >= p (fastgpt/ops/philox.py), which the backward pass draws again from the seed.
 
 Backends (see fastgpt.backends):
     reference  torch.nn.functional.layer_norm
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Widest row each kernel keeps on chip (one pass over the row); wider rows go to reference.
@@ -39,39 +42,43 @@ MAX_N = {"triton": 65536, "csrc": {"cpu": None, "cuda": 16384}}
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops: the schema (fake implementation) and autograd formula are shared by both kernel backends.
 
-def _fwd_fake(input, residual, weight, bias, eps):
+def _fwd_fake(input, residual, weight, bias, eps, dropout_p, seed):
     rows = input.shape[0]
     stats = input.new_empty(rows, dtype=torch.float32)
     return torch.empty_like(input), stats, torch.empty_like(stats)
 
 
-def _bwd_fake(grad_output, input, residual, weight, mean, rstd, compute_affine_grads):
+def _bwd_fake(grad_output, input, residual, weight, mean, rstd, compute_affine_grads, dropout_p, seed):
     cols = input.shape[1] if compute_affine_grads else 0
     affine = input.new_empty(cols, dtype=torch.float32)
-    return torch.empty_like(input), affine, torch.empty_like(affine)
+    grad_residual = torch.empty_like(input) if residual is not None and dropout_p > 0 else input.new_empty(0)
+    return torch.empty_like(input), grad_residual, affine, torch.empty_like(affine)
 
 
 def _setup_context(ctx, inputs, output):
-    input, residual, weight, bias, _eps = inputs
+    input, residual, weight, bias, _eps, dropout_p, seed = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(input, residual, weight, mean, rstd)
+    ctx.save_for_backward(input, residual, weight, mean, rstd, seed)
     ctx.has_residual = residual is not None
+    ctx.dropout_p = dropout_p
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _autograd_for(bwd_op):
     def backward(ctx, grad_output, _grad_mean, _grad_rstd):
-        input, residual, weight, mean, rstd = ctx.saved_tensors
+        input, residual, weight, mean, rstd, seed = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.param_dtypes
         compute_affine_grads = weight_dtype is not None or bias_dtype is not None
-        grad_z, grad_weight, grad_bias = bwd_op(grad_output.contiguous(), input, residual, weight, mean, rstd,
-                                                compute_affine_grads)
-        return (grad_z,
-                grad_z if ctx.has_residual else None,
+        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+            grad_output.contiguous(), input, residual, weight, mean, rstd, compute_affine_grads, ctx.dropout_p, seed)
+        if ctx.has_residual and ctx.dropout_p == 0:
+            grad_residual = grad_input  # dz itself: the kernels return it once
+        return (grad_input,
+                grad_residual if ctx.has_residual else None,
                 None if weight_dtype is None else grad_weight.to(weight_dtype),
                 None if bias_dtype is None else grad_bias.to(bias_dtype),
-                None)
+                None, None, None)
     return backward
 
 
@@ -83,17 +90,20 @@ def _register(fwd_op, bwd_op) -> None:
 
 @torch.library.custom_op("fastgpt_triton::layer_norm_fwd", mutates_args=())
 def _triton_fwd(input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                bias: torch.Tensor | None, eps: float, dropout_p: float,
+                seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastgpt.kernels.layer_norm import layer_norm_forward
-    return layer_norm_forward(input, residual, weight, bias, eps)
+    return layer_norm_forward(input, residual, weight, bias, eps, dropout_p, seed)
 
 
 @torch.library.custom_op("fastgpt_triton::layer_norm_bwd", mutates_args=())
 def _triton_bwd(grad_output: torch.Tensor, input: torch.Tensor, residual: torch.Tensor | None,
-                weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                compute_affine_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, compute_affine_grads: bool,
+                dropout_p: float, seed: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastgpt.kernels.layer_norm import layer_norm_backward
-    return layer_norm_backward(grad_output, input, residual, weight, mean, rstd, compute_affine_grads)
+    return layer_norm_backward(grad_output, input, residual, weight, mean, rstd, compute_affine_grads, dropout_p,
+                               seed)
 
 
 _register(_triton_fwd, _triton_bwd)
@@ -109,18 +119,23 @@ if backends.CSRC_LOADED:
 def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """torch.nn.functional.layer_norm, on fastgpt's kernels."""
-    return _layer_norm("layer_norm", input, None, normalized_shape, weight, bias, eps)
+    return _layer_norm("layer_norm", input, None, normalized_shape, weight, bias, eps, 0.0, 0.0)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: int | Sequence[int],
-                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   eps: float = 1e-5) -> torch.Tensor:
-    """layer_norm(x + residual, ...) in one pass: the sum is formed in float32 and never written to memory."""
-    return _layer_norm("add_layer_norm", x, residual, normalized_shape, weight, bias, eps)
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """layer_norm(dropout(x) + residual, ...) in one pass, the epilogue of a post-LN sub-layer (x is the sub-layer's
+    output, residual its input): the sum is formed in float32 and never written to memory, and the dropout mask is
+    drawn in the kernel (only when `training`, as F.dropout)."""
+    return _layer_norm("add_layer_norm", x, residual, normalized_shape, weight, bias, eps,
+                       dropout_p if training else 0.0, dropout_p)
 
 
-def _check(op, input, residual, normalized_shape, weight, bias) -> tuple[int, ...]:
+def _check(op, input, residual, normalized_shape, weight, bias, dropout_p) -> tuple[int, ...]:
     check_tensor(op, "input" if residual is None else "x", input)
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: expected dropout_p in [0, 1), got {dropout_p}")
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
@@ -159,18 +174,22 @@ def _kernel_supports(backend, input, weight, bias, cols) -> bool:
     return limit is None or cols <= limit
 
 
-def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps):
-    normalized_shape = _check(op, input, residual, normalized_shape, weight, bias)
+def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps, dropout_p, requested_dropout_p):
+    normalized_shape = _check(op, input, residual, normalized_shape, weight, bias, requested_dropout_p)
     cols = math.prod(normalized_shape)
+    rows = input.numel() // cols
+    seed = draw_seed() if dropout_p > 0 else None
     backend = backends.select(input.device, lambda name: _kernel_supports(name, input, weight, bias, cols))
     if backend == "reference":
+        if seed is not None:
+            keep = elementwise_dropout_keep(seed, rows, cols, dropout_p, input.device).view(input.shape)
+            input = input * keep.to(input.dtype) * (1.0 / (1.0 - dropout_p))
         z = input if residual is None else input + residual
         return F.layer_norm(z, normalized_shape, weight, bias, eps)
-    rows = input.numel() // cols
     output, _mean, _rstd = _OPS[backend](
         input.reshape(rows, cols).contiguous(),
         None if residual is None else residual.reshape(rows, cols).contiguous(),
         None if weight is None else weight.reshape(cols).contiguous(),
         None if bias is None else bias.reshape(cols).contiguous(),
-        float(eps))
+        float(eps), float(dropout_p), seed)
     return output.view(input.shape)

@@ -1,0 +1,171 @@
+"""Scaled dot-product attention forward, backward and forward+backward: fastgpt's backends against PyTorch's SDPA
+backends, flash-attn (if installed) and fastgpt's reference under torch.compile.
+
+    python -m bench.bench_attention             # GPT-1's shape and the L = 512..16384 sweep on a GPU
+    python -m bench.bench_attention --quick     # a smoke run (CPU-sized on CPU)
+
+FLOPs (the TFLOP/s below), for q (B, H, Lq, D), k and v (B, H, Lk, D): the two matrix products of the forward
+pass are 2 * 2 B H Lq Lk D, halved when causal (only the lower triangle is computed); the backward pass does
+five such products (recomputing S, then dV, dP, dQ, dK), counted as 2.5x the forward. Peak memory is what one
+call allocates beyond its inputs: O(B H L) for the fused kernels, O(B H L^2) for the math path.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch._functorch.config as functorch_config
+import torch.nn.functional as F
+
+import fastgpt
+from .common import (Row, environment, mark_speedups, matmul_tflops, peak_memory_mb, print_table, rotations,
+                     time_calls, write_results)
+from fastgpt.ops.attention import scaled_dot_product_attention
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
+    fwd = 4 * B * H * Lq * Lk * D / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}
+
+
+def _sdpa_backends(device: torch.device) -> dict:
+    """PyTorch's SDPA with each of its backends forced; those that refuse a shape raise and are skipped there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {"math": SDPBackend.MATH}
+    if device.type == "cuda":
+        names.update(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                     cudnn=SDPBackend.CUDNN_ATTENTION)
+    else:
+        names.update(flash=SDPBackend.FLASH_ATTENTION)  # PyTorch's CPU flash kernel
+
+    def make(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+    return {f"torch-sdpa-{name}": make(b) for name, b in names.items()}
+
+
+def implementations(device: torch.device, include_interpreter: bool, compile_reference: bool) -> dict:
+    def fastgpt_backend(name):
+        def run(q, k, v, causal):
+            with fastgpt.use_backend(name):
+                return scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    impls = {}
+    for name in fastgpt.available_backends(device):
+        if name == "reference" or (name == "triton" and device.type == "cpu" and not include_interpreter):
+            continue
+        impls[f"fastgpt-{name}"] = fastgpt_backend(name)
+    impls.update(_sdpa_backends(device))
+    try:
+        from flash_attn import flash_attn_func  # (B, L, H, D) layout
+
+        def flash_attn(q, k, v, causal):
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                   causal=causal).transpose(1, 2)
+        if device.type == "cuda":
+            impls["flash-attn"] = flash_attn
+    except ImportError:
+        pass
+    if compile_reference:
+        reference = fastgpt_backend("reference")
+        impls["torch-compile-reference"] = torch.compile(reference)
+    return impls
+
+
+def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype, device: torch.device,
+                impls: dict, ceiling_tflops: float) -> list[Row]:
+    count = flops(B, H, L, L, D, causal)
+    copies = rotations(4 * B * H * L * D * torch.empty((), dtype=dtype).element_size())
+    inputs = [[torch.randn(B, H, L, D, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+              + [torch.randn(B, H, L, D, device=device, dtype=dtype)] for _ in range(copies)]
+    q0, k0, v0, _ = inputs[0]
+    # Checked in float64 on one batch element and two heads (the math needs the L x L matrix).
+    expected = F.scaled_dot_product_attention(*(t[:1, :2].double() for t in (q0, k0, v0)), is_causal=causal)
+    shape = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}"
+    out = []
+    for impl, fn in impls.items():
+        try:
+            out += _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
+                               {"seq_len": L, "head_dim": D, "causal": causal, "batch": B, "heads": H})
+        except RuntimeError as error:  # an SDPA backend that does not take this shape or dtype, or out of memory
+            print(f"skip {impl} at {shape} {dtype}: {str(error).splitlines()[0][:120]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
+                extra) -> list[Row]:
+    q0, k0, v0, _ = inputs[0]
+    got = fn(q0, k0, v0, causal)[:1, :2]
+    error = (got.double() - expected).abs().max().item()
+    assert error < {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype], \
+        f"{impl} is wrong at {shape} {dtype}: max error {error}"
+    out = []
+    graphs = [(fn(q, k, v, causal), (q, k, v), do) for q, k, v, do in inputs]
+    calls = {
+        "fwd": [lambda q=q, k=k, v=v: fn(q, k, v, causal) for q, k, v, _ in inputs],
+        "bwd": [lambda y=y, p=p, do=do: torch.autograd.grad(y, p, do, retain_graph=True) for y, p, do in graphs],
+        "fwd+bwd": [lambda q=q, k=k, v=v, do=do: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+                    for q, k, v, do in inputs],
+    }
+    for pass_, fns in calls.items():
+        median, p20, p80 = time_calls(fns, device)
+        tflops = count[pass_] / (median * 1e-3) / 1e12
+        out.append(Row("attention", shape, str(dtype).replace("torch.", ""), pass_, impl, median, p20, p80,
+                       tflops, "TFLOP/s", tflops / ceiling_tflops, peak_memory_mb(fns[0], device), extra=extra))
+    del graphs
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float16")
+    parser.add_argument("--no-compile", action="store_true", help="skip the reference under torch.compile")
+    parser.add_argument("--include-interpreter", action="store_true",
+                        help="also time the triton backend on CPU through the interpreter (very slow)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    functorch_config.donated_buffer = False  # the backward pass is timed by replaying one graph
+    cuda = device.type == "cuda"
+    # (B, H, L, D, causal). GPT-1: 12 heads of 64, context 512, 16k tokens per batch (B = 32), causal.
+    gpt1 = (32, 12, 512, 64, True)
+    if args.quick:
+        grid = [gpt1, (2, 16, 2048, 128, False)] if cuda else [(2, 12, 256, 64, True), (1, 8, 512, 128, False)]
+    elif cuda:
+        # The sweep keeps 16k tokens per batch and a 2048-wide model (FlashAttention-2's benchmark).
+        grid = [gpt1] + [(max(1, 16384 // L), 2048 // D, L, D, causal)
+                         for D in (64, 128) for causal in (True, False) for L in (512, 1024, 2048, 4096, 8192, 16384)]
+    else:
+        grid = [(4, 12, 512, 64, True), (1, 8, 1024, 64, False), (1, 8, 1024, 128, True)]
+    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else \
+        ([torch.bfloat16] if cuda else [torch.float32])
+
+    info = environment(device)
+    ceiling = matmul_tflops(device)
+    info["matmul_tflops"] = ceiling
+    print(f"measured dense matmul rate: {ceiling:.1f} TFLOP/s")
+    impls = implementations(device, args.include_interpreter, not args.no_compile)
+    rows = []
+    for dtype in dtypes:
+        for B, H, L, D, causal in grid:
+            rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceiling)
+    mark_speedups(rows)
+    path = write_results("attention", rows, info, None if args.out is None else Path(args.out))
+    print_table(rows, info)
+    print(f"\nresults: {path} (+ .csv)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The whole GPT-1 training step (forward + backward): fastgpt's GPT1 with each backend against the same
+architecture in plain PyTorch (eager and torch.compile) and Hugging Face's OpenAIGPTLMHeadModel.
+
+    python -m bench.bench_model              # GPT-1 117M, batch x 512 tokens (CUDA: bf16 autocast)
+    python -m bench.bench_model --quick      # a tiny config (CPU-sized smoke run)
+
+FLOPs per token (PaLM appendix B, as fastgpt.train reports): 6 N + 12 n_layer n_embd T, N the parameters without
+the position embedding (a lookup); the tied output projection counts once, as the matrix product it is. MFU
+("of ceil") is the achieved FLOP rate over the device's measured dense matrix-product rate in the benchmark's dtype
+(bench.common.matmul_tflops); extra["mfu_datasheet"] divides by the data-sheet peak where the GPU is known.
+Every implementation is checked against fastgpt's reference backend (same weights, dropout off) before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch._functorch.config as functorch_config
+import torch.nn.functional as F
+from torch import nn
+
+import fastgpt
+from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
+
+from .common import Row, environment, mark_speedups, matmul_tflops, print_table, time_calls, write_results
+
+DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
+
+
+class PlainGPT1(nn.Module):
+    """GPT-1 in plain PyTorch (nanoGPT style): the peer. Same parameter names and shapes as fastgpt's GPT1."""
+
+    def __init__(self, c: GPT1Config):
+        super().__init__()
+        self.c = c
+        self.tokens_embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.positions_embed = nn.Embedding(c.n_positions, c.n_embd)
+        self.drop = nn.Dropout(c.embd_pdrop)
+        self.h = nn.ModuleList(nn.ModuleDict(dict(
+            attn=nn.ModuleDict(dict(c_attn=nn.Linear(c.n_embd, 3 * c.n_embd), c_proj=nn.Linear(c.n_embd, c.n_embd))),
+            ln_1=nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon),
+            mlp=nn.ModuleDict(dict(c_fc=nn.Linear(c.n_embd, c.n_inner), c_proj=nn.Linear(c.n_inner, c.n_embd))),
+            ln_2=nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon))) for _ in range(c.n_layer))
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c, (batch, length) = self.c, ids.shape
+        x = self.drop(self.tokens_embed(ids) + self.positions_embed(torch.arange(length, device=ids.device)))
+        dropout = lambda t, p: F.dropout(t, p, self.training)  # noqa: E731
+        for block in self.h:
+            q, k, v = block.attn.c_attn(x).view(batch, length, 3, c.n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=c.attn_pdrop if self.training else 0)
+            a = block.attn.c_proj(y.transpose(1, 2).reshape(batch, length, c.n_embd))
+            x = block.ln_1(x + dropout(a, c.resid_pdrop))
+            m = block.mlp.c_proj(F.gelu(block.mlp.c_fc(x), approximate=c.gelu_approximate))
+            x = block.ln_2(x + dropout(m, c.resid_pdrop))
+        logits = F.linear(x, self.tokens_embed.weight)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, c.vocab_size), labels[:, 1:].reshape(-1))
+
+
+def flops_per_token(model: GPT1) -> float:
+    c = model.config
+    return 6.0 * model.num_parameters(exclude_position_embeddings=True) + 12.0 * c.n_layer * c.n_embd * c.n_positions
+
+
+def implementations(config: GPT1Config, device: torch.device, include_interpreter: bool, compile_modes: list[str]):
+    """name -> (module, loss function (module, ids) -> scalar, context manager factory)."""
+    torch.manual_seed(0)
+    ours = GPT1(config).to(device)
+    impls = {}
+    for name in fastgpt.available_backends(device):
+        if name == "triton" and device.type == "cpu" and not include_interpreter:
+            continue
+        impls[f"fastgpt-{name}"] = (ours, lambda m, ids: m(ids, labels=ids).loss,
+                                    lambda name=name: fastgpt.use_backend(name))
+    plain = PlainGPT1(config).to(device)
+    plain.load_state_dict(ours.state_dict())
+    impls["torch-eager"] = (plain, lambda m, ids: m(ids, ids), contextlib.nullcontext)
+    for mode in compile_modes:
+        compiled = torch.compile(plain, mode=None if mode == "default" else mode)
+        impls[f"torch-compile-{mode}"] = (compiled, lambda m, ids: m(ids, ids), contextlib.nullcontext)
+    try:
+        hf = to_hf(ours)
+        impls["hf-openai-gpt"] = (hf, lambda m, ids: m(ids, labels=ids).loss, contextlib.nullcontext)
+    except ImportError:
+        print("transformers is not installed: skipping Hugging Face's OpenAIGPTLMHeadModel")
+    return ours, impls
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a tiny config (CPU smoke run)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
+    parser.add_argument("--compile", default=None, help="torch.compile modes, comma-separated; 'none' skips")
+    parser.add_argument("--include-interpreter", action="store_true", help="also time triton through the CPU "
+                                                                           "interpreter (very slow)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    functorch_config.donated_buffer = False
+    d = args.dropout
+    if args.quick:
+        config = GPT1Config(vocab_size=1024, n_positions=128, n_embd=128, n_layer=2, n_head=4, n_inner=512,
+                            resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
+    else:
+        config = GPT1Config(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
+    batch = args.batch or (8 if cuda else 2)
+    amp_dtype = torch.bfloat16 if cuda else None
+    compile_modes = ([] if args.compile == "none" else args.compile.split(",")) if args.compile else ["default"]
+
+    info = environment(device)
+    ceiling = matmul_tflops(device)
+    info["matmul_tflops"] = ceiling
+    datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if cuda and k in info["device"]), None)
+    ours, impls = implementations(config, device, args.include_interpreter, compile_modes)
+    flops = flops_per_token(ours)
+    length = config.n_positions
+    tokens = batch * length
+    ids = [torch.randint(0, config.vocab_size, (batch, length), device=device) for _ in range(4)]
+    print(f"GPT-1 {ours.num_parameters() / 1e6:.1f}M parameters, {batch} x {length} tokens, "
+          f"{flops * tokens / 1e12:.2f} TFLOP per step, {'bf16 autocast' if amp_dtype else 'float32'}")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    with torch.no_grad():  # validate before timing: same weights, dropout off, float32
+        expected = None
+        for name, (module, loss_fn, ctx) in impls.items():
+            module.eval()
+            with ctx():
+                loss = loss_fn(module, ids[0]).float().item()
+            expected = loss if expected is None else expected
+            assert math.isclose(loss, expected, rel_tol=1e-3), f"{name}: loss {loss} != {expected}"
+            module.train()
+
+    rows = []
+    for name, (module, loss_fn, ctx) in impls.items():
+        def step(module=module, loss_fn=loss_fn, ctx=ctx, x=None):
+            with ctx(), autocast():
+                loss = loss_fn(module, x)
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+
+        fns = [lambda x=x: step(x=x) for x in ids]
+        median, p20, p80 = time_calls(fns, device, warmup=3, repeats=10 if cuda else 3, min_seconds=0.5)
+        rate = tokens / (median * 1e-3)
+        tflops = rate * flops / 1e12
+        extra = {"tokens_per_s": rate, "tflops": tflops, "batch": batch, "seq_len": length,
+                 "params": ours.num_parameters()}
+        if datasheet:
+            extra["mfu_datasheet"] = tflops / datasheet
+        rows.append(Row("model", f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}",
+                        "bf16-autocast" if amp_dtype else "float32", "fwd+bwd", name, median, p20, p80, rate,
+                        "tokens/s", tflops / ceiling, None, extra=extra))
+    mark_speedups(rows)
+    path = write_results("model", rows, info, None if args.out is None else Path(args.out))
+    print_table(rows, info)
+    print(f"\n'of ceil' = MFU against the measured {ceiling:.3g} TFLOP/s matrix-product rate"
+          + (f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""))
+    print(f"results: {path} (+ .csv)")
+
+
+if __name__ == "__main__":
+    main()

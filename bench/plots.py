@@ -1,0 +1,88 @@
+"""PNG plots from recorded results: GB/s against hidden size (LayerNorm), TFLOP/s against sequence length
+(attention), TFLOP/s against tokens (GELU FFN), tokens/s per implementation (the whole model).
+
+Each benchmark stores the plotted quantity in its rows' `extra` (e.g. {"hidden": 768}); a plot draws one line per
+implementation, for the forward+backward pass and the first dtype recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# op -> (x key in a row's extra, x label, log x)
+LINE_PLOTS = {
+    "layer_norm": ("hidden", "hidden size", True),
+    "attention": ("seq_len", "sequence length", True),
+    "linear_gelu": ("tokens", "tokens", True),
+}
+
+
+def _load(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(path.read_text())
+    return data["environment"], data["rows"]
+
+
+def draw_line_plot(path: Path, op: str) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label, log_x = LINE_PLOTS[op]
+    env, rows = _load(path)
+    rows = [r for r in rows if r["pass_"] == "fwd+bwd" and key in r.get("extra", {})]
+    if not rows:
+        return None
+    dtype = rows[0]["dtype"]
+    # Several rows can share an x (e.g. token counts for LayerNorm): keep the largest workload's, the steady state.
+    series: dict[str, dict[float, float]] = {}
+    for r in rows:
+        if r["dtype"] == dtype:
+            series.setdefault(r["impl"], {})[r["extra"][key]] = r["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for impl, points in sorted(series.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=impl)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(label)
+    ax.set_ylabel(rows[0]["unit"])
+    ax.set_title(f"{op} fwd+bwd, {dtype}: {env['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw_bar_plot(path: Path, op: str) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env, rows = _load(path)
+    rows = [r for r in rows if r["pass_"] == "fwd+bwd"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(rows)))
+    ax.barh([f"{r['impl']} {r['shape']} {r['dtype']}" for r in rows], [r["metric"] for r in rows])
+    ax.set_xlabel(rows[0]["unit"])
+    ax.set_title(f"{op} fwd+bwd: {env['device']}")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw_all(folder: Path) -> list[Path]:
+    """Draws a plot for each recorded result in `folder`; returns the files written."""
+    written = []
+    for path in sorted(Path(folder).glob("*.json")):
+        op = path.stem
+        out = draw_line_plot(path, op) if op in LINE_PLOTS else draw_bar_plot(path, op)
+        if out is not None:
+            written.append(out)
+    return written

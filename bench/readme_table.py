@@ -1,0 +1,69 @@
+"""Renders the README's performance table from the recorded results, so the README carries no number that no
+result file backs.
+
+    python -m bench.readme_table            # print the table
+    python -m bench.readme_table --write    # replace the block between the markers in README.md
+
+One section per device folder under bench/results/, one line per (op, shape, dtype, pass) for fastgpt's fastest
+backend and the strongest competitor of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import RESULTS
+
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def render(results: Path = RESULTS) -> str:
+    sections = []
+    for folder in sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []:
+        lines = []
+        env = None
+        for path in sorted(folder.glob("*.json")):
+            data = json.loads(path.read_text())
+            env = data["environment"]
+            groups: dict[tuple, list[dict]] = {}
+            for row in data["rows"]:
+                groups.setdefault((row["op"], row["shape"], row["dtype"], row["pass_"]), []).append(row)
+            for (op, shape, dtype, pass_), rows in groups.items():
+                ours = [r for r in rows if r["impl"].startswith("fastgpt")]
+                peers = [r for r in rows if not r["impl"].startswith("fastgpt")]
+                if not ours or not peers:
+                    continue
+                best, peer = min(ours, key=lambda r: r["median_ms"]), min(peers, key=lambda r: r["median_ms"])
+                lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['median_ms']:.3f} ms, "
+                             f"{best['metric']:.1f} {best['unit']} | {peer['impl']} {peer['median_ms']:.3f} ms | "
+                             f"{peer['median_ms'] / best['median_ms']:.2f}x | `{path.relative_to(results.parent.parent)}` |")
+        if lines and env is not None:
+            sections.append(f"**{env['device']}** (torch {env['torch']}, triton {env.get('triton')}, "
+                            f"CUDA {env.get('cuda', '-')}, {env['date'][:10]})\n\n"
+                            "| op | shape | dtype | pass | fastgpt (best backend) | best peer | speed-up | source |\n"
+                            "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+    return "\n\n".join(sections) or "No results recorded yet."
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help=f"rewrite the block between {START} and {END}")
+    args = parser.parse_args(argv)
+    table = render()
+    if not args.write:
+        print(table)
+        return
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    print(f"README.md table rewritten from {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

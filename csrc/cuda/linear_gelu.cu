@@ -1,0 +1,372 @@
+// Fused linear + activation (GELU) on CUDA. Same ops and maths as csrc/cpu/linear_gelu.cpp.
+//
+// The matrix products are cuBLASLt's, with its fused epilogues where they compute exactly what we need:
+//   forward, gelu_tanh, no dropout : CUBLASLT_EPILOGUE_GELU_AUX_BIAS  out = gelu_tanh(A B + b), aux = A B + b
+//   backward through gelu_tanh      : CUBLASLT_EPILOGUE_DGELU_BGRAD   out = (A B) * gelu_tanh'(aux), bgrad = sum(out)
+//   forward, no activation/dropout  : CUBLASLT_EPILOGUE_BIAS
+// (cuBLASLt's GELU is the tanh form.) Everything else -- the exact erf GELU, relu, the output dropout, and the
+// element-wise backward of a gradient that arrives from outside -- is a cuBLASLt product (with the bias in its
+// epilogue) followed by one of our kernels below, which does all the element-wise work in a single pass over the product's output.
+//
+// Layout: our tensors are row-major; cuBLASLt is column-major. A row-major (M, N) matrix is the column-major
+// (N, M) matrix with leading dimension N, so Y = X W^T (row-major) is computed as Y^T = W X^T (column-major):
+// m = N, n = M, k = K, A = W read transposed (ld K), B = X (ld K), D = Y (ld N). The epilogue's bias has length
+// m = N (one per output feature), exactly what nn.Linear's bias is.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include "../linear_gelu.h"
+
+namespace fastgpt {
+namespace {
+
+#define FASTGPT_CUBLAS_CHECK(expr)                                                                   \
+  do {                                                                                               \
+    const cublasStatus_t status = (expr);                                                            \
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "linear_gelu: ", #expr, " failed with status ",     \
+                static_cast<int>(status));                                                           \
+  } while (0)
+
+// The CUDA path serves float32, float16 and bfloat16 (the op layer sends float64 to the reference).
+#define FASTGPT_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                           \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLAS's recommendation for Hopper
+
+cublasLtHandle_t lt_handle() {
+  // One handle per thread and device, created on first use (creating one is expensive, using one is not).
+  thread_local std::vector<cublasLtHandle_t> handles;
+  const int device = c10::cuda::current_device();
+  if (static_cast<int>(handles.size()) <= device) handles.resize(device + 1, nullptr);
+  if (handles[device] == nullptr) FASTGPT_CUBLAS_CHECK(cublasLtCreate(&handles[device]));
+  return handles[device];
+}
+
+cudaDataType_t cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: TORCH_CHECK(false, "linear_gelu: CUDA kernels support float32, float16 and bfloat16, got ", t);
+  }
+}
+
+// What a cuBLASLt product does after A B. Pointers are device pointers in D's dtype (bias_grad too).
+struct Epilogue {
+  cublasLtEpilogue_t kind = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;
+  void* bias_grad = nullptr;
+  void* aux = nullptr;  // GELU_AUX*: pre-activation written; DGELU*: read
+  int64_t aux_ld = 0;
+};
+
+// Column-major D (m, n) = op(A) (m, k) op(B) (k, n) with the epilogue, on the current stream.
+void lt_matmul(bool transpose_a, const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
+               int64_t m, int64_t n, int64_t k, at::ScalarType dtype, const Epilogue& epilogue) {
+  const cudaDataType_t type = cuda_dtype(dtype);
+  const cublasComputeType_t compute =
+      dtype == at::kFloat && at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  cublasLtMatmulDesc_t desc;
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
+  const cublasOperation_t op_a = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+  FASTGPT_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue.kind, sizeof(epilogue.kind)));
+  if (epilogue.bias != nullptr || epilogue.bias_grad != nullptr) {
+    const void* pointer = epilogue.bias != nullptr ? epilogue.bias : epilogue.bias_grad;
+    FASTGPT_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &pointer, sizeof(pointer)));
+  }
+  if (epilogue.aux != nullptr) {
+    FASTGPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                        &epilogue.aux, sizeof(epilogue.aux)));
+    FASTGPT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                        &epilogue.aux_ld, sizeof(epilogue.aux_ld)));
+  }
+  cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
+  FASTGPT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, type, transpose_a ? k : m, transpose_a ? m : k, lda));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, type, k, n, ldb));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_d, type, m, n, ldd));
+
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)},
+                                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  cublasLtMatmulPreference_t preference;
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                            &kWorkspaceBytes, sizeof(kWorkspaceBytes)));
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  int found = 0;
+  cublasLtHandle_t handle = lt_handle();
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, layout_a, layout_b, layout_d, layout_d,
+                                                      preference, 1, &heuristic, &found));
+  TORCH_CHECK(found > 0, "linear_gelu: cuBLASLt has no algorithm for this product and epilogue");
+  const float one = 1.f, zero = 0.f;
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmul(handle, desc, &one, a, layout_a, b, layout_b, &zero, d, layout_d, d, layout_d,
+                                      &heuristic.algo, workspace.data_ptr(), kWorkspaceBytes,
+                                      c10::cuda::getCurrentCUDAStream()));
+  cublasLtMatmulPreferenceDestroy(preference);
+  cublasLtMatrixLayoutDestroy(layout_d);
+  cublasLtMatrixLayoutDestroy(layout_b);
+  cublasLtMatrixLayoutDestroy(layout_a);
+  cublasLtMatmulDescDestroy(desc);
+}
+
+// Row-major out (M, N) = input (M, K) weight (N, K)^T, with the epilogue.
+void linear(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+  const int64_t rows = input.size(0), inner = input.size(1), cols = weight.size(0);
+  lt_matmul(/*transpose_a=*/true, weight.const_data_ptr(), inner, input.const_data_ptr(), inner, out.data_ptr(), cols,
+            cols, rows, inner, input.scalar_type(), epilogue);
+}
+
+// Row-major out (M, K) = grad (M, N) weight (N, K), with the epilogue.
+void linear_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+  const int64_t rows = grad.size(0), inner = grad.size(1), cols = weight.size(1);
+  lt_matmul(/*transpose_a=*/false, weight.const_data_ptr(), cols, grad.const_data_ptr(), inner, out.data_ptr(), cols,
+            cols, rows, inner, grad.scalar_type(), epilogue);
+}
+
+// The cuBLASLt epilogues need 16-byte aligned pointers and an aux leading dimension divisible by 8.
+bool lt_epilogue_fits(int64_t cols, std::initializer_list<const at::Tensor*> tensors) {
+  if (cols % 8 != 0) return false;
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+  return true;
+}
+
+// bias (N,) in input's dtype, contiguous, or undefined when absent.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t cols) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols && bias->scalar_type() == input.scalar_type(),
+              "linear_gelu: expected bias of shape (", cols, ") and dtype ", input.scalar_type(), ", got ",
+              bias->sizes(), " ", bias->scalar_type());
+  return bias->contiguous();
+}
+
+Epilogue bias_epilogue(const at::Tensor& bias) {
+  Epilogue epilogue;
+  if (bias.defined()) {
+    epilogue.kind = CUBLASLT_EPILOGUE_BIAS;
+    epilogue.bias = bias.const_data_ptr();
+  }
+  return epilogue;
+}
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8));
+}
+
+// out = dropout(act(pre)) over (M, N), pre = x W^T + b; out may alias pre (when pre is not kept).
+template <typename scalar_t, Activation A>
+__global__ void forward_epilogue_kernel(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p,
+                                        float scale, uint64_t seed) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cols, col = i - row * cols;
+    float y = activation_forward<A>(static_cast<float>(pre[i]));
+    if (p > 0.f) y *= dropout_factor(seed, row, col, p, scale);
+    out[i] = static_cast<scalar_t>(y);
+  }
+}
+
+// dpre = grad * dropout * act'(pre) over (M, N), and partial column sums of dpre: block (x, y) covers
+// columns [32 x, 32 x + 32) and rows [y rows_per_block, (y + 1) rows_per_block); each of its 8 warps walks every
+// 8th row, then the warps' sums are added in a fixed order: deterministic, no atomics. dpre may alias grad or pre.
+constexpr int kColsPerBlock = 32, kRowWarps = 8;
+
+template <typename scalar_t, Activation A>
+__global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre, float* partial, int64_t rows, int64_t cols,
+                                         int64_t rows_per_block, float p, float scale, uint64_t seed) {
+  __shared__ float sums[kRowWarps][kColsPerBlock];
+  const int64_t col = blockIdx.x * static_cast<int64_t>(kColsPerBlock) + threadIdx.x;
+  const int64_t row_begin = blockIdx.y * rows_per_block;
+  const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;
+  float sum = 0.f;
+  if (col < cols) {
+    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowWarps) {
+      const int64_t i = row * cols + col;
+      float g = static_cast<float>(grad[i]);
+      if (p > 0.f) g *= dropout_factor(seed, row, col, p, scale);
+      if constexpr (A != Activation::kNone) {
+        g *= activation_grad<A>(static_cast<float>(pre[i]));
+      }
+      dpre[i] = static_cast<scalar_t>(g);
+      sum += g;
+    }
+  }
+  if (partial == nullptr) return;
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+    for (int w = 0; w < kRowWarps; ++w) total += sums[w][threadIdx.x];
+    partial[blockIdx.y * cols + col] = total;
+  }
+}
+
+void forward_epilogue(const at::Tensor& pre, at::Tensor& out, Activation activation, double dropout_p,
+                      uint64_t seed) {
+  const int64_t rows = pre.size(0), cols = pre.size(1);
+  if (rows * cols == 0) return;
+  const float p = static_cast<float>(dropout_p);
+  FASTGPT_DISPATCH_FLOAT_HALF_BF16(pre.scalar_type(), "linear_gelu_fwd", [&] {
+    dispatch_activation(activation, [&](auto a) {
+      forward_epilogue_kernel<scalar_t, decltype(a)::value>
+          <<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, p, 1.f / (1.f - p), seed);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// Returns (dpre, bias_grad float32 (N,) or empty).
+std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, const at::Tensor& pre, at::Tensor dpre,
+                                                     Activation activation, double dropout_p, uint64_t seed,
+                                                     bool bias_grad) {
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  // About 4 blocks per SM in all; every block covers a whole number of 8-row steps.
+  const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
+  const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
+  const int64_t used_row_blocks = rows_per_block > 0 ? (rows + rows_per_block - 1) / rows_per_block : 1;
+  at::Tensor partial = at::empty({bias_grad ? used_row_blocks : 0, cols}, grad.options().dtype(at::kFloat));
+  const float p = static_cast<float>(dropout_p);
+  if (rows * cols > 0) {
+    FASTGPT_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "linear_gelu_bwd", [&] {
+      dispatch_activation(activation, [&](auto a) {
+        backward_epilogue_kernel<scalar_t, decltype(a)::value>
+            <<<dim3(col_blocks, used_row_blocks), dim3(kColsPerBlock, kRowWarps), 0,
+               c10::cuda::getCurrentCUDAStream()>>>(
+                grad.const_data_ptr<scalar_t>(), pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
+                dpre.mutable_data_ptr<scalar_t>(),
+                bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows, cols, rows_per_block, p,
+                1.f / (1.f - p), seed);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  if (!bias_grad) return {dpre, at::empty({0}, grad.options().dtype(at::kFloat))};
+  return {dpre, rows > 0 ? partial.sum(0) : at::zeros({cols}, grad.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                                   bool store_pre, double dropout_p, const at::Tensor& seed) {
+  check_matrix(input, "input");
+  check_matrix(weight, "weight");
+  TORCH_CHECK(weight.size(1) == input.size(1) && weight.scalar_type() == input.scalar_type(),
+              "linear_gelu: expected weight of shape (N, ", input.size(1), ") and dtype ", input.scalar_type(),
+              ", got ", weight.sizes(), " ", weight.scalar_type());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Activation act = parse_activation(activation);
+  const int64_t rows = input.size(0), cols = weight.size(0);
+  const at::Tensor bias_t = checked_bias(bias, input, cols);
+  at::Tensor out = at::empty({rows, cols}, input.options());
+  at::Tensor pre = store_pre ? at::empty_like(out) : at::empty({0}, input.options());
+  const bool lt_fused = dropout_p == 0.0 && (act == Activation::kGeluTanh || act == Activation::kNone) &&
+                        lt_epilogue_fits(cols, {&input, &weight, &bias_t, &out, &pre});
+  if (rows == 0) return {out, pre};
+  if (lt_fused) {
+    Epilogue epilogue;
+    epilogue.bias = bias_t.defined() ? bias_t.const_data_ptr() : nullptr;
+    if (act == Activation::kGeluTanh) {
+      if (store_pre) {
+        epilogue.kind = bias_t.defined() ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+        epilogue.aux = pre.data_ptr();
+        epilogue.aux_ld = cols;
+      } else {
+        epilogue.kind = bias_t.defined() ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+      }
+    } else {
+      epilogue.kind = bias_t.defined() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    }
+    linear(input, weight, out, epilogue);
+    if (store_pre && act == Activation::kNone) pre.copy_(out);  // with no activation, pre is the output
+    return {out, pre};
+  }
+  // x W^T + b (the bias in cuBLASLt's epilogue, before the one rounding) into pre's buffer, or straight into out
+  // when pre is not kept; then one fused pass for the activation and the dropout.
+  at::Tensor product = store_pre ? pre : out;
+  linear(input, weight, product, bias_epilogue(bias_t));
+  forward_epilogue(product, out, act, dropout_p, dropout_p > 0 ? seed_value(seed) : 0);
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& pre,
+                                                   c10::string_view activation, double dropout_p,
+                                                   const at::Tensor& seed, bool bias_grad) {
+  check_matrix(grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(pre.has_value() || act == Activation::kNone, "linear_gelu: expected pre for activation ", activation);
+  if (pre.has_value()) check_same_shape(*pre, "pre", grad);
+  const at::Tensor pre_t = pre.has_value() ? pre->contiguous() : at::Tensor();
+  return backward_epilogue(grad, pre_t, at::empty_like(grad), act, dropout_p,
+                           dropout_p > 0 ? seed_value(seed) : 0, bias_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& grad, const at::Tensor& input,
+                                                             const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             c10::string_view activation, bool bias_grad) {
+  check_matrix(grad, "grad");
+  check_matrix(input, "input");
+  check_matrix(weight, "weight");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor pre = at::empty({input.size(0), weight.size(0)}, input.options());
+  check_same_shape(grad, "grad", pre);
+  const at::Tensor bias_t = checked_bias(bias, input, weight.size(0));
+  if (pre.numel() > 0) linear(input, weight, pre, bias_epilogue(bias_t));
+  return backward_epilogue(grad, pre, pre, parse_activation(activation), 0.0, 0, bias_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, const at::Tensor& weight,
+                                                    const at::Tensor& pre, c10::string_view activation,
+                                                    bool bias_grad) {
+  check_matrix(grad, "grad");
+  check_matrix(weight, "weight");
+  check_matrix(pre, "pre");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const Activation act = parse_activation(activation);
+  const int64_t rows = grad.size(0), cols = weight.size(1);
+  at::Tensor dpre = at::empty({rows, cols}, grad.options());
+  check_same_shape(pre, "pre", dpre);
+  if (rows == 0) return {dpre, at::zeros({bias_grad ? cols : 0}, grad.options().dtype(at::kFloat))};
+  if (act == Activation::kGeluTanh && lt_epilogue_fits(cols, {&grad, &weight, &pre, &dpre})) {
+    // cuBLASLt writes the bias gradient in the output dtype; it sums in float32 internally.
+    at::Tensor grad_bias = at::empty({bias_grad ? cols : 0}, grad.options());
+    Epilogue epilogue;
+    epilogue.kind = bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+    epilogue.aux = const_cast<void*>(pre.const_data_ptr());
+    epilogue.aux_ld = cols;
+    epilogue.bias_grad = bias_grad ? grad_bias.data_ptr() : nullptr;
+    linear_input_grad(grad, weight, dpre, epilogue);
+    return {dpre, grad_bias.to(at::kFloat)};
+  }
+  linear_input_grad(grad, weight, dpre, Epilogue{});
+  return backward_epilogue(dpre, pre, dpre, act, 0.0, 0, bias_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
+  m.impl("linear_gelu_fwd", &linear_gelu_fwd);
+  m.impl("linear_gelu_bwd", &linear_gelu_bwd);
+  m.impl("linear_gelu_bwd_recompute", &linear_gelu_bwd_recompute);
+  m.impl("linear_gelu_dact", &linear_gelu_dact);
+}
+
+}  // namespace fastgpt

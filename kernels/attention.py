@@ -1,0 +1,592 @@
+"""Fused scaled dot-product attention in Triton: flash-style forward and backward.
+
+softmax(Q K^T * scale + mask) V for q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv),
+query head h reading kv head h // (H // Hk) (grouped-query attention), never holding the
+Lq x Lk matrix in memory: each program keeps one tile of scores in registers.
+
+Conventions shared by the kernels:
+- Scores live in the log2 domain: s = (q . k) * scale * log2(e) (+ additive mask * log2(e)), so the
+  exponentials are exp2. The row statistic saved for the backward pass is the natural-log
+  log-sum-exp lse_i = log(sum_j exp(q_i . k_j * scale + mask_ij)).
+- A query row whose keys are all masked has l_i = 0: its output is 0 and its lse is +inf, so the
+  recomputed probabilities exp(s - lse) in the backward pass are 0 and so are its gradients.
+- Causal masking is top-left aligned (query i sees keys j <= i, also when Lq != Lk). Key blocks
+  entirely above the diagonal are skipped by the loop bounds; only blocks that straddle the
+  diagonal or the end of the sequence pay for element-wise masking (a second, masked loop).
+- Dropout on the probabilities uses Philox4x32-10 with counters (c0, c1, c2, c3) = (j, i, b*H + h, 0)
+  as in fastgpt/ops/philox.py; the backward pass regenerates the mask from the seed.
+- attn_mask is read tile by tile through its strides (expanded 0 strides allowed); MASK_KIND
+  1 = bool (True = attend, stored as uint8), 2 = additive float. A key-padding mask (stride over Lq
+  equal to 0) loads one (BLOCK_N,) row per key tile (MASK_ROW).
+- Under the Triton interpreter bf16 arithmetic is wrong (upstream issue 11584), so DOT_FP32 upcasts
+  every operand to fp32 there; on GPUs fp16/bf16 feed the tensor cores and fp32 uses ieee dots.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask) -> bool:
+    """Whether these (B, H, L, D) inputs can run on the Triton kernels; otherwise use `reference`."""
+    on_device = query.is_cuda or (INTERPRET and query.device.type == "cpu")
+    return (on_device and query.dtype in DTYPES
+            and key.dtype == query.dtype and value.dtype == query.dtype
+            and query.shape[-1] in HEAD_DIMS and value.shape[-1] in HEAD_DIMS
+            and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning: a short list per pass for GPUs (Hopper: 2-4 stages), one small config when
+# interpreting so CPU tests stay fast. Configs too large for the head dim are pruned up front.
+# ----------------------------------------------------------------------------------------------
+
+def _configs(gpu_shapes, interpret_shape):
+    if INTERPRET:
+        block_m, block_n = interpret_shape
+        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in gpu_shapes]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    # Large head dims: the (BLOCK, D) tiles of K and V per stage no longer fit shared memory
+    # and the fp32 accumulators no longer fit registers with 128-wide blocks.
+    meta = {**named_args, **kwargs}  # the constexpr head-dim blocks arrive as keyword arguments
+    head_dim = max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    if head_dim <= 128:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+    return small or configs[-1:]
+
+
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "MASK_ROW", "DROPOUT", "seq_bucket"]
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                         (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)], (64, 32))
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
+                          (64, 64, 4, 3), (32, 64, 4, 2)], (32, 64))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3),
+                        (64, 32, 4, 2)], (64, 32))
+_PRUNE = {"early_config_prune": _prune_for_head_dim}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared tile helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(ptrs, offs_rows, n_rows, offs_cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    # Zero-filled load of a (rows, cols) tile; bounds are checked only where they can be crossed.
+    if CHECK_ROWS:
+        if N_COLS != BLOCK_COLS:
+            x = tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_cols[None, :] < N_COLS), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
+    else:
+        if N_COLS != BLOCK_COLS:
+            x = tl.load(ptrs, mask=offs_cols[None, :] < N_COLS, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, Lq, Lk, mask_base, stride_mm, stride_mn, qk_scale,
+            MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+            CHECK_KEYS: tl.constexpr):
+    """Log2-domain scores s = qk * scale * log2(e) + mask * log2(e), -inf where masked.
+
+    offs_m / offs_n are the query / key indices broadcast to the tile's layout ((M, 1) and (1, N),
+    or transposed for the key-major backward kernel), so one helper serves every pass.
+    """
+    s = qk * qk_scale
+    if MASK_KIND != 0:
+        if MASK_ROW:
+            mask = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < Lk, other=0)
+        else:
+            mask = tl.load(mask_base + offs_m * stride_mm + offs_n * stride_mn,
+                           mask=(offs_m < Lq) & (offs_n < Lk), other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mask != 0, s, float("-inf"))
+        else:
+            s = s + mask.to(tl.float32) * 1.4426950408889634
+    if CHECK_CAUSAL:
+        s = tl.where(offs_n <= offs_m, s, float("-inf"))
+    if CHECK_KEYS:
+        s = tl.where(offs_n < Lk, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, offs_m, offs_n, off_bh, dropout_p):
+    # Philox counters (j, i, b*H + h, 0) as int32 words, so tl.philox runs its 32-bit variant.
+    c0 = offs_n + offs_m * 0
+    c1 = offs_m + offs_n * 0
+    c2 = c0 * 0 + off_bh
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+#
+# For a block of BLOCK_M queries, walk the key blocks keeping per row the running maximum m_i of
+# the log2 scores, the running sum l_i = sum_j exp2(s_ij - m_i) and acc_i = sum_j exp2(s_ij - m_i)
+# keep_ij v_j. A new block with maximum m' rescales both by alpha = exp2(m_i - m'). At the end
+# out_i = acc_i / (l_i (1 - p)) and lse_i = (m_i + log2 l_i) ln 2. Dropout zeroes kept-out terms of
+# acc only: l_i normalises the undropped probabilities, as dropout(softmax(S)) V requires.
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                    Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                    MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_KEYS)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       offs_n, Lk, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_KEYS)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, mask_base, stride_mm, stride_mn,
+                    qk_scale, MASK_KIND, MASK_ROW, CHECK_CAUSAL, CHECK_KEYS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with every key so far masked keep m = -inf; subtract 0 there instead (no inf - inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, offs_m[:, None], offs_n[None, :], off_bh, dropout_p), p, 0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_fwd(Q,  # (B, H, Lq, D) queries
+              K,  # (B, Hk, Lk, D) keys
+              V,  # (B, Hk, Lk, Dv) values
+              Mask,  # (B, H, Lq, Lk) bool-as-uint8 or additive mask, any strides (unused if MASK_KIND == 0)
+              Out,  # (B, H, Lq, Dv) output, q.dtype
+              Lse,  # (B, H, Lq) fp32 natural-log log-sum-exp, contiguous
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              H, GROUP, Lq, Lk,  # query heads, query heads per kv head, sequence lengths
+              sm_scale, dropout_p, seed,  # softmax scale, dropout rate, Philox seed
+              seq_bucket,  # autotuning key only: next power of two of max(Lq, Lk)
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, Lq, offs_d, HEAD_DIM, BLOCK_D, True)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # Key blocks [0, full_hi) need no element-wise causal or bounds mask; [full_hi, hi) do.
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+        full_hi = tl.minimum(start_m * BLOCK_M, Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = Lk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_hi,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                    Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
+                                    DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_hi, hi,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                    Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
+                                    DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
+
+    empty_row = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty_row, 1.0, l_i)
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + off_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+#
+# With P_ij = exp(S_ij - lse_i) recomputed from the saved lse, Z_ij = keep_ij / (1 - p) the dropout
+# factor and O = (P * Z) V:
+#   dV_j = sum_i P_ij Z_ij dO_i
+#   dP_ij = Z_ij (dO_i . V_j)
+#   dS_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij = dO_i . O_i  (preprocess kernel)
+#   dQ_i = scale sum_j dS_ij K_j,    dK_j = scale sum_i dS_ij Q_i
+# dK/dV: one program per (key block, kv head) walks the query blocks of every query head of its
+# group, so grouped heads are reduced in registers (no atomics). dQ: one program per query block,
+# walking the key blocks like the forward pass. Neither holds more than one score tile.
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_preprocess(Out,  # (B, H, Lq, Dv) forward output
+                         DO,  # (B, H, Lq, Dv) output gradient
+                         Delta,  # (B, H, Lq) fp32 rowsum(dO * O), contiguous
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         H, Lq,
+                         HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = _load_tile(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                   + offs_dv[None, :] * stride_od, offs_m, Lq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, offs_m, Lq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, lo, hi,
+                         stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                         Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
+                         MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_QUERIES: tl.constexpr):
+    # Key-major tiles (BLOCK_N, BLOCK_M): the transposed scores, so dK and dV come out of plain dots.
+    # Query rows past Lq load q = dO = 0 and lse = +inf, hence P = 0: they add nothing.
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, Lq, offs_d, HEAD_DIM, BLOCK_D, CHECK_QUERIES)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                        offs_m, Lq, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_QUERIES)
+        if CHECK_QUERIES:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        s_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], Lq, Lk, mask_base, stride_mm, stride_mn,
+                      qk_scale, MASK_KIND, MASK_ROW, CHECK_CAUSAL, False)
+        p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, offs_m[None, :], offs_n[:, None], off_bh, dropout_p)
+            rescale = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep_t, p_t * rescale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
+                   K,  # (B, Hk, Lk, D) keys
+                   V,  # (B, Hk, Lk, Dv) values
+                   Mask,  # (B, H, Lq, Lk) mask as in the forward pass
+                   DO,  # (B, H, Lq, Dv) output gradient
+                   Lse,  # (B, H, Lq) fp32 forward log-sum-exp, contiguous
+                   Delta,  # (B, H, Lq) fp32 rowsum(dO * O), contiguous
+                   DK,  # (B, Hk, Lk, D) key gradient, k.dtype
+                   DV,  # (B, Hk, Lk, Dv) value gradient, v.dtype
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   H, GROUP, Lq, Lk,
+                   sm_scale, dropout_p, seed,
+                   seq_bucket,  # autotuning key only
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                   DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0)
+    off_bhk = tl.program_id(1)
+    Hk = H // GROUP
+    off_b = (off_bhk // Hk).to(tl.int64)
+    off_hk = (off_bhk % Hk).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_dv[None, :] * stride_vd, offs_n, Lk, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query blocks [lo, mid) straddle the diagonal (causal only), [mid, full_hi) need no mask,
+    # [max(mid, full_hi), Lq) is the partial last block.
+    if IS_CAUSAL:
+        lo = start_n * BLOCK_N // BLOCK_M * BLOCK_M
+        mid = tl.minimum(lo + tl.cdiv(start_n * BLOCK_N + BLOCK_N - lo, BLOCK_M) * BLOCK_M, Lq)
+    else:
+        lo = 0
+        mid = 0
+    full_hi = Lq // BLOCK_M * BLOCK_M
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        off_bh = (off_b * H + off_h).to(tl.int32)
+        lse_base = Lse + off_bh.to(tl.int64) * Lq
+        delta_base = Delta + off_bh.to(tl.int64) * Lq
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                                      Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
+                                      DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      mid, full_hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                                      stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
+                                      DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      tl.maximum(mid, full_hi), Lq, stride_qm, stride_qd, stride_dom, stride_dod,
+                                      stride_mm, stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
+                                      DROPOUT, DOT_FP32, DOT_PRECISION, False, True)
+
+    dk = dk * sm_scale
+    kv_rows = offs_n[:, None] < Lk
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=kv_rows & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=kv_rows & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, lo, hi,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                       MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_KEYS)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       offs_n, Lk, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_KEYS)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, mask_base, stride_mm, stride_mn,
+                    qk_scale, MASK_KIND, MASK_ROW, CHECK_CAUSAL, CHECK_KEYS)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], off_bh, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
+                 K,  # (B, Hk, Lk, D) keys
+                 V,  # (B, Hk, Lk, Dv) values
+                 Mask,  # (B, H, Lq, Lk) mask as in the forward pass
+                 DO,  # (B, H, Lq, Dv) output gradient
+                 Lse,  # (B, H, Lq) fp32 forward log-sum-exp, contiguous
+                 Delta,  # (B, H, Lq) fp32 rowsum(dO * O), contiguous
+                 DQ,  # (B, H, Lq, D) query gradient, q.dtype
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 H, GROUP, Lq, Lk,
+                 sm_scale, dropout_p, seed,
+                 seq_bucket,  # autotuning key only
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, offs_m, Lq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_dv[None, :] * stride_dod, offs_m, Lq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + off_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + off_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+        full_hi = tl.minimum(start_m * BLOCK_M, Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = Lk // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, 0, full_hi,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                            Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
+                            DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, full_hi, hi,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                            Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
+                            DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _mask_args(attn_mask, fallback, B, H, Lq, Lk):
+    """(tensor, 4 strides, MASK_KIND, MASK_ROW) for the kernels; bool masks are read as uint8."""
+    if attn_mask is None:
+        return fallback, (0, 0, 0, 0), MASK_NONE, False
+    mask = attn_mask.expand(B, H, Lq, Lk)
+    kind = MASK_ADDITIVE
+    if mask.dtype == torch.bool:
+        mask, kind = mask.view(torch.uint8), MASK_BOOL
+    return mask, mask.stride(), kind, mask.stride(2) == 0 or Lq == 1
+
+
+def _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk):
+    D, Dv = q.shape[-1], v.shape[-1]
+    return dict(
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), DROPOUT=dropout_p > 0.0,
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        seq_bucket=triton.next_power_of_2(max(Lq, Lk, 1)))
+
+
+def attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    """Fused attention forward. Returns out (B, H, Lq, Dv) in q.dtype and lse (B, H, Lq) fp32."""
+    B, H, Lq, _ = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    mask, mask_strides, mask_kind, mask_row = _mask_args(attn_mask, q, B, H, Lq, Lk)
+    meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
+    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, mask, out, lse,
+                    *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+                    H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed), **meta)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal: bool, scale: float,
+                       dropout_p: float, seed: int):
+    """Fused attention backward from the forward's out and lse. Returns (dq, dk, dv)."""
+    B, H, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if Lq == 0 or Lk == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    mask, mask_strides, mask_kind, mask_row = _mask_args(attn_mask, q, B, H, Lq, Lk)
+    meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
+    block_dv = meta["BLOCK_DV"]
+    pre_block_m = 32 if INTERPRET else 128
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block_m), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq,
+        HEAD_DIM_V=Dv, BLOCK_DV=block_dv, BLOCK_M=pre_block_m)
+    args = (H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed))
+    _attn_bwd_dkdv[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hk)](
+        q, k, v, mask, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *args, **meta)
+    _attn_bwd_dq[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)](
+        q, k, v, mask, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
+        *args, **meta)
+    return dq, dk, dv

@@ -1,0 +1,256 @@
+"""fastgpt.ops.scaled_dot_product_attention against a float64 reference, every backend.
+
+The Triton kernels run on CPU through the interpreter (tests/conftest.py), so shapes stay small; the matrix
+covers every sequence-length case, head dim, mask kind, GQA, dtype, fully masked rows and dropout once.
+"""
+
+import pytest
+import torch
+import torch._inductor.config
+
+import fastgpt
+from fastgpt.ops import attention
+from fastgpt.ops.attention import scaled_dot_product_attention
+from fastgpt.ops.philox import attention_dropout_keep, draw_seed
+from tests.utils import DEVICE_BACKENDS, assert_close
+
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the issue's list; every kernel backend must take them
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, keep=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(D) + mask) (dropout) v in the inputs' dtype, written independently of the op; a row
+    with every key masked gives 0 and 0 gradients (no NaN on the way)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    e = (s - torch.where(torch.isinf(row_max), 0.0, row_max).detach()).exp()
+    denom = e.sum(-1, keepdim=True)
+    w = e / torch.where(denom == 0, 1.0, denom)
+    if keep is not None:
+        w = w * keep / (1 - dropout_p)
+    return w @ v
+
+
+def _grads(fn, tensors, grad_out):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in tensors]
+
+
+def _inputs(device, dtype, B, H, Hk, Lq, Lk, D, Dv, transposed=False):
+    """Random q, k, v, dO; `transposed` gives (B, L, H, D) storage seen as (B, H, L, D), as a fused QKV does."""
+    def make(h, n, d):
+        if transposed:
+            return torch.randn(B, n, h, d, device=device).transpose(1, 2).to(dtype)
+        return torch.randn(B, h, n, d, device=device).to(dtype)
+    return make(H, Lq, D), make(Hk, Lk, D), make(Hk, Lk, Dv), make(H, Lq, Dv)
+
+
+def _mask(kind, device, dtype, B, H, Lq, Lk):
+    if kind is None:
+        return None
+    if kind == "key_padding":  # (B, 1, 1, Lk): each sequence keeps a random-length prefix of >= 1 key
+        lengths = torch.randint(1, Lk + 1, (B,), device=device)
+        return (torch.arange(Lk, device=device) < lengths[:, None]).view(B, 1, 1, Lk)
+    if kind == "bool":
+        return torch.rand(B, H, Lq, Lk, device=device) > 0.3
+    if kind == "additive":  # broadcast over batch and heads
+        return torch.randn(Lq, Lk, device=device).to(dtype)
+    raise ValueError(kind)
+
+
+def _check(device, backend, q, k, v, grad_out, attn_mask=None, is_causal=False, dropout_p=0.0, keep=None):
+    """Output and gradients of `backend` within 2x PyTorch's own same-dtype error of float64 (tests.utils)."""
+    gqa = q.shape[-3] != k.shape[-3]
+    if backend in attention._OPS:  # the kernel must take these inputs, not hand them to reference
+        assert attention._kernel_supports(backend, q, k, v, attn_mask)
+
+    def ours(q, k, v):
+        return scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=gqa)
+
+    torch.manual_seed(1234)  # the seed `ours` draws, and so the dropout mask `keep` was made from
+    with fastgpt.use_backend(backend):
+        got = _grads(ours, (q, k, v), grad_out)
+    mask64 = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+    expected = _grads(lambda *a: reference_attention(*a, mask64, is_causal, keep, dropout_p),
+                      [t.double() for t in (q, k, v)], grad_out.double())
+    same_dtype = _grads(lambda *a: reference_attention(*a, attn_mask, is_causal, keep, dropout_p), (q, k, v),
+                        grad_out)
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, expected, same_dtype):
+        assert_close(name, g, e, t)
+
+
+SHAPES = [(1, 1), (17, 17), (97, 97), (128, 128), (113, 203), (203, 113), (256, 128), (1, 97)]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lq,Lk", SHAPES, ids=str)
+def test_sequence_lengths(device, backend, Lq, Lk, is_causal):
+    _check(device, backend, *_inputs(device, torch.float32, 1, 1, 1, Lq, Lk, 64, 64), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("D,Dv", [(d, d) for d in HEAD_DIMS] + [(64, 32), (80, 128)], ids=str)
+def test_head_dims(device, backend, D, Dv):
+    _check(device, backend, *_inputs(device, torch.float16, 1, 2, 1, 37, 75, D, Dv), is_causal=D % 32 == 0)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+def test_masks(device, backend, kind, kv_heads):
+    B, H, Lq, Lk = 2, 2, 57, 97
+    _check(device, backend, *_inputs(device, torch.float32, B, H, kv_heads, Lq, Lk, 32, 32),
+           _mask(kind, device, torch.float32, B, H, Lq, Lk))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind,is_causal", [(None, True), ("key_padding", False), ("additive", False)], ids=str)
+def test_dtypes_gqa_strided(device, backend, dtype, kind, is_causal):
+    B, H, Hk, Lq, Lk = 1, 4, 2, 47, 97
+    _check(device, backend, *_inputs(device, dtype, B, H, Hk, Lq, Lk, 64, 64, transposed=True),
+           _mask(kind, device, dtype, B, H, Lq, Lk), is_causal)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive"])
+def test_fully_masked_rows(device, backend, kind):
+    """A query row that sees no key gives 0 and 0 gradients, never NaN (as PyTorch does)."""
+    B, H, Lq, Lk = 2, 2, 40, 50
+    q, k, v, grad_out = _inputs(device, torch.float32, B, H, H, Lq, Lk, 32, 32)
+    if kind == "key_padding":  # sequence 1 has no key at all
+        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=device)
+        mask[1] = False
+        dead = (1,)
+    elif kind == "bool":
+        mask = _mask("bool", device, torch.float32, B, H, Lq, Lk)
+        mask[0, 1, 7] = False
+        mask[1, 0, 31:] = False
+        dead = (0, 1, 7)
+    else:
+        mask = torch.randn(B, H, Lq, Lk, device=device)
+        mask[0, 1, 7] = float("-inf")
+        dead = (0, 1, 7)
+    with fastgpt.use_backend(backend):
+        out, dq, _, _ = _grads(lambda q, k, v: scaled_dot_product_attention(q, k, v, mask), (q, k, v), grad_out)
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+    assert (out[dead] == 0).all() and (dq[dead] == 0).all()
+    _check(device, backend, q, k, v, grad_out, mask)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("is_causal,kind", [(False, None), (False, "key_padding"), (True, None)], ids=str)
+def test_dropout(device, backend, is_causal, kind):
+    B, H, Hk, Lq, Lk, p = 2, 2, 1, 64, 64, 0.3
+    q, k, v, grad_out = _inputs(device, torch.float32, B, H, Hk, Lq, Lk, 32, 32)
+    mask = _mask(kind, device, torch.float32, B, H, Lq, Lk)
+    torch.manual_seed(1234)
+    keep = attention_dropout_keep(draw_seed(), B, H, Lq, Lk, p, device)
+    # With v = identity, out[b, h, i, j] = P_ij keep_ij / (1 - p): the mask the backend really used.
+    eye = torch.eye(Lk, device=device).expand(B, Hk, Lk, Lk)
+    torch.manual_seed(1234)
+    with fastgpt.use_backend(backend):
+        probs = scaled_dot_product_attention(q, k, eye, mask, p, is_causal, enable_gqa=True)
+    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if is_causal:
+        visible = visible.tril()
+    if mask is not None:
+        visible = visible & mask
+    assert torch.equal(probs != 0, keep & visible)
+    # The kept fraction is 1 - p within 5 binomial standard deviations.
+    assert abs(keep.double().mean().item() - (1 - p)) <= 5 * (p * (1 - p) / keep.numel()) ** 0.5
+    # Output and gradients equal the reference computed with that very mask.
+    _check(device, backend, q, k, v, grad_out, mask, is_causal, p, keep)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("batch_shape", [(), (2, 3)], ids=str)
+def test_batch_dims(device, backend, batch_shape):
+    """(H, L, D) and (b1, b2, H, L, D) inputs; a mask that broadcasts over some batch dims only."""
+    H, Lq, Lk, D = 2, 19, 23, 32
+    q, k, v, grad_out = (torch.randn(*batch_shape, H, n, D, device=device) for n in (Lq, Lk, Lk, Lq))
+    mask = torch.rand(*batch_shape[:1], *([1] * len(batch_shape[1:])), 1, Lq, Lk, device=device) > 0.2
+    _check(device, backend, q, k, v, grad_out, mask)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_unsupported_head_dim_falls_back(device, backend):
+    """Head dims outside the kernels' list go to reference, with the same result."""
+    q, k, v, grad_out = _inputs(device, torch.float32, 1, 2, 2, 9, 11, 24, 40)
+    if backend == "triton":
+        assert not attention._kernel_supports(backend, q, k, v, None)
+    with fastgpt.use_backend("reference"):
+        expected = _grads(scaled_dot_product_attention, (q, k, v), grad_out)
+    with fastgpt.use_backend(backend):
+        got = _grads(scaled_dot_product_attention, (q, k, v), grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_empty_sequences(device, backend):
+    q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 0, 5, 32, 32)
+    with fastgpt.use_backend(backend):
+        assert scaled_dot_product_attention(q, k, v).shape == (1, 2, 0, 32)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("call,error", [
+    (lambda q, k, v: scaled_dot_product_attention(q, k[..., :16], v), "head dim"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k[:, :1], v[:, :1]), "enable_gqa"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k, v, torch.ones(3, 7, dtype=torch.bool)), "attn_mask"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k, v, torch.ones(5, 7, dtype=torch.int32)), "attn_mask"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k, v, dropout_p=1.0), "dropout_p"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k.double(), v), "dtype"),
+], ids=["head_dim", "heads", "mask_shape", "mask_dtype", "dropout_p", "mixed_dtypes"])
+def test_bad_input(device, backend, call, error):
+    q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 5, 7, 32, 32)
+    with fastgpt.use_backend(backend), pytest.raises((ValueError, TypeError), match=error):
+        call(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Triton custom ops: torch.library.opcheck and torch.compile(fullgraph=True).
+
+def _kernel_backends():
+    return [p for p in DEVICE_BACKENDS if p.values[1] in attention._OPS]
+
+
+@pytest.mark.parametrize("device,backend", _kernel_backends())
+def test_opcheck(device, backend):
+    q, k, v, grad_out = _inputs(device, torch.float32, 2, 2, 1, 17, 33, 32, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = _mask("key_padding", device, torch.float32, 2, 2, 17, 33)
+    seed = torch.tensor(77, dtype=torch.int64)
+    fwd = attention._OPS[backend]
+    torch.library.opcheck(fwd, (q, k, v, mask, False, 0.2, 0.25, seed))
+    out, lse = fwd(q, k, v, None, True, 0.2, 0.0, seed)
+    bwd = {"triton": attention._triton_bwd}[backend]
+    torch.library.opcheck(bwd, (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, True, 0.2,
+                                0.0, seed))
+
+
+@pytest.mark.parametrize("device,backend", _kernel_backends())
+def test_torch_compile_fullgraph(device, backend):
+    q, k, v, grad_out = _inputs(device, torch.float32, 1, 4, 2, 33, 33, 32, 32)
+    mask = _mask("key_padding", device, torch.float32, 1, 4, 33, 33)
+
+    def fn(q, k, v):
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1, enable_gqa=True)
+
+    torch.manual_seed(5)
+    # fallback_random: compiled code draws the dropout seed from torch's generator exactly as eager does.
+    with fastgpt.use_backend(backend), torch._inductor.config.patch(fallback_random=True):
+        eager = _grads(fn, (q, k, v), grad_out)
+        torch.manual_seed(5)
+        compiled = _grads(torch.compile(fn, fullgraph=True), (q, k, v), grad_out)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)

@@ -1,0 +1,226 @@
+"""fastgpt.models.Seq2SeqTransformer: the forward pass against torch.nn.Transformer, cached decoding against
+uncached, beam search of width 1 against greedy, a copy task that learns, torch.compile, autocast, input checks."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt.models import Seq2SeqConfig, Seq2SeqTransformer
+from fastgpt.models.seq2seq import sinusoids
+from tests.utils import DEVICE_BACKENDS, assert_close
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**overrides):
+    config = dict(src_vocab_size=13, tgt_vocab_size=13, d_model=32, nhead=4, num_encoder_layers=2,
+                  num_decoder_layers=2, dim_feedforward=64, dropout=0.0, max_len=40)
+    config.update(overrides)
+    return Seq2SeqConfig(**config)
+
+
+def _batch(batch=3, length=7, vocab=13):
+    """Right-padded source rows of different lengths, ids from 3 (after PAD, BOS, EOS)."""
+    src = torch.randint(3, vocab, (batch, length))
+    src[1, length - 2:] = PAD
+    src[2, length // 2:] = PAD
+    return src
+
+
+def test_base_preset():
+    c = Seq2SeqConfig.base(100, 120)
+    assert (c.num_encoder_layers, c.num_decoder_layers, c.d_model, c.nhead, c.dim_feedforward, c.dropout) == \
+        (6, 6, 512, 8, 2048, 0.1)
+    assert c.label_smoothing == 0.1 and Seq2SeqConfig.base(100, 120, dropout=0.3).dropout == 0.3
+
+
+def test_sinusoids():
+    table = sinusoids(50, 16)
+    pos, i = 37, 3
+    assert math.isclose(table[pos, 2 * i].item(), math.sin(pos / 10000 ** (2 * i / 16)), abs_tol=1e-6)
+    assert math.isclose(table[pos, 2 * i + 1].item(), math.cos(pos / 10000 ** (2 * i / 16)), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_forward_matches_torch_transformer(device, backend, norm_first):
+    """The model's encoder-decoder is fastgpt.nn.Transformer: the same state in torch.nn.Transformer (float64)
+    gives the same logits and gradients."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config(norm_first=norm_first, share_embeddings=True)).to(device)
+    assert model.src_embed is model.tgt_embed
+    c = model.config
+    reference = torch.nn.Transformer(c.d_model, c.nhead, c.num_encoder_layers, c.num_decoder_layers,
+                                     c.dim_feedforward, 0.0, batch_first=True, norm_first=norm_first)
+    reference.load_state_dict(model.transformer.state_dict())
+    src, tgt = _batch().to(device), _batch(length=6).to(device)
+    labels = torch.roll(tgt, -1, dims=1)
+
+    def torch_run(dtype):
+        """(logits, loss, embedding gradient) of torch.nn.Transformer with the model's weights, in dtype."""
+        transformer = reference.to(device=device, dtype=dtype)
+        weight = model.src_embed.weight.detach().to(dtype).requires_grad_()
+        scale, pos = math.sqrt(c.d_model), model.positions.to(dtype)
+        embed = lambda ids: torch.nn.functional.embedding(ids, weight, padding_idx=PAD)  # noqa: E731
+        hidden = transformer(embed(src) * scale + pos[:src.shape[1]], embed(tgt) * scale + pos[:tgt.shape[1]],
+                             tgt_mask=transformer.generate_square_subsequent_mask(tgt.shape[1], device=device,
+                                                                                  dtype=dtype),
+                             src_key_padding_mask=src == PAD, memory_key_padding_mask=src == PAD)
+        logits = hidden @ weight.t()
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 13), labels.reshape(-1),
+                                                 ignore_index=PAD)
+        loss.backward()
+        return logits.detach(), loss.detach().to(dtype), weight.grad
+
+    expected, theirs = torch_run(torch.float64), torch_run(torch.float32)
+    with fastgpt.use_backend(backend):
+        out = model(src, tgt, labels)
+    out.loss.backward()
+    got = (out.logits.detach(), out.loss.detach(), model.src_embed.weight.grad)
+    for name, g, e, t in zip(("logits", "loss", "dembedding"), got, expected, theirs):
+        assert_close(name, g, e, t)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_cached_greedy_equals_uncached(device, backend, norm_first):
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config(norm_first=norm_first, activation="gelu")).to(device).eval()
+    src = _batch().to(device)
+    steps = 12 if backend == "reference" or device == "cuda" else 4  # the Triton interpreter is slow per launch
+    with fastgpt.use_backend(backend):
+        cached = model.greedy_decode(src, max_len=steps)
+        uncached = model.greedy_decode(src, max_len=steps, use_cache=False)
+        assert torch.equal(cached, uncached)
+        # and every step's logits agree with the full decoder on the prefix
+        memory, padding = model.encode(src)
+        prefix = torch.cat([torch.full((3, 1), BOS, device=device), cached], dim=1)
+        full = model.decode(prefix[:, :-1], memory, padding)
+        cache = model._start_cache(memory, padding, prefix.shape[1])
+        steps = torch.stack([model._decode_step(prefix[:, t:t + 1], cache) for t in range(prefix.shape[1] - 1)], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_of_one_is_greedy():
+    torch.manual_seed(1)
+    model = Seq2SeqTransformer(_config()).eval()
+    src = _batch(batch=4)
+    assert torch.equal(model.beam_search(src, beam_size=1, max_len=10), model.greedy_decode(src, max_len=10))
+
+
+def test_beam_search_finds_at_least_greedys_score():
+    """A wider beam never ends with a lower length-normalised log-probability than greedy's hypothesis."""
+    torch.manual_seed(2)
+    model = Seq2SeqTransformer(_config()).eval()
+    src = _batch(batch=4)
+
+    def score(hyp, alpha=0.6):
+        tgt = torch.cat([torch.full((4, 1), BOS), hyp], dim=1)
+        log_probs = model(src, tgt[:, :-1]).logits.log_softmax(-1).gather(-1, hyp[..., None])[..., 0]
+        real = (hyp != PAD).float()
+        return (log_probs * real).sum(1) / ((5 + real.sum(1)) / 6) ** alpha
+
+    with torch.no_grad():
+        greedy, beam = model.greedy_decode(src, max_len=8), model.beam_search(src, beam_size=4, max_len=8)
+        assert torch.all(score(beam) >= score(greedy) - 1e-5)
+
+
+def test_copy_task_learns():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config(d_model=32, dim_feedforward=64, num_encoder_layers=1,
+                                       num_decoder_layers=1, share_embeddings=True))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    losses = []
+    for _ in range(150):
+        src = torch.randint(3, 13, (16, 6))
+        tgt_in = torch.cat([torch.full((16, 1), BOS), src], dim=1)
+        labels = torch.cat([src, torch.full((16, 1), EOS)], dim=1)
+        loss = model(src, tgt_in, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.25 * first, (first, last)
+    model.eval()
+    src = torch.randint(3, 13, (16, 6))
+    copied = model.greedy_decode(src, max_len=7)
+    assert (copied[:, :6] == src).float().mean() > 0.5
+
+
+def test_dropout_in_training_only():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config(dropout=0.3, activation="gelu"))
+    src, tgt = _batch(), _batch(length=5)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(src, tgt).logits, model(src, tgt).logits)
+        model.train()
+        pytest.importorskip("fastgpt.ops.philox", reason="attention dropout needs fastgpt.ops.philox (attn-triton)")
+        assert not torch.equal(model(src, tgt).logits, model(src, tgt).logits)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config())
+    src, tgt = _batch(), _batch(length=5)
+    labels = torch.roll(tgt, -1, dims=1)
+    eager = model(src, tgt, labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(src, tgt, labels)
+    torch.testing.assert_close(compiled.logits, eager.logits)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+
+
+def test_bf16_autocast():
+    """Under bf16 autocast the logits' error against float64 is at most twice that of the same model run on
+    torch.nn's modules (the fastgpt twins turned back into their torch.nn classes) under autocast."""
+    from fastgpt.nn.convert import TWINS
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config()).eval()
+    peer = copy.deepcopy(model)
+    back = {fast: theirs for theirs, fast in TWINS.items()}
+    for module in peer.modules():
+        module.__class__ = back.get(type(module), type(module))
+    assert type(peer.transformer.decoder.layers[0].self_attn) is torch.nn.MultiheadAttention
+    src = _batch()
+    # Gradients stay enabled: torch.nn's no-grad fast path ignores CPU autocast and fails on its bf16 tensors.
+    expected = copy.deepcopy(model).double()(src, src).logits.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, src).logits.detach()
+        theirs = peer(src, src).logits.detach()
+        tokens = model.beam_search(src, beam_size=2, max_len=6)
+    assert logits.dtype == theirs.dtype == torch.bfloat16 and tokens.shape[0] == 3
+    assert_close("bf16 logits", logits, expected, theirs)
+
+
+def test_bad_input():
+    model = Seq2SeqTransformer(_config())
+    src = _batch()
+    with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary \[0, 13\)"):
+        model(src + 10, src)
+    with pytest.raises(ValueError, match="beyond max_len = 40"):
+        model(torch.full((1, 41), 3), src[:1])
+    with pytest.raises(ValueError, match=r"expected src_padding of shape \(3, 7\)"):
+        memory, padding = model.encode(src)
+        model.decode(src, memory, padding[:, :-1])
+    with pytest.raises(ValueError, match="labels of shape"):
+        model(src, src, src[:, :-1])
+    with pytest.raises(ValueError, match="share_embeddings needs one vocabulary"):
+        _config(share_embeddings=True, tgt_vocab_size=14)
+    state = model.state_dict()
+    state["transformer.encoder.layers.0.linear1.weight"] = state["transformer.encoder.layers.0.linear1.weight"][:3]
+    with pytest.raises(RuntimeError, match="size mismatch for transformer.encoder.layers.0.linear1.weight"):
+        model.load_state_dict(state)
