@@ -278,10 +278,10 @@ def test_checkpoint_from_other_config_and_corrupted(corpus, cache_dir, tmp_path,
 
 # -- convergence: every fused backend against reference --------------------------------------------------------------
 
-# fp32 on CPU: the backends differ only in rounding (about 1e-6 relative per op); over 12 Adam updates at lr 3e-3
-# that grows to about 1e-5 in the loss. 2e-3 nats leaves room for the order of reductions, and is still ~100x smaller
-# than the 0.5 nats the loss falls over the run, so a backend with a real error cannot hide inside it.
-CONVERGENCE_TOLERANCE = 2e-3
+# fp32 on CPU: the backends differ only in rounding and reduction order. Measured over these 12 updates: csrc and
+# triton (interpreted) stay within 5e-7 nats of reference. 1e-4 leaves room for other CPUs' vector widths and is
+# still 5,000x smaller than the 0.9 nats the loss falls over the run, so a backend with a real error cannot hide.
+CONVERGENCE_TOLERANCE = 1e-4
 
 
 @needs_gpt1

@@ -199,8 +199,8 @@ class Run:
             if self.metrics.note:
                 self.log(self.metrics.note)
         self.tokens_per_step = c.batch_size * c.grad_accum * info.world_size * c.block_size
-        position_params = c.block_size * c.n_embd
-        self.flops_per_token = flops_per_token(self.n_params - position_params, c.n_layer, c.n_embd, c.block_size)
+        self.flops_per_token = flops_per_token(self.model.num_parameters(exclude_position_embeddings=True),
+                                               c.n_layer, c.n_embd, c.block_size)
         self.peak, self.peak_source = peak_flops(info.device, self.amp_dtype)
         meta = self.data.meta
         self.log(
