@@ -231,10 +231,11 @@ def _cli(corpus_or_data, cache_dir, out_dir, *extra):
         (lambda d: [str(_write(d / "small.txt", "the king is dead\n" * 4))], (), "corpus too small"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--n-embd", "15"), "multiple of --n-head"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--device", "cuda:0"), "no CUDA GPU"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--fsdp",), "--fsdp needs CUDA GPUs"),
     ],
 )
 def test_bad_inputs_exit_cleanly(tmp_path, capsys, make_data, extra, message):
-    if "cuda" in extra and torch.cuda.is_available():
+    if ("cuda:0" in extra or "--fsdp" in extra) and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     d = tmp_path / "in"
     d.mkdir()

@@ -133,6 +133,11 @@ class Run:
     # -- set-up -----------------------------------------------------------------------------------------------
     def _prepare(self):
         c, info = self.config, self.info
+        if c.fsdp and info.device.type != "cuda":
+            raise dist_utils.LaunchError("--fsdp needs CUDA GPUs (PyTorch's FSDP does not run on CPU): drop --fsdp, "
+                                         "torchrun on CPU runs DDP over gloo")
+        if c.fsdp and not info.distributed:
+            raise dist_utils.LaunchError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
         self.out_dir = Path(c.out_dir or f"runs/{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         c.out_dir = str(self.out_dir)  # saved with the run, so that --resume finds its way back
         resume_meta, resume_weights, resume_state = None, None, None
@@ -167,8 +172,6 @@ class Run:
         if c.compile:
             wrapped = torch.compile(wrapped)
         if c.fsdp:
-            if not info.distributed:
-                raise dist_utils.LaunchError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             wrapped = FullyShardedDataParallel(wrapped, use_orig_params=True, device_id=info.device if info.device.type == "cuda" else None)
