@@ -30,16 +30,26 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.bench_layer_norm
 
+# cuBLASLt's headers, which a CUDA toolkit without cuBLAS lacks: from NVIDIA's wheel (a large download, kept in
+# .cache/), headers only.
+CUBLAS_HEADERS := .cache/cublas/include/cublasLt.h
+$(CUBLAS_HEADERS): $(STAMP)
+	$(PY) -m pip download -q --no-deps nvidia-cublas==13.10.0.20 -d .cache/cublas
+	cd .cache/cublas && $(abspath $(PY)) -c "import glob, os, zipfile; \
+	  z = zipfile.ZipFile(glob.glob('nvidia_cublas-*.whl')[0]); os.makedirs('include', exist_ok=True); \
+	  [open('include/' + os.path.basename(n), 'wb').write(z.read(n)) for n in z.namelist() if '/include/' in n]" \
+	  && rm -f nvidia_cublas-*.whl
+
 # Compile every .cu for each architecture in CUDA_ARCHS without a GPU or a CUDA torch: CUDA code cannot rot unseen
 # between GPU sessions. C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for the header the CPU wheel of torch lacks.
-cuda-check: $(STAMP)
+cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 	@set -e; nvcc=$${NVCC:-$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}; \
 	includes=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
 	gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done); \
 	for f in $(wildcard csrc/cuda/*.cu); do \
 	  echo "nvcc $$f [$(CUDA_ARCHS)]"; \
 	  $$nvcc -c $$f -o /dev/null --threads 0 -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
-	    $$includes -Icsrc $$gencode; \
+	    $$includes -Icsrc -I.cache/cublas/include $$gencode; \
 	done
 
 clean:

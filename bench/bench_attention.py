@@ -12,19 +12,15 @@ call allocates beyond its inputs: O(B H L) for the fused kernels, O(B H L^2) for
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from .common import (Row, environment, mark_speedups, matmul_tflops, peak_memory_mb, print_table, rotations,
-                     time_calls, write_results)
 from fastgpt.ops.attention import scaled_dot_product_attention
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, peak_memory_mb,
+                     rotations, standard_parser, time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -50,7 +46,7 @@ def _sdpa_backends(device: torch.device) -> dict:
     return {f"torch-sdpa-{name}": make(b) for name, b in names.items()}
 
 
-def implementations(device: torch.device, include_interpreter: bool, compile_reference: bool) -> dict:
+def implementations(device: torch.device, include_interpreter: bool, compile_modes: list[str]) -> dict:
     def fastgpt_backend(name):
         def run(q, k, v, causal):
             with fastgpt.use_backend(name):
@@ -73,9 +69,9 @@ def implementations(device: torch.device, include_interpreter: bool, compile_ref
             impls["flash-attn"] = flash_attn
     except ImportError:
         pass
-    if compile_reference:
-        reference = fastgpt_backend("reference")
-        impls["torch-compile-reference"] = torch.compile(reference)
+    for mode in compile_modes:
+        impls[f"torch-compile-{mode}-reference"] = torch.compile(fastgpt_backend("reference"),
+                                                                  mode=None if mode == "default" else mode)
     return impls
 
 
@@ -126,15 +122,7 @@ def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float16")
-    parser.add_argument("--no-compile", action="store_true", help="skip the reference under torch.compile")
-    parser.add_argument("--include-interpreter", action="store_true",
-                        help="also time the triton backend on CPU through the interpreter (very slow)")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
+    args = standard_parser(__doc__, "bfloat16,float16").parse_args(argv)
 
     device = torch.device(args.device)
     functorch_config.donated_buffer = False  # the backward pass is timed by replaying one graph
@@ -149,22 +137,19 @@ def main(argv=None) -> None:
                          for D in (64, 128) for causal in (True, False) for L in (512, 1024, 2048, 4096, 8192, 16384)]
     else:
         grid = [(4, 12, 512, 64, True), (1, 8, 1024, 64, False), (1, 8, 1024, 128, True)]
-    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else \
-        ([torch.bfloat16] if cuda else [torch.float32])
+    dtypes = chosen_dtypes(args, [torch.bfloat16] if cuda else [torch.float32])
+    compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
     ceiling = matmul_tflops(device)
     info["matmul_tflops"] = ceiling
     print(f"measured dense matmul rate: {ceiling:.1f} TFLOP/s")
-    impls = implementations(device, args.include_interpreter, not args.no_compile)
+    impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:
         for B, H, L, D, causal in grid:
             rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceiling)
-    mark_speedups(rows)
-    path = write_results("attention", rows, info, None if args.out is None else Path(args.out))
-    print_table(rows, info)
-    print(f"\nresults: {path} (+ .csv)")
+    finish("attention", rows, info, args.out)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,15 @@ bandwidth that a copy achieves.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from .common import (Row, copy_bandwidth_gbs, environment, mark_speedups, peak_memory_mb, print_table,
-                          rotations, time_calls, write_results)
 from fastgpt.ops.layer_norm import layer_norm
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
+from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, finish,
+                     peak_memory_mb, rotations, standard_parser, time_calls)
 
 def bytes_moved(rows: int, cols: int, elem: int) -> dict[str, int]:
     fwd = 2 * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
@@ -93,16 +88,7 @@ def bench_shape(rows: int, cols: int, dtype: torch.dtype, device: torch.device, 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32")
-    parser.add_argument("--compile", default=None,
-                        help="torch.compile modes to compare, comma-separated (default, max-autotune); 'none' skips")
-    parser.add_argument("--include-interpreter", action="store_true",
-                        help="also time the triton backend on CPU through the interpreter (very slow)")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
+    args = standard_parser(__doc__).parse_args(argv)
 
     device = torch.device(args.device)
     # The backward pass is timed alone by replaying one graph (retain_graph=True), which compiled graphs that
@@ -115,10 +101,8 @@ def main(argv=None) -> None:
         grid = [(m, n) for m in (4096, 32768) for n in (768, 1024, 2048, 4096, 8192, 16384)]
     else:
         grid = [(m, n) for m in (1024, 8192) for n in (768, 2048, 4096)]
-    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else \
-        ([torch.bfloat16, torch.float32] if cuda else [torch.float32])
-    compile_modes = ([] if args.compile == "none" else args.compile.split(",")) if args.compile else \
-        (["default", "max-autotune"] if cuda and not args.quick else ["default"])
+    dtypes = chosen_dtypes(args, [torch.bfloat16, torch.float32] if cuda else [torch.float32])
+    compile_modes = chosen_compile_modes(args, ["default", "max-autotune"] if cuda and not args.quick else ["default"])
 
     info = environment(device)
     ceiling = copy_bandwidth_gbs(device)
@@ -129,10 +113,7 @@ def main(argv=None) -> None:
     for dtype in dtypes:
         for m, n in grid:
             rows += bench_shape(m, n, dtype, device, impls, ceiling)
-    mark_speedups(rows)
-    path = write_results("layer_norm", rows, info, None if args.out is None else Path(args.out))
-    print_table(rows, info)
-    print(f"\nresults: {path} (+ .csv)")
+    finish("layer_norm", rows, info, args.out)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,15 @@ The activation is GELU's tanh form (GPT-1's), dropout off: the comparison is of 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from bench.common import (Row, environment, mark_speedups, matmul_tflops, peak_memory_mb, print_table, rotations,
-                          time_calls, write_results)
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, peak_memory_mb,
+                     rotations, standard_parser, time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -92,22 +88,14 @@ def bench_shape(tokens: int, d_model: int, d_ff: int, dtype: torch.dtype, device
             tflops = counted[pass_] / (median * 1e-3) / 1e12
             out.append(Row("gelu_ffn", f"{tokens}x{d_model}->{d_ff}", str(dtype).replace("torch.", ""), pass_, impl,
                            median, p20, p80, tflops, "TFLOP/s", tflops / ceiling_tflops,
-                           peak_memory_mb(fns[0], device)))
+                           peak_memory_mb(fns[0], device),
+                           extra={"tokens": tokens, "d_model": d_model, "d_ff": d_ff}))
         del graphs
     return out
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32")
-    parser.add_argument("--compile", default=None,
-                        help="torch.compile modes to compare, comma-separated (default, max-autotune); 'none' skips")
-    parser.add_argument("--include-interpreter", action="store_true",
-                        help="also time the triton backend on CPU through the interpreter (very slow)")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
+    args = standard_parser(__doc__).parse_args(argv)
 
     device = torch.device(args.device)
     functorch_config.donated_buffer = False  # the backward pass is timed by replaying one graph
@@ -118,10 +106,8 @@ def main(argv=None) -> None:
         grid = [(16384, 768, 3072), (32768, 768, 3072), (8192, 4096, 16384)]
     else:
         grid = [(2048, 768, 3072)]
-    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else \
-        ([torch.bfloat16] if cuda else [torch.float32])
-    compile_modes = ([] if args.compile == "none" else args.compile.split(",")) if args.compile else \
-        (["default", "max-autotune"] if cuda and not args.quick else ["default"])
+    dtypes = chosen_dtypes(args, [torch.bfloat16] if cuda else [torch.float32])
+    compile_modes = chosen_compile_modes(args, ["default", "max-autotune"] if cuda and not args.quick else ["default"])
 
     info = environment(device)
     ceiling = matmul_tflops(device)
@@ -132,10 +118,7 @@ def main(argv=None) -> None:
     for dtype in dtypes:
         for tokens, d_model, d_ff in grid:
             rows += bench_shape(tokens, d_model, d_ff, dtype, device, impls, ceiling)
-    mark_speedups(rows)
-    path = write_results("linear_gelu", rows, info, None if args.out is None else Path(args.out))
-    print_table(rows, info)
-    print(f"\nresults: {path} (+ .csv)")
+    finish("linear_gelu", rows, info, args.out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ Every implementation is checked against fastgpt's reference backend (same weight
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
@@ -26,7 +24,7 @@ from torch import nn
 import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
-from .common import Row, environment, mark_speedups, matmul_tflops, print_table, time_calls, write_results
+from .common import Row, chosen_compile_modes, environment, finish, matmul_tflops, standard_parser, time_calls
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -91,15 +89,9 @@ def implementations(config: GPT1Config, device: torch.device, include_interprete
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a tiny config (CPU smoke run)")
+    parser = standard_parser(__doc__)
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
     parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
-    parser.add_argument("--compile", default=None, help="torch.compile modes, comma-separated; 'none' skips")
-    parser.add_argument("--include-interpreter", action="store_true", help="also time triton through the CPU "
-                                                                           "interpreter (very slow)")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -113,7 +105,7 @@ def main(argv=None) -> None:
         config = GPT1Config(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
     batch = args.batch or (8 if cuda else 2)
     amp_dtype = torch.bfloat16 if cuda else None
-    compile_modes = ([] if args.compile == "none" else args.compile.split(",")) if args.compile else ["default"]
+    compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
     ceiling = matmul_tflops(device)
@@ -159,12 +151,9 @@ def main(argv=None) -> None:
         rows.append(Row("model", f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}",
                         "bf16-autocast" if amp_dtype else "float32", "fwd+bwd", name, median, p20, p80, rate,
                         "tokens/s", tflops / ceiling, None, extra=extra))
-    mark_speedups(rows)
-    path = write_results("model", rows, info, None if args.out is None else Path(args.out))
-    print_table(rows, info)
-    print(f"\n'of ceil' = MFU against the measured {ceiling:.3g} TFLOP/s matrix-product rate"
+    finish("model", rows, info, args.out)
+    print(f"'of ceil' = MFU against the measured {ceiling:.3g} TFLOP/s matrix-product rate"
           + (f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""))
-    print(f"results: {path} (+ .csv)")
 
 
 if __name__ == "__main__":

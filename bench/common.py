@@ -193,3 +193,41 @@ def print_table(rows: list[Row], info: dict) -> None:
         speedup = f"{r.speedup_vs_best_peer:.2f}x" if r.speedup_vs_best_peer is not None else "-"
         print(f"{r.op:<16}{r.shape:<18}{r.dtype:<10}{r.pass_:<9}{r.impl:<24}{r.median_ms:>11.4f}"
               f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>17}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")
+
+
+def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") -> "argparse.ArgumentParser":
+    """The flags every benchmark takes (a benchmark adds its own): --device, --quick, --dtypes, --compile,
+    --include-interpreter, --out. `python -m bench` forwards --device, --quick and --out."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
+    parser.add_argument("--dtypes", default=None, help=f"comma-separated, e.g. {dtypes_example}")
+    parser.add_argument("--compile", default=None,
+                        help="torch.compile modes to compare, comma-separated (default, max-autotune); 'none' skips")
+    parser.add_argument("--include-interpreter", action="store_true",
+                        help="also time the triton backend on CPU through the interpreter (very slow)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    return parser
+
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def chosen_dtypes(args, default: Sequence[torch.dtype]) -> list[torch.dtype]:
+    return [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else list(default)
+
+
+def chosen_compile_modes(args, default: Sequence[str]) -> list[str]:
+    if args.compile is None:
+        return list(default)
+    return [] if args.compile == "none" else args.compile.split(",")
+
+
+def finish(name: str, rows: list[Row], info: dict, out: str | None) -> Path:
+    """Speed-ups against the best peer, the result files, the printed table."""
+    mark_speedups(rows)
+    path = write_results(name, rows, info, None if out is None else Path(out))
+    print_table(rows, info)
+    print(f"\nresults: {path} (+ .csv)")
+    return path

@@ -1,8 +1,9 @@
 """PNG plots from recorded results: GB/s against hidden size (LayerNorm), TFLOP/s against sequence length
 (attention), TFLOP/s against tokens (GELU FFN), tokens/s per implementation (the whole model).
 
-Each benchmark stores the plotted quantity in its rows' `extra` (e.g. {"hidden": 768}); a plot draws one line per
-implementation, for the forward+backward pass and the first dtype recorded.
+Each benchmark stores the plotted quantities in its rows' `extra` (e.g. {"hidden": 768, "tokens": 4096}); a plot
+has one panel per value of the panel keys (e.g. head dim and causal for attention) and one line per implementation,
+for the forward+backward pass and the first dtype recorded.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# op -> (x key in a row's extra, x label, log x)
+# op -> (x key in a row's extra, x label, log x, panel keys)
 LINE_PLOTS = {
-    "layer_norm": ("hidden", "hidden size", True),
-    "attention": ("seq_len", "sequence length", True),
-    "linear_gelu": ("tokens", "tokens", True),
+    "layer_norm": ("hidden", "hidden size", True, ("tokens",)),
+    "attention": ("seq_len", "sequence length", True, ("head_dim", "causal")),
+    "linear_gelu": ("tokens", "tokens", True, ("d_model", "d_ff")),
 }
 
 
@@ -28,28 +29,30 @@ def draw_line_plot(path: Path, op: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label, log_x = LINE_PLOTS[op]
+    key, label, log_x, panel_keys = LINE_PLOTS[op]
     env, rows = _load(path)
     rows = [r for r in rows if r["pass_"] == "fwd+bwd" and key in r.get("extra", {})]
     if not rows:
         return None
     dtype = rows[0]["dtype"]
-    # Several rows can share an x (e.g. token counts for LayerNorm): keep the largest workload's, the steady state.
-    series: dict[str, dict[float, float]] = {}
+    panels: dict[tuple, dict[str, dict[float, float]]] = {}
     for r in rows:
         if r["dtype"] == dtype:
-            series.setdefault(r["impl"], {})[r["extra"][key]] = r["metric"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for impl, points in sorted(series.items()):
-        xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=impl)
-    if log_x:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(label)
-    ax.set_ylabel(rows[0]["unit"])
-    ax.set_title(f"{op} fwd+bwd, {dtype}: {env['device']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            panel = tuple(r["extra"].get(k) for k in panel_keys)
+            panels.setdefault(panel, {}).setdefault(r["impl"], {})[r["extra"][key]] = r["metric"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], sorted(panels.items(), key=lambda item: str(item[0]))):
+        for impl, points in sorted(series.items()):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=impl)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel(rows[0]["unit"])
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{op} fwd+bwd, {dtype}: {env['device']}", fontsize=10)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)

@@ -35,4 +35,14 @@ TORCH_LIBRARY(fastgpt, m) {
   // grad_pre (M, K) = (grad (M, N) weight (N, K)) * act'(pre (M, K)): the backward through a following linear layer.
   m.def("linear_gelu_dact(Tensor grad, Tensor weight, Tensor pre, str activation, bool bias_grad)"
         " -> (Tensor grad_pre, Tensor grad_bias)");
+  // fastgpt/ops/attention.py: out = dropout(softmax(q k^T * scale + attn_mask)) v, flash-style (no Lq x Lk matrix).
+  // q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), H % Hk == 0; attn_mask None, or bool (True = attend) or
+  // additive in q's dtype, broadcastable to (B, H, Lq, Lk) by strides; is_causal top-left aligned. seed: int64
+  // CPU scalar for the shared Philox dropout. out (B, H, Lq, Dv) in q's dtype; lse (B, H, Lq) float32 log-sum-exp
+  // of the scaled, masked scores (-inf for a row that sees no key).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale,"
+        " float dropout_p, Tensor seed) -> (Tensor out, Tensor lse)");
+  // Recomputes the probabilities from lse and regenerates the dropout mask from seed; dq, dk, dv like q, k, v.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask,"
+        " bool is_causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

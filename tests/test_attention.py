@@ -218,7 +218,7 @@ def test_bad_input(device, backend, call, error):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The Triton custom ops: torch.library.opcheck and torch.compile(fullgraph=True).
+# The kernels' custom ops: torch.library.opcheck and torch.compile(fullgraph=True).
 
 def _kernel_backends():
     return [p for p in DEVICE_BACKENDS if p.values[1] in attention._OPS]
@@ -228,12 +228,12 @@ def _kernel_backends():
 def test_opcheck(device, backend):
     q, k, v, grad_out = _inputs(device, torch.float32, 2, 2, 1, 17, 33, 32, 16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    mask = _mask("key_padding", device, torch.float32, 2, 2, 17, 33)
+    mask = _mask("key_padding", device, torch.float32, 2, 2, 17, 33).expand(2, 2, 17, 33)  # as the op passes it
     seed = torch.tensor(77, dtype=torch.int64)
     fwd = attention._OPS[backend]
     torch.library.opcheck(fwd, (q, k, v, mask, False, 0.2, 0.25, seed))
     out, lse = fwd(q, k, v, None, True, 0.2, 0.0, seed)
-    bwd = {"triton": attention._triton_bwd}[backend]
+    bwd = {"triton": attention._triton_bwd, "csrc": getattr(torch.ops.fastgpt, "attention_bwd", None)}[backend]
     torch.library.opcheck(bwd, (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, True, 0.2,
                                 0.0, seed))
 

@@ -7,15 +7,16 @@ query head h reads key/value head h // (H // Hk). is_causal is aligned top-left,
 j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or additive float, broadcastable to
 (..., H, Lq, Lk). A query row whose keys are all masked gives 0, and 0 gradients.
 
-Dropout draws one seed (an int64 CPU tensor of shape (), from torch's default generator) per call; every backend
-derives its mask from it with the shared Philox generator (fastgpt/ops/philox.py, counters (j, i, b*H + h, 0)).
-
-Backends (see fastgpt.backends):
-    reference  this file: the definition, in the inputs' dtype
+Kernels (flash-style: online softmax, a float32 log-sum-exp lse (B, H, Lq) kept per query row, the backward pass
+recomputing the probabilities and regenerating the dropout mask from the seed; nothing Lq x Lk is ever stored):
+    reference  _reference below, by the definition, in the inputs' dtype
     triton     kernels/attention.py, as custom ops fastgpt_triton::attention_{fwd,bwd}
-Kernels take q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with any strides and a 4-D mask broadcastable
-to (B, H, Lq, Lk); they return out and the fp32 row log-sum-exp lse (B, H, Lq) that the backward pass recomputes
-the probabilities from, so no Lq x Lk matrix is ever stored.
+    csrc       csrc/cpu/attention.cpp (and csrc/cuda/attention.cu where built) as fastgpt::attention_{fwd,bwd}
+               (schemas in csrc/fastgpt.cpp)
+The kernels take 4-D (B, H, L, D) views of any strides and a mask expanded to (B, H, Lq, Lk) by strides, so a
+key-padding mask (B, 1, 1, Lk) is read in place. Dropout draws one int64 seed from torch's default generator per
+call (all backends alike, so torch.manual_seed reproduces a run) and the Philox stream of fastgpt/ops/philox.py at
+counters (j, i, b*H + h, 0).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Custom ops: the schema (fake implementation) and autograd formula are shared by the kernel backends.
 
 def _fwd_fake(q, k, v, attn_mask, is_causal, scale, dropout_p, seed):
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (B, H, Lq, Dv)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)  # lse (B, H, Lq)
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,6 +87,13 @@ def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 _register(_triton_fwd, _triton_bwd)
 _OPS = {"triton": _triton_fwd}
+# The csrc backend's devices: its CPU kernel always, a CUDA kernel when the extension was built with one.
+_CSRC_DEVICES = set()
+if backends.CSRC_LOADED:
+    _register(torch.ops.fastgpt.attention_fwd.default, torch.ops.fastgpt.attention_bwd.default)
+    _OPS["csrc"] = torch.ops.fastgpt.attention_fwd.default
+    _CSRC_DEVICES = {device for device in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastgpt::attention_fwd", device.upper())}
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -169,23 +177,23 @@ def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal,
 
 
 def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
-    if backend not in _OPS or query.dtype not in _KERNEL_DTYPES or query.numel() == 0 or key.numel() == 0:
+    if backend not in _OPS or query.dtype not in _KERNEL_DTYPES or query.numel() == 0 or key.shape[-2] == 0:
         return False
     if attn_mask is not None and attn_mask.requires_grad:  # the kernels give no gradient for the mask
         return False
     if backend == "triton":
         from fastgpt.kernels.attention import HEAD_DIMS
         return query.shape[-1] in HEAD_DIMS and value.shape[-1] in HEAD_DIMS
+    if query.device.type not in _CSRC_DEVICES:
+        return False
+    if query.device.type == "cuda":
+        # csrc/cuda/attention.cu: tensor cores (sm_80+), half precision, head dims 64 and 128 with Dv = D, and a
+        # grid of (batch, heads) blocks within CUDA's 65535 limit on grid dims y and z.
+        return (query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128)
+                and value.shape[-1] == query.shape[-1]
+                and torch.cuda.get_device_capability(query.device)[0] >= 8
+                and math.prod(query.shape[:-3]) <= 65535 and query.shape[-3] <= 65535)
     return True
-
-
-def _mask_4d(attn_mask, batch_shape, batch):
-    """attn_mask as a 4-D (B or 1, H or 1, Lq or 1, Lk or 1) tensor; a view unless batch dims must be merged."""
-    ndim = len(batch_shape) + 3
-    mask = attn_mask.reshape((1,) * (ndim - attn_mask.dim()) + tuple(attn_mask.shape))
-    if all(size == 1 for size in mask.shape[:-3]):
-        return mask.reshape(1, *mask.shape[-3:])
-    return mask.expand(*batch_shape, *mask.shape[-3:]).reshape(batch, *mask.shape[-3:])
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -196,19 +204,27 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    # One seed per call whichever backend runs, so that torch.manual_seed gives every backend the same mask.
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
-    batch_shape = query.shape[:-3]
-    batch = math.prod(batch_shape)
     backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask))
-    if backend == "reference":
-        dropout_keep = None
-        if dropout_p > 0.0:
-            dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
-                                                  dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
-        return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
-    q = query.reshape(batch, *query.shape[-3:])  # (B, H, Lq, D)
-    k = key.reshape(batch, *key.shape[-3:])  # (B, Hk, Lk, D)
-    v = value.reshape(batch, *value.shape[-3:])  # (B, Hk, Lk, Dv)
-    mask = None if attn_mask is None else _mask_4d(attn_mask, batch_shape, batch)
-    out, _lse = _OPS[backend](q, k, v, mask, bool(is_causal), scale, dropout_p, seed)
-    return out.view(*query.shape[:-1], value.shape[-1])
+    if backend != "reference":
+        return _kernel_attention(_OPS[backend], query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+    dropout_keep = None
+    if dropout_p > 0.0:
+        batch = math.prod(query.shape[:-3])
+        dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
+                                              dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
+    return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
+
+
+def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    """Runs a kernel backend on the (B, H, L, D) views of the inputs (batch dims flattened, strides kept)."""
+    *batch_shape, heads, lq, _ = query.shape
+    lk = key.shape[-2]
+    batch = math.prod(batch_shape)
+    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    mask = None
+    if attn_mask is not None:  # a broadcast view: size-1 dims become zero strides, nothing is copied
+        mask = attn_mask.expand(*batch_shape, heads, lq, lk).reshape(batch, heads, lq, lk)
+    out, _lse = fwd_op(q, k, v, mask, bool(is_causal), scale, dropout_p, seed)
+    return out.view(*batch_shape, heads, lq, value.shape[-1])

@@ -1,0 +1,370 @@
+// Building blocks shared by the CUDA attention kernels (attention_fwd.cuh, attention_bwd.cuh): the launch
+// parameters, the inline-PTX tensor-core primitives (cp.async, ldmatrix, mma.sync m16n8k16), the swizzled shared
+// memory layout, warp-level matrix products on register fragments, score masking and the dropout RNG.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16, f16/bf16 inputs, f32 accumulators). A warp multiplies a 16 x 16 A by a
+// 16 x 8 B into a 16 x 8 C. Lane l is in quad-row g = l / 4 and column pair t = l % 4:
+//   A (16 x 16, row-major)  a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]
+//                           a[2] = A[g][2t+8..+9]    a[3] = A[g+8][2t+8..+9]        (two 16-bit values per reg)
+//   B (16 x 8, "col")       b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..+9][g]
+//   C (16 x 8, f32)         c[0..1] = C[g][2t..2t+1] c[2..3] = C[g+8][2t..2t+1]
+// A warp tile of 16 x N accumulators is kept as float acc[N / 8][4] (one C fragment per 8 columns), so lane l
+// holds rows g and g + 8 and, in n-tile nt, columns nt * 8 + 2t + {0, 1}: element e of acc[nt] sits at row
+// g + 8 * (e / 2), column nt * 8 + 2t + e % 2. The C layout of two adjacent n-tiles is exactly the A layout of one
+// 16-wide k-step, so P = softmax(S) and dS feed the next product straight from registers (acc_to_a).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "philox.h"
+
+namespace fastgpt {
+namespace attention {
+
+constexpr int kWarps = 4;  // every kernel: 4 warps, each owning 16 rows of the block's tile
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Causal and an explicit mask are exclusive in the op (fastgpt/ops/attention.py rejects both at once).
+enum class MaskMode { kNone, kCausal, kTensor };
+
+struct Strides {  // element strides of a (B, heads, L, D) tensor whose last dim is contiguous
+  int64_t b, h, l;
+};
+
+// attn_mask expanded to (B, H, Lq, Lk) by strides (0 strides where it broadcasts): bool (stored as one byte,
+// nonzero = may attend) or additive in the inputs' dtype.
+struct MaskView {
+  const void* ptr;
+  int64_t stride_b, stride_h, stride_i, stride_j;
+  bool is_bool;
+};
+
+// Everything the four kernels read. Pointers a pass does not use are null. lse and delta are contiguous
+// (B, H, Lq) float32; the dtype T of the 16-bit tensors is the kernels' template parameter.
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;       // forward output (the backward pass reads it for delta)
+  const void* grad_out;  // dO
+  void* out_w;           // forward: where out is written
+  float* lse;            // natural-log log-sum-exp of each query row's scaled, masked scores; -inf: no key
+  float* delta;          // rowsum(dO * O), written by the preprocess kernel
+  void* dq;
+  void* dk;
+  void* dv;
+  Strides q_st, k_st, v_st, out_st, do_st, dq_st, dk_st, dv_st;
+  MaskView mask;
+  int batch, heads, kv_heads, group;  // group = heads / kv_heads: query head h reads kv head h / group
+  int len_q, len_k;
+  float scale;         // softmax scale (the op's `scale`)
+  float scale_log2;    // scale * log2(e): scores go straight to the exp2 domain
+  float dropout_p;     // float32, as the Triton kernel and the reference compare it
+  float dropout_scale; // 1 / (1 - dropout_p)
+  uint64_t seed;              // Philox key: the int64 seed's bits
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// 16-bit element types: packing two floats into one 32-bit register and reading one element.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "fp16 or bf16 only");
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);  // lo lands in the low 16 bits: the lower column index
+    bits = *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    bits = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return bits;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(x);
+  else
+    return __bfloat162float(x);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Inline PTX (sm_80+).
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1. src_size 0 reads nothing and fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8 x 8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8, and receives in r[i] row
+// l / 4, columns 2 (l % 4) + {0, 1} of matrix i (of its transpose with .trans).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c (16 x 8, f32) += a (16 x 16) * b (16 x 8) on the tensor cores.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared-memory tiles: ROWS x COLS 16-bit elements, row-major, each row cut into COLS / 8 chunks of 16 bytes, and
+// chunk c of row r stored at chunk position c ^ (r % 8). ldmatrix reads one chunk from each of 8 consecutive rows:
+// the XOR puts those 8 chunks in 8 different 16-byte bank groups (rows are 128 or 256 bytes, a multiple of the
+// 128-byte bank window), so neither ldmatrix nor the 16-byte cp.async stores conflict.
+// ---------------------------------------------------------------------------------------------------------------
+template <int COLS>
+__device__ __forceinline__ int swizzle(int row, int col) {  // col: a multiple of 8
+  static_assert(COLS % 64 == 0, "rows of at least 8 chunks, so that the XOR stays inside the row");
+  return row * COLS + (((col >> 3) ^ (row & 7)) << 3);
+}
+
+// Copies rows [row0, row0 + ROWS) of a (len, COLS) matrix (row stride `stride` elements, last dim contiguous,
+// rows 16-byte aligned) into a swizzled tile; rows at or past `len` are zero-filled, so that products over them
+// give 0 and never NaN. All kThreads threads call it; the caller commits and waits.
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t stride, int row0, int len) {
+  constexpr int kChunksPerRow = COLS / 8;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int chunk = threadIdx.x; chunk < kChunks; chunk += kThreads) {
+    const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
+    const bool valid = row0 + row < len;
+    const T* from = valid ? src + static_cast<int64_t>(row0 + row) * stride + col : src;  // src: a valid address
+    cp_async_16(tile + swizzle<COLS>(row, col), from, valid);
+  }
+}
+
+// A fragment of the 16 x 16 block at (row0, col0) of a row-major tile.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0) {
+  const int lane = threadIdx.x & 31, matrix = lane >> 3;
+  // matrices 0..3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]
+  ldmatrix_x4(a, tile + swizzle<COLS>(row0 + (lane & 7) + (matrix & 1) * 8, col0 + (matrix >> 1) * 8));
+}
+
+// B fragments of two adjacent n-tiles (n0, n0 + 8) for the k-step at k0. kTrans = false: the tile stores B
+// transposed, as rows n and columns k (K or V read as [key][dim] when B = K^T or V^T); kTrans = true: the tile
+// stores B itself, rows k and columns n (V or K read as [key][dim] when B = V or K). b[i] is n-tile n0 + 8 i.
+template <bool kTrans, int COLS, typename T>
+__device__ __forceinline__ void load_b(uint32_t (&b)[2][2], const T* tile, int n0, int k0) {
+  const int lane = threadIdx.x & 31, matrix = lane >> 3;
+  uint32_t r[4];
+  if constexpr (!kTrans) {
+    // matrices = (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+    ldmatrix_x4(r, tile + swizzle<COLS>(n0 + (lane & 7) + (matrix >> 1) * 8, k0 + (matrix & 1) * 8));
+  } else {
+    // stored (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), transposed by ldmatrix
+    ldmatrix_x4_trans(r, tile + swizzle<COLS>(k0 + (lane & 7) + (matrix & 1) * 8, n0 + (matrix >> 1) * 8));
+  }
+  b[0][0] = r[0];
+  b[0][1] = r[1];
+  b[1][0] = r[2];
+  b[1][1] = r[3];
+}
+
+// acc (16 x N) += A (16 x K, register fragments) * B (K x N from a tile, see load_b), B's origin at (0, 0).
+template <int N, int K, bool kTrans, int COLS, typename T>
+__device__ __forceinline__ void gemm_rs(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* b_tile) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "n-tiles are loaded in pairs, k in steps of 16");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[2][2];
+      load_b<kTrans, COLS>(b, b_tile, np * 16, kk * 16);
+      mma_16816<T>(acc[2 * np], a[kk], b[0]);
+      mma_16816<T>(acc[2 * np + 1], a[kk], b[1]);
+    }
+  }
+}
+
+// acc (16 x N) += A (rows a_row0.. of a tile, 16 x K) * B (K x N from a tile, see load_b).
+template <int N, int K, bool kTrans, int COLS, typename T>
+__device__ __forceinline__ void gemm_ss(float (&acc)[N / 8][4], const T* a_tile, int a_row0, const T* b_tile) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "n-tiles are loaded in pairs, k in steps of 16");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    load_a<COLS>(a, a_tile, a_row0, kk * 16);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[2][2];
+      load_b<kTrans, COLS>(b, b_tile, np * 16, kk * 16);
+      mma_16816<T>(acc[2 * np], a, b[0]);
+      mma_16816<T>(acc[2 * np + 1], a, b[1]);
+    }
+  }
+}
+
+// A fragments (16 x N as the k extent of the next product) from 16 x N accumulators, rounded to T.
+template <typename T, int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&acc)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);          // row g,     k 2t (n-tile 2kk)
+    a[kk][1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);          // row g + 8, k 2t
+    a[kk][2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);  // row g,     k 2t + 8 (n-tile 2kk + 1)
+    a[kk][3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);  // row g + 8, k 2t + 8
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+}
+
+// Position of element e of n-tile nt of a warp's accumulator tile whose top-left is (row0, col0).
+__device__ __forceinline__ int frag_row(int row0, int e) { return row0 + ((threadIdx.x & 31) >> 2) + (e >> 1) * 8; }
+__device__ __forceinline__ int frag_col(int col0, int nt, int e) {
+  return col0 + nt * 8 + (threadIdx.x & 3) * 2 + (e & 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scores: s <- s * scale * log2(e) (+ additive mask * log2(e)), and -inf where key j is hidden from query i: past
+// either sequence's end, above the causal diagonal (j > i), or masked out by a boolean mask. kTransposed: the
+// fragment's rows are keys and its columns queries (the dK/dV kernel computes S^T). `check` = false promises that
+// the warp's tile is inside both sequences and below the diagonal (and there is no mask tensor): a plain scale.
+// ---------------------------------------------------------------------------------------------------------------
+template <MaskMode kMode, bool kTransposed, typename T, int NT>
+__device__ __forceinline__ void scale_and_mask(float (&s)[NT][4], const Params& p, int b, int h, int row0, int col0,
+                                               bool check) {
+  if (!check && kMode != MaskMode::kTensor) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+    return;
+  }
+  const MaskView& m = p.mask;
+  const char* mask_bh = nullptr;
+  if constexpr (kMode == MaskMode::kTensor) {
+    const int64_t elem = m.is_bool ? 1 : static_cast<int64_t>(sizeof(T));
+    mask_bh = static_cast<const char*>(m.ptr) + (b * m.stride_b + h * m.stride_h) * elem;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = frag_row(row0, e), c = frag_col(col0, nt, e);
+      const int i = kTransposed ? c : r, j = kTransposed ? r : c;
+      bool visible = i < p.len_q && j < p.len_k;
+      if constexpr (kMode == MaskMode::kCausal) visible = visible && j <= i;
+      float v = s[nt][e] * p.scale_log2;
+      if constexpr (kMode == MaskMode::kTensor) {
+        // Each element is its own (cached) load; a key-padding mask (stride_i = 0) makes the rows of a tile
+        // read the same Lk bytes, which stay in L1.
+        if (visible) {
+          const int64_t off = i * m.stride_i + j * m.stride_j;
+          if (m.is_bool)
+            visible = reinterpret_cast<const uint8_t*>(mask_bh)[off] != 0;
+          else
+            v += to_float(reinterpret_cast<const T*>(mask_bh)[off]) * kLog2e;  // -inf entries mask too
+        }
+      }
+      s[nt][e] = visible ? v : -INFINITY;
+    }
+  }
+}
+
+// Dropout: the shared Philox4x32-10 of csrc/philox.h (bit-identical to Triton's tl.philox + uint_to_uniform_float
+// and to fastgpt/ops/philox.py). Attention probability P[b, h, i, j] uses counters (j, i, b * H + h, 0) and is kept
+// iff u >= p.
+__device__ __forceinline__ bool dropout_keep(const Params& p, uint32_t bh, int i, int j) {
+  return philox_uniform(p.seed, static_cast<uint32_t>(j), static_cast<uint32_t>(i), bh, 0u) >= p.dropout_p;
+}
+
+// The dropout mask of a score-shaped fragment (16 x 8 NT, top-left at (row0, col0)): bit 4 nt + e is set iff
+// element e of n-tile nt is kept. A rolled loop, two Philox chains at a time: unrolling all 4 NT of them would
+// hold their states at once and push the kernels into spills. kTransposed: rows are keys, columns queries.
+template <bool kTransposed, int NT>
+__device__ __forceinline__ uint32_t dropout_bits(const Params& p, uint32_t bh, int row0, int col0) {
+  static_assert(NT * 4 <= 32, "one bit per element of the lane's fragment");
+  uint32_t bits = 0u;
+#pragma unroll 2
+  for (int bit = 0; bit < NT * 4; ++bit) {
+    const int r = frag_row(row0, bit & 3), c = frag_col(col0, bit >> 2, bit & 3);
+    bits |= static_cast<uint32_t>(dropout_keep(p, bh, kTransposed ? c : r, kTransposed ? r : c)) << bit;
+  }
+  return bits;
+}
+
+// x <- x * kept where the bit is set, 0 where it is not (a dropped element).
+template <int NT>
+__device__ __forceinline__ void apply_dropout(float (&x)[NT][4], uint32_t bits, float kept) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[nt][e] *= (bits >> (4 * nt + e)) & 1u ? kept : 0.f;
+}
+
+// Sum and max over the 4 lanes of a quad (the lanes holding one accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Writes a warp's 16 x N accumulators times `scale` as rows row0.. of a (len, N) matrix with row stride `stride`
+// (columns 2t, 2t + 1 of each n-tile as one 32-bit store); rows at or past len are skipped.
+template <typename T, int NT>
+__device__ __forceinline__ void store_rows(T* dst, int64_t stride, int row0, int len, const float (&acc)[NT][4],
+                                           const float (&scale)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = frag_row(row0, 2 * half);
+    if (row >= len) continue;
+    T* out = dst + static_cast<int64_t>(row) * stride;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      *reinterpret_cast<uint32_t*>(out + frag_col(0, nt, 0)) =
+          pack2<T>(acc[nt][2 * half] * scale[half], acc[nt][2 * half + 1] * scale[half]);
+  }
+}
+
+}  // namespace attention
+}  // namespace fastgpt
