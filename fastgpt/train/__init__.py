@@ -1,0 +1,6 @@
+"""GPT-1 pretraining: settings and presets, the training loop, checkpoints, metrics, sampling."""
+
+from .config import PRESETS, PretrainConfig
+from .pretrain import pretrain
+
+__all__ = ["PRESETS", "PretrainConfig", "pretrain"]

