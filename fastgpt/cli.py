@@ -1,4 +1,5 @@
-"""The `fastgpt` command: `fastgpt pretrain ...`, `fastgpt sample ...` (also `python -m fastgpt ...`)."""
+"""The `fastgpt` command: `fastgpt pretrain ...`, `fastgpt sample ...`, `fastgpt bench ...` (also
+`python -m fastgpt ...`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--device", default="auto")
     smp.add_argument("--backend", default=None)
     smp.set_defaults(run=_sample)
+
+    # The benchmark suite parses its own flags (fastgpt bench --help lists them).
+    bench = commands.add_parser("bench", help="benchmark every op and the model against the alternatives",
+                                add_help=False)
+    bench.set_defaults(run=None)
     return parser
 
 
@@ -62,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     from .train.distributed import LaunchError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .bench.__main__ import main as bench_main
+        bench_main(rest)
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args)
     except (DataError, CheckpointError, LaunchError, ValueError) as e:
