@@ -17,3 +17,13 @@ import fastgpt  # noqa: E402  (after TRITON_INTERPRET)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of many tiny ops (modules, models): on a busy 2-core machine OpenMP's thread hand-offs cost far more
+    than the arithmetic. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

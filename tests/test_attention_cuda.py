@@ -5,6 +5,12 @@ torch.ops.fastgpt.attention_fwd / attention_bwd on a GPU over the attention issu
 and bf16, strided (packed QKV) inputs; dropout against the very mask fastgpt.ops.philox draws for the seed (the
 Triton kernel's), fully masked rows, determinism, and the argument checks. Each result must be within 2x of
 PyTorch's own same-dtype error (tests/utils.py). Skipped, with the reason, without a GPU or a CUDA build.
+
+On a GPU, also under compute-sanitizer (each should report 0 errors):
+    compute-sanitizer --tool memcheck  python -m pytest -q -x tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
+    compute-sanitizer --tool racecheck python -m pytest -q -x tests/test_attention_cuda.py -k "test_lengths_head_dims_causal and 113 and True and bfloat16"
+    compute-sanitizer --tool synccheck python -m pytest -q -x tests/test_attention_cuda.py -k "test_dropout and causal and float16"
+    compute-sanitizer --tool initcheck python -m pytest -q -x tests/test_attention_cuda.py -k test_empty_sequences
 """
 
 import math

@@ -14,13 +14,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB, CONTEXT = 61, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf(dropout=0.0, **overrides):

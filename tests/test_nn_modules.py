@@ -19,13 +19,7 @@ from tests.utils import DEVICE_BACKENDS, assert_close
 B, L, S, E, H = 3, 5, 7, 16, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: on a busy 2-core machine, OpenMP's thread hand-offs cost ~1000x the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 DTYPES = [torch.float64, torch.float32]
 
 

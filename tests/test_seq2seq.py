@@ -15,13 +15,7 @@ from tests.utils import DEVICE_BACKENDS, assert_close
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: on a busy 2-core machine OpenMP's thread hand-offs cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**overrides):

@@ -27,6 +27,7 @@ import torch
 
 from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import attention_dropout_keep, draw_seed
 
 _OP = "scaled_dot_product_attention"
@@ -63,9 +64,7 @@ def _autograd_for(bwd_op):
 
 
 def _register(fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _autograd_for(bwd_op), setup_context=_setup_context)
+    register_kernel_op(fwd_op, bwd_op, _fwd_fake, _bwd_fake, _autograd_for, _setup_context)
 
 
 @torch.library.custom_op("fastgpt_triton::attention_fwd", mutates_args=())
