@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastgpt import backends
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE_BYTES = 256 << 20  # rotate inputs through more than this: beyond H100's 50 MB L2 and CPU caches
 
@@ -86,7 +88,7 @@ def _cpu_name() -> str:
 
 
 def device_slug(info: dict) -> str:
-    return "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-").replace("--", "-")
+    return backends.device_slug(info["device"])
 
 
 def rotations(bytes_per_call: int) -> int:

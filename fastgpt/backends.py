@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -144,3 +146,24 @@ def select(device: torch.device, supports: Callable[[str], bool],
         if name != "reference" and _RUNS_ON.get((name, device.type), False) and supports(name):
             return name
     return "reference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measured preferences: where two kernel backends take the same input, the faster one on this GPU, as recorded by
+# the benchmarks (bench/results/<device>/<op>.json, installed as fastgpt.bench).
+
+def device_slug(name: str) -> str:
+    """The folder name of a device's results: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def recorded_rows(op: str, device_name: str) -> list[dict]:
+    """The result rows the benchmark of `op` recorded for `device_name`, or [] when there are none."""
+    spec = importlib.util.find_spec("fastgpt.bench")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    path = Path(list(spec.submodule_search_locations)[0]) / "results" / device_slug(device_name) / f"{op}.json"
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []

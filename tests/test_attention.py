@@ -254,3 +254,24 @@ def test_torch_compile_fullgraph(device, backend):
         compiled = _grads(torch.compile(fn, fullgraph=True), (q, k, v), grad_out)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
+
+
+def test_faster_kernel_rule_reads_recorded_results():
+    """On a GPU the op puts first whichever kernel backend the recorded benchmark found faster at the nearest shape
+    (same dtype, head dim, causal flag; nearest log2 length); with nothing comparable recorded, no preference."""
+    def row(impl, length, ms, head_dim=64, causal=True, dtype="bfloat16", pass_="fwd+bwd"):
+        return {"impl": impl, "pass_": pass_, "dtype": dtype, "median_ms": ms,
+                "extra": {"seq_len": length, "head_dim": head_dim, "causal": causal}}
+
+    rows = [row("fastgpt-csrc", 512, 1.0), row("fastgpt-triton", 512, 2.0),
+            row("fastgpt-csrc", 8192, 9.0), row("fastgpt-triton", 8192, 5.0),
+            row("fastgpt-triton", 2048, 0.1),  # no csrc time at 2048: not a comparable point
+            row("torch-sdpa-flash", 512, 0.5), row("fastgpt-csrc", 512, 0.1, pass_="fwd"),
+            row("fastgpt-csrc", 512, 0.1, head_dim=128), row("fastgpt-triton", 512, 0.2, head_dim=128)]
+    assert attention.faster_kernel(rows, "bfloat16", 64, True, 300) == "csrc"
+    assert attention.faster_kernel(rows, "bfloat16", 64, True, 1024) == "csrc"
+    assert attention.faster_kernel(rows, "bfloat16", 64, True, 4096) == "triton"
+    assert attention.faster_kernel(rows, "bfloat16", 128, True, 4096) == "csrc"
+    assert attention.faster_kernel(rows, "bfloat16", 64, False, 512) is None
+    assert attention.faster_kernel(rows, "float16", 64, True, 512) is None
+    assert attention.faster_kernel([], "bfloat16", 64, True, 512) is None

@@ -195,6 +195,40 @@ def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
     return True
 
 
+def faster_kernel(rows: list[dict], dtype: str, head_dim: int, causal: bool, seq_len: int) -> str | None:
+    """The rule that picks between the two kernel backends on a GPU, from that GPU's recorded attention benchmark
+    (`rows`): among the recorded points with this dtype, head dim and causal flag where both fastgpt-csrc and
+    fastgpt-triton ran, take the one nearest in log2(sequence length), and return the backend whose forward+backward
+    median was lower there. None when nothing comparable is recorded."""
+    points: dict[int, dict[str, float]] = {}
+    for row in rows:
+        extra = row.get("extra", {})
+        if (row.get("pass_") == "fwd+bwd" and row.get("impl") in ("fastgpt-csrc", "fastgpt-triton")
+                and row.get("dtype") == dtype and extra.get("head_dim") == head_dim
+                and extra.get("causal") == causal and extra.get("seq_len")):
+            points.setdefault(extra["seq_len"], {})[row["impl"]] = row["median_ms"]
+    paired = {length: times for length, times in points.items() if len(times) == 2}
+    if not paired:
+        return None
+    nearest = min(paired, key=lambda length: abs(math.log2(length) - math.log2(max(seq_len, 1))))
+    return min(paired[nearest], key=paired[nearest].get).removeprefix("fastgpt-")
+
+
+_RECORDED: dict[str, list[dict]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _cuda_preference(dtype: str, head_dim: int, causal: bool, seq_len: int) -> tuple[str, ...]:
+    """The backend order on the current GPU for this shape: the measured faster kernel first (faster_kernel), else
+    the default order. A constant to torch.compile: it reads files, once per GPU."""
+    name = torch.cuda.get_device_name()
+    if name not in _RECORDED:
+        _RECORDED[name] = backends.recorded_rows("attention", name)
+    first = faster_kernel(_RECORDED[name], dtype, head_dim, causal, seq_len)
+    default = backends.DEFAULT_PREFERENCE["cuda"]
+    return default if first is None else (first, *(b for b in default if b != first))
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
@@ -205,7 +239,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     dropout_p = float(dropout_p)
     # One seed per call whichever backend runs, so that torch.manual_seed gives every backend the same mask.
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
-    backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask))
+    preference = None
+    if query.device.type == "cuda":
+        preference = _cuda_preference(str(query.dtype).removeprefix("torch."), query.shape[-1], bool(is_causal),
+                                      key.shape[-2])
+    backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask),
+                              preference)
     if backend != "reference":
         return _kernel_attention(_OPS[backend], query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
     dropout_keep = None
