@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.bench_layer_norm
+	$(PY) -m bench
 
 # cuBLASLt's headers, which a CUDA toolkit without cuBLAS lacks: from NVIDIA's wheel (a large download, kept in
 # .cache/), headers only.

@@ -20,12 +20,6 @@ from fastgpt.train.metrics import read_metrics
 from fastgpt.train.pretrain import build_model, pretrain
 from fastgpt.train.schedule import lr_multiplier, make_scheduler, parameter_groups
 
-try:
-    from fastgpt.models import GPT1  # noqa: F401  (written by another helper; the loop is coded against its API)
-    HAVE_GPT1 = True
-except ImportError:
-    HAVE_GPT1 = False
-needs_gpt1 = pytest.mark.skipif(not HAVE_GPT1, reason="fastgpt.models.GPT1 is not on this branch yet")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,6 @@ def test_lr_schedule_warmup_then_cosine():
     assert seen == pytest.approx([2.0 * v for v in values[:20]])
 
 
-@needs_gpt1
 def test_weight_decay_groups(corpus, cache_dir, tmp_path):
     model, _ = build_model(tiny(corpus, cache_dir, tmp_path), vocab_size=300)
     decay, no_decay = parameter_groups(model, 0.01)
@@ -99,7 +92,6 @@ def test_weight_decay_groups(corpus, cache_dir, tmp_path):
 # -- resume, checkpoints, sampling --------------------------------------------------------------------------------
 
 
-@needs_gpt1
 def test_resume_equals_uninterrupted(corpus, cache_dir, tmp_path):
     # Dropout on: resuming must also restore the RNG that draws the dropout masks.
     config = tiny(corpus, cache_dir, tmp_path / "full", dropout=0.1)
@@ -122,7 +114,6 @@ def test_resume_equals_uninterrupted(corpus, cache_dir, tmp_path):
     assert any("val_ppl" in r for r in records) and any("sample" in r for r in records)
 
 
-@needs_gpt1
 def test_sample_command(corpus, cache_dir, tmp_path, capsys):
     pretrain(tiny(corpus, cache_dir, tmp_path / "run", max_steps=4), log=quiet)
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "6"]) == 0
@@ -151,7 +142,6 @@ pretrain(PretrainConfig(**{config}), log=lambda *a, **k: None)
 """
 
 
-@needs_gpt1
 def test_kill_during_checkpoint_write_keeps_previous(corpus, cache_dir, tmp_path):
     config = tiny(corpus, cache_dir, tmp_path / "run", max_steps=8, checkpoint_interval=2, eval_interval=100)
     script = _CRASH_SCRIPT.replace("{config}", repr(dataclasses.asdict(config)))
@@ -167,7 +157,6 @@ def test_kill_during_checkpoint_write_keeps_previous(corpus, cache_dir, tmp_path
     assert summary["steps"] == 8 and not list(root.glob(".tmp-*"))
 
 
-@needs_gpt1
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):
     pretrain(tiny(corpus, cache_dir, tmp_path, max_steps=8, checkpoint_interval=2, keep_checkpoints=2), log=quiet)
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000006", "step_0000008"]
@@ -176,7 +165,6 @@ def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):
 # -- distributed ----------------------------------------------------------------------------------------------------
 
 
-@needs_gpt1
 def test_ddp_two_gloo_processes_equal_one_process(corpus, cache_dir, tmp_path):
     # Same global batch: 2 ranks x 4 sequences, versus 1 process x 4 sequences x 2 accumulation steps.
     single = pretrain(tiny(corpus, cache_dir, tmp_path / "one", grad_accum=2, max_steps=6, eval_interval=100), log=quiet)
@@ -256,7 +244,6 @@ def test_unknown_preset(capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
-@needs_gpt1
 def test_checkpoint_from_other_config_and_corrupted(corpus, cache_dir, tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(tiny(corpus, cache_dir, run, max_steps=4, checkpoint_interval=100), log=quiet)
@@ -285,7 +272,6 @@ def test_checkpoint_from_other_config_and_corrupted(corpus, cache_dir, tmp_path,
 CONVERGENCE_TOLERANCE = 1e-4
 
 
-@needs_gpt1
 @pytest.mark.parametrize("backend", [b for b in fastgpt.available_backends("cpu") if b != "reference"])
 def test_fused_backends_follow_the_reference_loss_curve(corpus, cache_dir, tmp_path, backend):
     settings = dict(n_layer=1, max_steps=12, warmup_steps=2, eval_interval=100, checkpoint_interval=100, sample_tokens=0)
