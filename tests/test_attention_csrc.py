@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastgpt
+from fastgpt.ops.attention import _reference
 from fastgpt.ops.philox import attention_dropout_keep
 from tests.utils import assert_close
 
@@ -20,21 +21,6 @@ pytestmark = pytest.mark.skipif(not fastgpt.backends.CSRC_LOADED,
 
 def _ops():
     return torch.ops.fastgpt.attention_fwd, torch.ops.fastgpt.attention_bwd
-
-
-def _reference(q, k, v, mask, is_causal, scale, keep=None, dropout_p=0.0):
-    """softmax(q k^T scale + mask) v by definition, in the inputs' dtype; rows with no visible key give 0."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    if is_causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
-    p = torch.softmax(s.float() if s.dtype != torch.float64 else s, -1).nan_to_num(0.0).to(q.dtype)
-    if keep is not None:
-        p = p * keep / (1 - dropout_p)
-    return p @ v
 
 
 def _inputs(B, H, Hk, Lq, Lk, D, Dv, dtype, packed=False):
@@ -68,7 +54,7 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
     for name, cast in (("float64", torch.float64), ("torch", q.dtype)):
         leaves = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
         m = mask if mask is None or mask.dtype == torch.bool else mask.to(cast)
-        o = _reference(*leaves, m, is_causal, scale, keep, dropout_p)
+        o = _reference(*leaves, m, keep, dropout_p, is_causal, scale)
         o.backward(grad_out.to(cast))
         results[name] = (o.detach(), *(x.grad for x in leaves))
     for name, got, expected, own in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), results["float64"],

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
+from fastgpt.ops.attention import _reference
 from fastgpt.ops.philox import attention_dropout_keep
 from tests.utils import assert_close
 
@@ -30,23 +31,6 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float16, torch.bfloat16]
 MASKS = [None, "key_padding", "bool", "additive"]
-
-
-def _reference(q, k, v, mask, is_causal, scale, keep=None, dropout_p=0.0):
-    """softmax(q k^T scale + mask) v by definition; rows with no visible key give 0 (and 0 gradients)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    if is_causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    dead = torch.isneginf(s).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0).float() if s.dtype != torch.float64 else s.masked_fill(dead, 0.0), -1)
-    p = p.masked_fill(dead, 0.0).to(q.dtype)
-    if keep is not None:
-        p = p * keep / (1 - dropout_p)
-    return p @ v
 
 
 def _inputs(B, H, Hk, Lq, Lk, D, dtype, packed=False):
@@ -91,7 +75,7 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
             o = F.scaled_dot_product_attention(*leaves, is_causal=is_causal, scale=scale,
                                                enable_gqa=H != k.shape[1])
         else:
-            o = _reference(*leaves, m, is_causal, scale, keep, dropout_p)
+            o = _reference(*leaves, m, keep, dropout_p, is_causal, scale)
         o.backward(grad_out.to(cast))
         results[name] = (o.detach(), *(x.grad for x in leaves))
     for name, got, expected, own in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), results["float64"],

@@ -154,15 +154,13 @@ def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal,
         value = value.repeat_interleave(heads // kv_heads, dim=-3)
     lq, lk = query.shape[-2], key.shape[-2]
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., H, Lq, Lk)
-    allowed = None
-    if is_causal:
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
-    elif attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = attn_mask
+    # The op takes a mask or is_causal; the kernels (and their tests, through this function) also take both.
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=query.device).triu(1), float("-inf"))
     # Softmax with rows whose keys are all masked giving 0, and 0 gradients: subtracting their -inf maximum would
     # make NaN (and NaN gradients reach q and k through an additive mask), so they subtract 0 instead.
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float64 stays float64
