@@ -41,7 +41,9 @@ $(CUBLAS_HEADERS): $(STAMP)
 	  && rm -f nvidia_cublas-*.whl
 
 # Compile every .cu for each architecture in CUDA_ARCHS without a GPU or a CUDA torch: CUDA code cannot rot unseen
-# between GPU sessions. C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for the header the CPU wheel of torch lacks.
+# between GPU sessions. ptxas fails the build on a register spill or any local-memory use: a kernel that spills is
+# a performance bug we can see without a GPU. C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for the header the CPU wheel
+# of torch lacks.
 cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 	@set -e; nvcc=$${NVCC:-$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}; \
 	includes=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
@@ -49,6 +51,7 @@ cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 	for f in $(wildcard csrc/cuda/*.cu); do \
 	  echo "nvcc $$f [$(CUDA_ARCHS)]"; \
 	  $$nvcc -c $$f -o /dev/null --threads 0 -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror \
 	    $$includes -Icsrc -I.cache/cublas/include $$gencode; \
 	done
 

@@ -46,37 +46,63 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_m
 
 
 # ----------------------------------------------------------------------------------------------
-# Autotuning: a short list per pass for GPUs (Hopper: 2-4 stages), one small config when
-# interpreting so CPU tests stay fast. Configs too large for the head dim are pruned up front.
+# Autotuning. Each pass has a list of (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class,
+# and the autotuner tries only the list of the launch's class. The lists come from what ptxas
+# made of each candidate on sm_90a with Triton 3.6 and 3.9 (`python -m bench.triton_compile`):
+# every entry fits shared memory, and keeps the fp32 accumulators and score tiles of its class in
+# registers (a few hundred spilled bytes at most, with dropout). The limit is the fp32 values
+# a thread holds across the loop: the accumulators (BLOCK_M x Dv forward, BLOCK_N x (D + Dv) for
+# dK/dV, BLOCK_M x D for dQ) plus one or two (BLOCK_M, BLOCK_N) score tiles. From about 160 per
+# thread upwards ptxas spills, so 128-wide tiles with 128-wide heads need 8 warps, and head dim
+# 256 takes only narrow tiles. fp32 inputs use IEEE products on the FMA units, whose operands sit
+# in registers too, so only small tiles fit. Interpreting: one small config, to keep CPU tests fast.
 # ----------------------------------------------------------------------------------------------
 
-def _configs(gpu_shapes, interpret_shape):
-    if INTERPRET:
-        block_m, block_n = interpret_shape
-        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in gpu_shapes]
-
-
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    # Large head dims: the (BLOCK, D) tiles of K and V per stage no longer fit shared memory
-    # and the fp32 accumulators no longer fit registers with 128-wide blocks.
-    meta = {**named_args, **kwargs}  # the constexpr head-dim blocks arrive as keyword arguments
-    head_dim = max(meta["BLOCK_D"], meta["BLOCK_DV"])
-    if head_dim <= 128:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-    return small or configs[-1:]
-
-
+_FWD_TILES = {
+    "d64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3),
+            (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)],
+    "d128": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3),
+             (64, 64, 8, 2), (64, 32, 4, 2)],
+    "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    "fp32": [(32, 32, 4, 2), (32, 32, 4, 3), (64, 32, 8, 2)],
+}
+_DKDV_TILES = {
+    "d64": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3),
+            (64, 64, 8, 3), (32, 64, 4, 2)],
+    "d128": [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),
+             (32, 64, 8, 2), (32, 64, 4, 2)],
+    "d256": [(32, 32, 4, 2), (32, 64, 8, 2)],
+    "fp32": [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
+}
+_DQ_TILES = {
+    "d64": [(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+            (64, 64, 8, 3), (64, 32, 4, 2)],
+    "d128": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+             (64, 32, 8, 2), (64, 32, 4, 2)],
+    "d256": [(64, 32, 8, 2), (128, 32, 8, 3), (32, 32, 4, 2)],
+    "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+}
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "MASK_ROW", "DROPOUT", "seq_bucket"]
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                         (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)], (64, 32))
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
-                          (64, 64, 4, 3), (32, 64, 4, 2)], (32, 64))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3),
-                        (64, 32, 4, 2)], (64, 32))
-_PRUNE = {"early_config_prune": _prune_for_head_dim}
+
+
+def _tile_class(named_args, kwargs) -> str:
+    if named_args["Q"].dtype == torch.float32:
+        return "fp32"
+    head_dim = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])  # constexprs arrive as keyword arguments
+    return "d64" if head_dim <= 64 else "d128" if head_dim <= 128 else "d256"
+
+
+def _autotune(tiles, interpret_tile):
+    """triton.autotune arguments: every class's configs, pruned to the launch's class."""
+    def config(block_m, block_n, num_warps, num_stages):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+    if INTERPRET:
+        return dict(configs=[config(*interpret_tile, 4, 1)], key=_TUNE_KEY)
+    by_class = {name: [config(*tile) for tile in class_tiles] for name, class_tiles in tiles.items()}
+    return dict(configs=[c for class_configs in by_class.values() for c in class_configs], key=_TUNE_KEY,
+                prune_configs_by={"early_config_prune":
+                                  lambda configs, named_args, **kwargs: by_class[_tile_class(named_args, kwargs)]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +209,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_autotune(_FWD_TILES, (64, 32)))
 @triton.jit
 def _attn_fwd(Q,  # (B, H, Lq, D) queries
               K,  # (B, Hk, Lk, D) keys
@@ -334,7 +360,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, del
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_autotune(_DKDV_TILES, (32, 64)))
 @triton.jit
 def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
                    K,  # (B, Hk, Lk, D) keys
@@ -453,7 +479,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(**_autotune(_DQ_TILES, (64, 32)))
 @triton.jit
 def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                  K,  # (B, Hk, Lk, D) keys

@@ -62,11 +62,14 @@ def _matmul_configs() -> list[triton.Config]:
         # One small tile: the interpreter's cost is per program and per block operation, not per FLOP.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
                               num_stages=1)]
-    # Hopper-friendly: 128x128x64 tiles keep one or two warpgroups busy on wgmma with 3-4 stages of shared-memory
+    # Hopper-friendly: 128x128x64 tiles keep two warpgroups busy on wgmma with 3-4 stages of shared-memory
     # pipelining (128x64 + 64x128 bf16 = 32 KB per stage); the others cover skinny N (768) and large N (16384).
+    # ptxas on sm_90a (python -m bench.triton_compile): 128x128 with one warpgroup spills in every epilogue (the
+    # 64 accumulators per thread plus GELU's and dropout's temporaries), so it gets two; the 128x256 and 256x128
+    # tiles spill a few hundred bytes in the epilogue only, outside the K loop, and stay for large K to decide.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -252,7 +255,7 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     # fp32 products are IEEE fp32 unless the user allowed TF32 for torch's own matmuls, so both agree.
     precision = "tf32" if (dtype == torch.float32 and device.type == "cuda"
                            and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    return {"INTERPRET_BF16": device.type == "cpu" and dtype == torch.bfloat16, "DOT_PRECISION": precision}
+    return {"INTERPRET_BF16": _INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": precision}
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: str, activation: str,
@@ -313,7 +316,7 @@ def act_bwd(grad: torch.Tensor, pre: torch.Tensor | None, activation: str, *, bi
     `pre` may be None when activation is "none" (the output dropout and bias of the block's second layer)."""
     M, N = grad.shape
     dpre = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
-    block_m, block_n = (64, 64) if grad.device.type == "cpu" else (32, 128)
+    block_m, block_n = (64, 64) if _INTERPRET else (32, 128)
     # Enough row-programs to fill the GPU (about 4 per SM in total) while keeping the partial buffer small.
     n_col_blocks = triton.cdiv(N, block_n)
     row_programs = max(1, min(triton.cdiv(M, block_m), triton.cdiv(4 * _sm_count(grad.device), n_col_blocks)))
