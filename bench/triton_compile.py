@@ -7,6 +7,8 @@ strides, 16-byte alignment), and reads the cubin's resource usage:
 
 - registers per thread and local-memory bytes (spills: LDL/STL in the SASS, much slower than registers);
 - shared memory, against the chip's per-block limit: a config over it is an OutOfResources at autotuning time;
+- how tiles reach shared memory: `tma` (the bulk tensor copy engine, cp.async.bulk.tensor, sm_90), `async`
+  (cp.async, sm_80's asynchronous copies, which software pipelining needs) or `-` (plain loads);
 - the instruction the tensor-core products became: `wgmma` (Hopper's warpgroup MMA, sm_90a), `mma` (mma.sync,
   Ampere's), or `-` (no tensor-core product: fp32 IEEE dots and element-wise kernels);
 - resident programs per SM, from registers (64K per SM) and shared memory, the occupancy the launch can reach.
@@ -93,6 +95,7 @@ class Compiled:
     shared_bytes: int
     shared_limit: int
     tensor_core: str
+    copy: str
     programs_per_sm: int
     num_warps: int
 
@@ -158,6 +161,14 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return registers, stack + local
 
 
+def _copy(ptx: str) -> str:
+    if "cp.async.bulk.tensor" in ptx:
+        return "tma"
+    if "cp.async" in ptx:
+        return "async"
+    return "-"
+
+
 def _tensor_core(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -191,7 +202,7 @@ def compile_launch(launch: Launch, target: GPUTarget) -> list[Compiled]:
         by_shared = shared_limit // shared if shared else MAX_PROGRAMS_PER_SM
         label = "launch" if config is None else _config_label(config)
         results.append(Compiled(launch.op, launch.case, launch.name, label, registers, local_bytes, shared,
-                                shared_limit, _tensor_core(compiled.asm["ptx"]),
+                                shared_limit, _tensor_core(compiled.asm["ptx"]), _copy(compiled.asm["ptx"]),
                                 min(by_registers, by_shared, MAX_PROGRAMS_PER_SM), num_warps))
     return results
 
@@ -301,12 +312,13 @@ def compile_all(arch: str, ops: list[str] | None = None) -> list[Compiled]:
 
 
 def _table(results: list[Compiled]) -> str:
-    header = f"{'op':<12}{'case':<38}{'kernel':<22}{'config':<24}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}{'/SM':>4}"
+    header = (f"{'op':<12}{'case':<38}{'kernel':<22}{'config':<24}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}"
+              f"{'copy':>6}{'/SM':>4}")
     lines = [header, "-" * len(header)]
     for r in results:
         over = "!" if not r.fits else ""
         lines.append(f"{r.op:<12}{r.case:<38}{r.kernel:<22}{r.config:<24}{r.registers:>5}{r.local_bytes:>6}"
-                     f"{r.shared_bytes / 1024:>7.0f}{over:1}{r.tensor_core:>6}{r.programs_per_sm:>4}")
+                     f"{r.shared_bytes / 1024:>7.0f}{over:1}{r.tensor_core:>6}{r.copy:>6}{r.programs_per_sm:>4}")
     return "\n".join(lines)
 
 
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     results = compile_all(args.arch, args.only)
     print(f"{datetime.date.today()}: Triton {triton.__version__} (torch {torch.__version__}), target sm_{args.arch}, "
           f"{len(results)} compiled kernels "
-          "(smem '!' = over the per-block limit, tc = tensor-core instruction, /SM = resident programs per SM)")
+          "(smem '!' = over the per-block limit, tc = tensor-core instruction, copy = global-to-shared copies, "
+          "/SM = resident programs per SM)")
     print(_table(results))
     if args.json:
         payload = {"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch,
