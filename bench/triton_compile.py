@@ -161,20 +161,13 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return registers, stack + local
 
 
-def _copy(ptx: str) -> str:
-    if "cp.async.bulk.tensor" in ptx:
-        return "tma"
-    if "cp.async" in ptx:
-        return "async"
-    return "-"
+# PTX markers, most specific first: the tensor-core instruction and the global-to-shared copy path.
+TENSOR_CORE_MARKERS = (("wgmma.mma_async", "wgmma"), ("mma.sync", "mma"))
+COPY_MARKERS = (("cp.async.bulk.tensor", "tma"), ("cp.async", "async"))
 
 
-def _tensor_core(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if "mma.sync" in ptx:
-        return "mma"
-    return "-"
+def _first_marker(ptx: str, markers) -> str:
+    return next((name for marker, name in markers if marker in ptx), "-")
 
 
 def _config_label(config: triton.Config) -> str:
@@ -202,7 +195,8 @@ def compile_launch(launch: Launch, target: GPUTarget) -> list[Compiled]:
         by_shared = shared_limit // shared if shared else MAX_PROGRAMS_PER_SM
         label = "launch" if config is None else _config_label(config)
         results.append(Compiled(launch.op, launch.case, launch.name, label, registers, local_bytes, shared,
-                                shared_limit, _tensor_core(compiled.asm["ptx"]), _copy(compiled.asm["ptx"]),
+                                shared_limit, _first_marker(compiled.asm["ptx"], TENSOR_CORE_MARKERS),
+                                _first_marker(compiled.asm["ptx"], COPY_MARKERS),
                                 min(by_registers, by_shared, MAX_PROGRAMS_PER_SM), num_warps))
     return results
 
