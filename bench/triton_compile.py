@@ -46,7 +46,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-from fastgpt.kernels import attention, layer_norm, linear_gelu  # noqa: E402
+from fastgpt.kernels import attention, common, layer_norm, linear_gelu  # noqa: E402
 
 # Per-block shared memory a kernel may opt into, in bytes (CUDA programming guide, compute capabilities table),
 # and the register file per SM.
@@ -295,6 +295,7 @@ def parse_arch(arch: str) -> GPUTarget:
 
 def compile_all(arch: str, ops: list[str] | None = None) -> list[Compiled]:
     target = parse_arch(arch)
+    common.TUNING = "autotune"  # report every candidate, whatever FASTGPT_TRITON_TUNING says
     # For the rest of the process: this machine may have no GPU driver to return to.
     driver.set_active(_TargetDriver(target))
     results = []

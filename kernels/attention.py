@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt.kernels.common import benchmark_candidates, tuned_candidates
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,16 +95,20 @@ def _tile_class(named_args, kwargs) -> str:
 
 
 def _autotune(tiles, interpret_tile):
-    """triton.autotune arguments: every class's configs, pruned to the launch's class."""
+    """triton.autotune arguments: every class's configs, pruned to the launch's class (and to one config when the
+    tuning policy in kernels/common.py fixes it)."""
     def config(block_m, block_n, num_warps, num_stages):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
     if INTERPRET:
         return dict(configs=[config(*interpret_tile, 4, 1)], key=_TUNE_KEY)
     by_class = {name: [config(*tile) for tile in class_tiles] for name, class_tiles in tiles.items()}
+
+    def prune(configs, named_args, **kwargs):
+        return tuned_candidates(by_class[_tile_class(named_args, kwargs)])
+
     return dict(configs=[c for class_configs in by_class.values() for c in class_configs], key=_TUNE_KEY,
-                prune_configs_by={"early_config_prune":
-                                  lambda configs, named_args, **kwargs: by_class[_tile_class(named_args, kwargs)]})
+                prune_configs_by={"early_config_prune": prune}, do_bench=benchmark_candidates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,6 +551,10 @@ def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# The autotuned kernels: their `cache` holds the config chosen per autotuning key.
+AUTOTUNED = (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Small @triton.jit helpers shared by the kernels of several ops."""
+"""Small @triton.jit helpers shared by the kernels of several ops, and the autotuning policy."""
 
 import os
 
 import triton
 import triton.language as tl
+import triton.testing
 
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) converts float32 to bfloat16 by
 # truncation instead of rounding to nearest-even, doubling the rounding error of every bf16 result.
@@ -33,3 +34,27 @@ def elementwise_dropout_uniform(seed, row, col):
     zero = row * 0 + col * 0
     r0, _, _, _ = tl.philox(seed, col + zero, row + zero, zero, zero + 1)
     return tl.random.uint_to_uniform_float(r0)
+
+
+# How autotuned kernels choose their config, from FASTGPT_TRITON_TUNING:
+#   "autotune" (default): benchmark the launch's candidate configs once per autotuning key and keep the fastest;
+#   "first": take the first candidate without benchmarking. Every distinct specialisation then costs one compilation
+#            instead of one per candidate: the GPU test suite meets hundreds of them (dtypes x head dims x masks x
+#            flags), which autotuning would turn into an hour of compiling; tests/conftest.py sets it on GPUs;
+#   an integer i: the i-th candidate (wrapping around), so a test can run every config of a kernel on a GPU.
+# Read at each new autotuning key, so a test may change it (and clear the autotuners' caches) between calls.
+TUNING = os.environ.get("FASTGPT_TRITON_TUNING", "autotune")
+
+
+def tuned_candidates(candidates: list) -> list:
+    """The configs an autotuner tries for one key under TUNING (for its `early_config_prune`)."""
+    if TUNING == "autotune":
+        return candidates
+    return [candidates[(0 if TUNING == "first" else int(TUNING)) % len(candidates)]]
+
+
+def benchmark_candidates(kernel_call, quantiles):
+    """`do_bench` for triton.autotune: Triton's own benchmark, skipped when TUNING fixes the single candidate."""
+    if TUNING == "autotune":
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    return [0.0] * len(quantiles)

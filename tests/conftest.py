@@ -1,4 +1,5 @@
-"""Test set-up: Triton kernels run on CPU tensors through the interpreter when there is no GPU.
+"""Test set-up: Triton kernels run on CPU tensors through the interpreter when there is no GPU, and with fixed configs
+(no autotuning) on a GPU.
 
 TRITON_INTERPRET must be set before triton (and so fastgpt) is imported: @triton.jit reads it at decoration.
 """
@@ -10,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One config per kernel specialisation instead of autotuning each (kernels/common.py): the suite meets hundreds
+    # of them. tests/test_triton_configs.py runs every config on a few cases instead.
+    os.environ.setdefault("FASTGPT_TRITON_TUNING", "first")
 
 import fastgpt  # noqa: E402  (after TRITON_INTERPRET)
 
