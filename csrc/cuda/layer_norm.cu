@@ -83,10 +83,11 @@ __device__ __forceinline__ float row_sum(float value, float* shared) {
 // MAX_THREADS: the block size it is launched with at most (kBlockThreads, or kMaxThreads for rows wider than
 // kWideRow, which leaves 64 registers a thread).
 template <typename T, typename W, int VEC, int MAX_THREADS>
-__global__ void __launch_bounds__(MAX_THREADS) layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(MAX_THREADS, 1)
+    layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                       const W* __restrict__ weight, const W* __restrict__ bias, T* __restrict__ y,
                                       float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
-                                      int cols, float eps, Dropout dropout) {
+                                      int cols, float inv_cols, float eps, Dropout dropout) {
   constexpr int kItems = kCache / VEC;
   __shared__ float shared[kMaxThreads / 32];  // one per warp
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -112,8 +113,6 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_fwd_kernel(const T* __
       for (int k = 0; k < VEC; ++k) local += z[i][k];
     }
   }
-  // Means as products with 1 / N: an IEEE division's slow-path call would cost registers and a stack frame.
-  const float inv_cols = __frcp_rn(static_cast<float>(cols));
   const float mean = row_sum(local, shared) * inv_cols;
   local = 0.f;
 #pragma unroll
@@ -157,7 +156,8 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
                                       const T* __restrict__ residual, const W* __restrict__ weight,
                                       const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                                       T* __restrict__ dx, T* __restrict__ dz, float* __restrict__ dw_partial,
-                                      float* __restrict__ db_partial, int64_t rows, int cols, Dropout dropout) {
+                                      float* __restrict__ db_partial, int64_t rows, int cols, float inv_cols,
+                                      Dropout dropout) {
   constexpr int kItems = kCache / VEC;
   // Narrow rows keep g = dy * weight and the dweight, dbias partial sums in registers; wide rows (64 registers a
   // thread) read dy again for g and leave dweight, dbias to layer_norm_bwd_affine_kernel.
@@ -165,7 +165,6 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
   constexpr int kKept = kAffine ? kItems : 1;
   __shared__ float shared[kMaxThreads / 32];  // one per warp
   float dw[kKept][VEC] = {}, db[kKept][VEC] = {};
-  const float inv_cols = __frcp_rn(static_cast<float>(cols));
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   // Every thread of the block runs the same number of iterations, so that row_sum's barriers line up.
@@ -301,6 +300,10 @@ Launch launch_shape(int64_t rows, int cols) {
   return {dim3(per_row, rows_per_block), (rows + rows_per_block - 1) / rows_per_block};
 }
 
+// 1 / N, rounded once: the kernels take means as products with it, since an IEEE division's slow-path call
+// would cost them registers and a stack frame.
+float inv_cols(int cols) { return 1.f / static_cast<float>(cols); }
+
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Runs `body.template operator()<scalar_t, weight_t, VEC>()` with the input dtype (float32, float16, bfloat16; the
@@ -401,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
              kernel<<<shape.row_blocks, shape.block, 0, stream>>>(
                  input.const_data_ptr<T>(), ptr_or_null<T>(residual), ptr_or_null<W>(weight), ptr_or_null<W>(bias),
                  output.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
-                 cols, static_cast<float>(eps), dropout);
+                 cols, inv_cols(cols), static_cast<float>(eps), dropout);
              C10_CUDA_KERNEL_LAUNCH_CHECK();
            });
   return {output, mean, rstd};
@@ -456,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(c
                      grad_input.mutable_data_ptr<T>(),
                      grad_residual.numel() > 0 ? grad_residual.mutable_data_ptr<T>() : nullptr,
                      affine ? partial[0].mutable_data_ptr<float>() : nullptr,
-                     affine ? partial[1].mutable_data_ptr<float>() : nullptr, rows, cols, dropout);
+                     affine ? partial[1].mutable_data_ptr<float>() : nullptr, rows, cols, inv_cols(cols), dropout);
                  C10_CUDA_KERNEL_LAUNCH_CHECK();
                };
                if constexpr (VEC == 1) {  // wide rows are vectorised (dispatch)
@@ -467,18 +470,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(c
                    return;
                  }
                  launch_rows(layer_norm_bwd_kernel<T, W, VEC, kMaxThreads>, false);
-               if (!compute_affine_grads) return;
-               // About 4 column kernel blocks per SM; every block covers a whole number of 8-row steps.
-               const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
-               const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
-               const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
-               const int64_t used_row_blocks = (rows + rows_per_block - 1) / rows_per_block;
-               partial = at::empty({2, used_row_blocks, cols}, input.options().dtype(at::kFloat));
-               layer_norm_bwd_affine_kernel<T><<<dim3(col_blocks, used_row_blocks), dim3(kColsPerBlock, kRowWarps), 0,
-                                                 stream>>>(
-                   grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),
-                   mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), partial[0].mutable_data_ptr<float>(),
-                   partial[1].mutable_data_ptr<float>(), rows, cols, rows_per_block, dropout);
+                 if (!compute_affine_grads) return;
+                 // About 4 column kernel blocks per SM; every block covers a whole number of 8-row steps.
+                 const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
+                 const int64_t row_blocks =
+                     std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
+                 const int64_t rows_per_block =
+                     ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
+                 const int64_t used_row_blocks = (rows + rows_per_block - 1) / rows_per_block;
+                 partial = at::empty({2, used_row_blocks, cols}, input.options().dtype(at::kFloat));
+                 layer_norm_bwd_affine_kernel<T><<<dim3(col_blocks, used_row_blocks), dim3(kColsPerBlock, kRowWarps), 0,
+                                                   stream>>>(
+                     grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),
+                     mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), partial[0].mutable_data_ptr<float>(),
+                     partial[1].mutable_data_ptr<float>(), rows, cols, rows_per_block, dropout);
                  C10_CUDA_KERNEL_LAUNCH_CHECK();
                }
              });
