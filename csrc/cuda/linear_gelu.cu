@@ -68,8 +68,17 @@ struct Epilogue {
   int64_t aux_ld = 0;
 };
 
-// Column-major D (m, n) = op(A) (m, k) op(B) (k, n) with the epilogue, on the current stream.
-void lt_matmul(bool transpose_a, const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
+// Largest power of two (at most 256, cuBLASLt's default assumption) that divides the address.
+uint32_t alignment(const void* p) {
+  uint32_t bytes = 256;
+  while (bytes > 1 && reinterpret_cast<uintptr_t>(p) % bytes != 0) bytes /= 2;
+  return bytes;
+}
+
+// Column-major D (m, n) = op(A) (m, k) op(B) (k, n) with the epilogue, on the current stream. Returns false, having
+// done nothing, when cuBLASLt has no algorithm for this epilogue (the caller then runs the plain product and our
+// kernel).
+bool lt_matmul(bool transpose_a, const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
                int64_t m, int64_t n, int64_t k, at::ScalarType dtype, const Epilogue& epilogue) {
   const cudaDataType_t type = cuda_dtype(dtype);
   const cublasComputeType_t compute =
@@ -103,36 +112,54 @@ void lt_matmul(bool transpose_a, const void* a, int64_t lda, const void* b, int6
   FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
   FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                             &kWorkspaceBytes, sizeof(kWorkspaceBytes)));
+  // The heuristic assumes 256-byte aligned matrices unless told otherwise (it never sees the pointers): an input
+  // that is a view at an odd offset would otherwise get an algorithm whose vector loads fault.
+  const uint32_t align_a = alignment(a), align_b = alignment(b), align_d = alignment(d);
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                            &align_a, sizeof(align_a)));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                            &align_b, sizeof(align_b)));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                            &align_d, sizeof(align_d)));
+  FASTGPT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                            &align_d, sizeof(align_d)));
   cublasLtMatmulHeuristicResult_t heuristic = {};
   int found = 0;
   cublasLtHandle_t handle = lt_handle();
-  FASTGPT_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, layout_a, layout_b, layout_d, layout_d,
-                                                      preference, 1, &heuristic, &found));
-  TORCH_CHECK(found > 0, "linear_gelu: cuBLASLt has no algorithm for this product and epilogue");
-  const float one = 1.f, zero = 0.f;
-  FASTGPT_CUBLAS_CHECK(cublasLtMatmul(handle, desc, &one, a, layout_a, b, layout_b, &zero, d, layout_d, d, layout_d,
-                                      &heuristic.algo, workspace.data_ptr(), kWorkspaceBytes,
-                                      c10::cuda::getCurrentCUDAStream()));
+  const cublasStatus_t heuristic_status = cublasLtMatmulAlgoGetHeuristic(
+      handle, desc, layout_a, layout_b, layout_d, layout_d, preference, 1, &heuristic, &found);
+  const bool has_algorithm = heuristic_status == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (heuristic_status != CUBLAS_STATUS_NOT_SUPPORTED) FASTGPT_CUBLAS_CHECK(heuristic_status);
+  if (has_algorithm) {
+    const float one = 1.f, zero = 0.f;
+    FASTGPT_CUBLAS_CHECK(cublasLtMatmul(handle, desc, &one, a, layout_a, b, layout_b, &zero, d, layout_d, d,
+                                        layout_d, &heuristic.algo, workspace.data_ptr(), kWorkspaceBytes,
+                                        c10::cuda::getCurrentCUDAStream()));
+  }
   cublasLtMatmulPreferenceDestroy(preference);
   cublasLtMatrixLayoutDestroy(layout_d);
   cublasLtMatrixLayoutDestroy(layout_b);
   cublasLtMatrixLayoutDestroy(layout_a);
   cublasLtMatmulDescDestroy(desc);
+  return has_algorithm;
 }
 
-// Row-major out (M, N) = input (M, K) weight (N, K)^T, with the epilogue.
-void linear(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+// Row-major out (M, N) = input (M, K) weight (N, K)^T, with the epilogue. Returns whether it ran (lt_matmul).
+bool linear(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
   const int64_t rows = input.size(0), inner = input.size(1), cols = weight.size(0);
-  lt_matmul(/*transpose_a=*/true, weight.const_data_ptr(), inner, input.const_data_ptr(), inner, out.data_ptr(), cols,
-            cols, rows, inner, input.scalar_type(), epilogue);
+  return lt_matmul(/*transpose_a=*/true, weight.const_data_ptr(), inner, input.const_data_ptr(), inner,
+                   out.data_ptr(), cols, cols, rows, inner, input.scalar_type(), epilogue);
 }
 
-// Row-major out (M, K) = grad (M, N) weight (N, K), with the epilogue.
-void linear_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+// Row-major out (M, K) = grad (M, N) weight (N, K), with the epilogue. Returns whether it ran (lt_matmul).
+bool linear_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
   const int64_t rows = grad.size(0), inner = grad.size(1), cols = weight.size(1);
-  lt_matmul(/*transpose_a=*/false, weight.const_data_ptr(), cols, grad.const_data_ptr(), inner, out.data_ptr(), cols,
-            cols, rows, inner, grad.scalar_type(), epilogue);
+  return lt_matmul(/*transpose_a=*/false, weight.const_data_ptr(), cols, grad.const_data_ptr(), inner,
+                   out.data_ptr(), cols, cols, rows, inner, grad.scalar_type(), epilogue);
 }
+
+// The plain product and the bias epilogue have an algorithm for every shape.
+void check_ran(bool ran) { TORCH_CHECK(ran, "linear_gelu: cuBLASLt has no algorithm for this product"); }
 
 // The cuBLASLt epilogues need 16-byte aligned pointers and an aux leading dimension divisible by 8.
 bool lt_epilogue_fits(int64_t cols, std::initializer_list<const at::Tensor*> tensors) {
@@ -279,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
   const bool lt_fused = dropout_p == 0.0 && (act == Activation::kGeluTanh || act == Activation::kNone) &&
                         lt_epilogue_fits(cols, {&input, &weight, &bias_t, &out, &pre});
   if (rows == 0) return {out, pre};
+  bool fused_ran = false;
   if (lt_fused) {
     Epilogue epilogue;
     epilogue.bias = bias_t.defined() ? bias_t.const_data_ptr() : nullptr;
@@ -293,14 +321,16 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
     } else {
       epilogue.kind = bias_t.defined() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     }
-    linear(input, weight, out, epilogue);
+    fused_ran = linear(input, weight, out, epilogue);
+  }
+  if (fused_ran) {
     if (store_pre && act == Activation::kNone) pre.copy_(out);  // with no activation, pre is the output
     return {out, pre};
   }
   // x W^T + b (the bias in cuBLASLt's epilogue, before the one rounding) into pre's buffer, or straight into out
   // when pre is not kept; then one fused pass for the activation and the dropout.
   at::Tensor product = store_pre ? pre : out;
-  linear(input, weight, product, bias_epilogue(bias_t));
+  check_ran(linear(input, weight, product, bias_epilogue(bias_t)));
   forward_epilogue(product, out, act, dropout_p, dropout_p > 0 ? seed_value(seed) : 0);
   return {out, pre};
 }
@@ -329,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& g
   at::Tensor pre = at::empty({input.size(0), weight.size(0)}, input.options());
   check_same_shape(grad, "grad", pre);
   const at::Tensor bias_t = checked_bias(bias, input, weight.size(0));
-  if (pre.numel() > 0) linear(input, weight, pre, bias_epilogue(bias_t));
+  if (pre.numel() > 0) check_ran(linear(input, weight, pre, bias_epilogue(bias_t)));
   return backward_epilogue(grad, pre, pre, parse_activation(activation), 0.0, 0, bias_grad);
 }
 
@@ -353,10 +383,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, cons
     epilogue.aux = const_cast<void*>(pre.const_data_ptr());
     epilogue.aux_ld = cols;
     epilogue.bias_grad = bias_grad ? grad_bias.data_ptr() : nullptr;
-    linear_input_grad(grad, weight, dpre, epilogue);
-    return {dpre, grad_bias.to(at::kFloat)};
+    if (linear_input_grad(grad, weight, dpre, epilogue)) return {dpre, grad_bias.to(at::kFloat)};
   }
-  linear_input_grad(grad, weight, dpre, Epilogue{});
+  check_ran(linear_input_grad(grad, weight, dpre, Epilogue{}));
   return backward_epilogue(dpre, pre, dpre, act, 0.0, 0, bias_grad);
 }
 
