@@ -17,6 +17,8 @@ SHAPES = [
     ((1, 4096), (4096,)),
     ((4, 5, 6, 7), (6, 7)),
     ((33, 1), (1,)),
+    ((67, 8192), (8192,)),
+    ((3, 16384), (16384,)),
     ((2, 65536), (65536,)),
 ]
 
@@ -95,6 +97,40 @@ def test_add_layer_norm(device, backend, dtype, shape, normalized_shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_norm_non_contiguous(device, backend, dtype):
     _check(device, backend, dtype, (50, 384), (384,), "both", residual=False, contiguous=False)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("cols", [8192, 8191])
+def test_wide_rows_at_odd_offsets(device, backend, cols):
+    """Views that start 2 bytes past a 16-byte boundary, with and without residual and dropout. The CUDA kernel
+    reads rows wider than 4096 only in 16-byte vectors: it must copy such views to aligned memory, and a row length
+    that is no multiple of the vector must go to reference."""
+    rows, dtype = 5, torch.float16
+
+    def view(scale=1.0, shift=0.0):
+        storage = (torch.randn(rows * cols + 1, device=device) * scale + shift).to(dtype)
+        return storage[1:].view(rows, cols).requires_grad_()
+    x, r = view(2.0, 0.5), view()
+    w, b = (torch.randn(cols, device=device) * 0.5 + 1).to(dtype).requires_grad_(), view()[0].detach()
+    b.requires_grad_()
+    tensors, grad = [x, r, w, b], view().detach()
+    if device == "cuda" and backend == "csrc":
+        assert _kernel_supports(backend, x, w, b, cols) == (cols % 8 == 0)
+    torch.manual_seed(7)
+    with fastgpt.use_backend(backend):
+        out, grads = _run(lambda *t: add_layer_norm(*t[:2], (cols,), *t[2:], dropout_p=0.25), tensors, grad)
+    torch.manual_seed(7)
+    keep = elementwise_dropout_keep(draw_seed(), rows, cols, 0.25, device).view(rows, cols)
+
+    def torch_ln(x, r, w, b):
+        return F.layer_norm(x * keep.to(x.dtype) * (1 / 0.75) + r, (cols,), w, b)
+
+    expected, expected_grads = _run(torch_ln, [t.detach().double().requires_grad_() for t in tensors],
+                                    grad.double())
+    torch_out, torch_grads = _run(torch_ln, tensors, grad)
+    assert_close("output", out, expected, torch_out)
+    for name, g, eg, tg in zip(("dx", "dresidual", "dweight", "dbias"), grads, expected_grads, torch_grads):
+        assert_close(name, g, eg, tg)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

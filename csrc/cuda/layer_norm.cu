@@ -306,6 +306,17 @@ float inv_cols(int cols) { return 1.f / static_cast<float>(cols); }
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Rows wider than kWideRow run only vectorised (dispatch_vec): a tensor of such rows whose data is not 16-byte
+// aligned (a view at an odd offset) is copied to fresh memory, which is.
+at::Tensor aligned_for(const at::Tensor& t, int64_t cols) {
+  return cols > kWideRow && !aligned(t.const_data_ptr()) ? t.clone() : t;
+}
+
+std::optional<at::Tensor> aligned_for(const std::optional<at::Tensor>& t, int64_t cols) {
+  if (!t.has_value()) return t;
+  return aligned_for(*t, cols);
+}
+
 // Runs `body.template operator()<scalar_t, weight_t, VEC>()` with the input dtype (float32, float16, bfloat16; the
 // op sends float64 to the reference), the parameters' dtype (the input's, or float32: `param` is weight, or bias
 // when there is no weight) and the widest vector that the row length and every pointer's alignment allow. Rows
@@ -376,13 +387,18 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   return {p_float, 1.f / (1.f - p_float), static_cast<uint64_t>(seed->item<int64_t>())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input,
-                                                                  const std::optional<at::Tensor>& residual,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const std::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input_arg,
+                                                                  const std::optional<at::Tensor>& residual_arg,
+                                                                  const std::optional<at::Tensor>& weight_arg,
+                                                                  const std::optional<at::Tensor>& bias_arg,
                                                                   double eps, double dropout_p,
                                                                   const std::optional<at::Tensor>& seed) {
-  check_inputs(input, residual, weight, bias);
+  check_inputs(input_arg, residual_arg, weight_arg, bias_arg);
+  const int64_t width = input_arg.size(1);
+  const at::Tensor input = aligned_for(input_arg, width);
+  const auto residual = aligned_for(residual_arg, width);
+  const auto weight = aligned_for(weight_arg, width);
+  const auto bias = aligned_for(bias_arg, width);
   const Dropout dropout = make_dropout(dropout_p, seed);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t rows = input.size(0);
@@ -410,18 +426,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   return {output, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_output,
-                                                                  const at::Tensor& input,
-                                                                  const std::optional<at::Tensor>& residual,
-                                                                  const std::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_output_arg,
+                                                                  const at::Tensor& input_arg,
+                                                                  const std::optional<at::Tensor>& residual_arg,
+                                                                  const std::optional<at::Tensor>& weight_arg,
                                                                   const at::Tensor& mean, const at::Tensor& rstd,
                                                                   bool compute_affine_grads, double dropout_p,
                                                                   const std::optional<at::Tensor>& seed) {
-  check_inputs(input, residual, weight, std::nullopt);
+  check_inputs(input_arg, residual_arg, weight_arg, std::nullopt);
   const Dropout dropout = make_dropout(dropout_p, seed);
-  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.is_contiguous() &&
-                  grad_output.scalar_type() == input.scalar_type(),
+  TORCH_CHECK(grad_output_arg.sizes() == input_arg.sizes() && grad_output_arg.is_contiguous() &&
+                  grad_output_arg.scalar_type() == input_arg.scalar_type(),
               "layer_norm: expected grad_output contiguous with input's shape and dtype");
+  const int64_t width = input_arg.size(1);
+  const at::Tensor grad_output = aligned_for(grad_output_arg, width);
+  const at::Tensor input = aligned_for(input_arg, width);
+  const auto residual = aligned_for(residual_arg, width);
+  const auto weight = aligned_for(weight_arg, width);
   TORCH_CHECK(mean.numel() == input.size(0) && rstd.numel() == input.size(0) && mean.scalar_type() == at::kFloat &&
                   rstd.scalar_type() == at::kFloat,
               "layer_norm: expected mean and rstd float32 of shape (M,)");

@@ -38,6 +38,9 @@ from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Widest row each kernel keeps on chip (one pass over the row); wider rows go to reference.
 MAX_N = {"triton": 65536, "csrc": {"cpu": None, "cuda": 16384}}
+# The CUDA kernel reads rows wider than this (kWideRow in csrc/cuda/layer_norm.cu) only in 16-byte vectors, so
+# their length must be a multiple of the vector; other lengths go to reference.
+CUDA_VECTOR_ONLY_N = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +169,9 @@ def _kernel_supports(backend, input, weight, bias, cols) -> bool:
         return False
     param_dtypes = {p.dtype for p in (weight, bias) if p is not None}
     if len(param_dtypes) > 1 or not param_dtypes <= {input.dtype, torch.float32}:
+        return False
+    if (backend == "csrc" and input.device.type == "cuda" and cols > CUDA_VECTOR_ONLY_N
+            and cols % (16 // input.element_size()) != 0):
         return False
     limit = MAX_N[backend]
     if isinstance(limit, dict):
