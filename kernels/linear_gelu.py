@@ -28,6 +28,23 @@ Backward, given dY:
 Each one also emits the bias gradient as deterministic partial column sums (fp32, one row per fixed slab of rows,
 summed afterwards by `torch.sum`): no floating-point atomics, so results are bit-reproducible run to run.
 
+How the A and B tiles reach shared memory, two paths in one kernel (the constexpr USE_TMA, a config parameter):
+- pointers: every thread computes the addresses of its part of the (BLOCK_M, BLOCK_K) and (BLOCK_K, BLOCK_N) tiles
+  and copies them with cp.async; rows and columns past M and N wrap around, the K edge is masked to zeros.
+- TMA (Hopper, sm_90+): host-made tensor descriptors, and the copy engine moves each tile as one box on one
+  thread's request, swizzled the way wgmma reads it, with no address registers, and fills everything past the
+  tensor's edges with zeros, so the K edge adds zero products as the masked loads do. A (M, K) is described as it
+  is; B = W^T, the transposed view of a row-major nn.Linear weight W (N, K) (`linear_act`,
+  `linear_dact_recompute`), is described as W, boxes of (BLOCK_N, BLOCK_K) along W's rows, and the kernel takes the
+  tile's transpose, a view of shared memory (B_KMAJOR); a row-major B (K, N) (`linear_dact`'s W) as it is. TMA needs
+  16-byte aligned bases and row strides (K and N multiples of 8 in 16-bit) and a unit last stride; products of
+  16-bit operands that meet them on a GPU with TMA get descriptors, the rest (fp32, whose products are not
+  measured with TMA, odd sizes, Ampere, the CPU interpreter) the pointer path. Where descriptors exist the
+  autotuner tries both paths' configs (same tiles and stages: a stage holds the same two tiles either way) and
+  keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; TMA
+  (FASTGPT_TRITON_TMA, below) pins one path for tests and benchmarks. On sm_90a (bench/triton_compile.py) both
+  compile to wgmma in the same shared memory; the TMA configs hold a few registers fewer.
+
 Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): for element (row, col) of the
 (M, N) output, r0 = philox(seed, c0=col, c1=row, c2=0, c3=1); u = uint_to_uniform_float(r0); kept iff u >= p,
 kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
