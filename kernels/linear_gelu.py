@@ -43,7 +43,8 @@ How the A and B tiles reach shared memory, two paths in one kernel (the constexp
   autotuner tries both paths' configs (same tiles and stages: a stage holds the same two tiles either way) and
   keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; TMA
   (FASTGPT_TRITON_TMA, below) pins one path for tests and benchmarks. On sm_90a (bench/triton_compile.py) both
-  compile to wgmma in the same shared memory; the TMA configs hold a few registers fewer.
+  compile to wgmma in the same shared memory, and the TMA configs hold as many registers or fewer (no address
+  tensors); with Triton 3.6 the 128x256 and 256x128 tiles with dropout stop spilling (0 bytes instead of 2 KB).
 
 Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): for element (row, col) of the
 (M, N) output, r0 = philox(seed, c0=col, c1=row, c2=0, c3=1); u = uint_to_uniform_float(r0); kept iff u >= p,
@@ -78,7 +79,7 @@ ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 # How the A and B tiles reach shared memory, for kernels/linear_gelu.py's matrix products (FASTGPT_TRITON_TMA):
 #   "auto" (default): on a GPU with the TMA engine (CUDA, compute capability >= 9), operands TMA can address get
 #           tensor descriptors and the autotuner tries the TMA configs beside the pointer ones, keeping the faster;
-#   "only": wherever the operands can be addressed (any device, the interpreter included), the TMA configs alone:
+#   "only": the TMA configs alone wherever the operands can be addressed, on such a GPU or the CPU interpreter:
 #           tests check the TMA path with it, and a GPU benchmark times it alone;
 #   "off":  the pointer path only.
 # Read at every launch; the launch's effective policy is part of the autotuning key.
@@ -347,7 +348,7 @@ def _tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[str, TensorDescript
     engine reads rows of W along K and the kernel transposes the tile in shared memory; a row-major B (K, N) is
     described as it is. The block shapes are placeholders until the config's pre_hook sets them."""
     policy = TMA if TMA in ("auto", "only") else "off"
-    if policy == "auto" and not _tma_device(a.device):
+    if not (_tma_device(a.device) or (policy == "only" and a.device.type == "cpu")):  # forced: the interpreter too
         policy = "off"
     b_kmajor = b.stride(1) != 1
     b_rows = b.t() if b_kmajor else b
