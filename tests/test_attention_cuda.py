@@ -179,6 +179,7 @@ def test_empty_sequences():
                 "v": t["v"][..., :48].contiguous()}, "head dim 64 or 128"),
     (lambda t: {**t, "k": t["k"][:, :3], "v": t["v"][:, :3]}, "multiple of k's"),
     (lambda t: {**t, "mask": torch.ones(1, 1, 1, 9, dtype=torch.int32, device="cuda")}, "attn_mask of dtype"),
+    (lambda t: {**t, "mask": torch.ones(1, 1, 8, 10, dtype=torch.bool, device="cuda")}, "attn_mask broadcastable"),
     (lambda t: {**t, "seed": torch.tensor(0, dtype=torch.int64, device="cuda")}, "seed"),
 ])
 def test_argument_checks(change, message):

@@ -121,8 +121,14 @@ Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
                 "attention (CUDA): expected attn_mask of dtype bool or q's dtype ", q.scalar_type(), ", got ",
                 m.scalar_type());
-    TORCH_CHECK(m.dim() <= 4, "attention (CUDA): expected attn_mask broadcastable to (B, H, Lq, Lk), got ",
-                m.sizes());
+    // Checked here, dim by dim from the last, so that a wrong shape is an error naming attn_mask rather than
+    // expand()'s in make_params.
+    const int64_t target[4] = {s.batch, s.heads, s.len_q, s.len_k};
+    bool broadcastable = m.dim() <= 4;
+    for (int64_t d = 1; broadcastable && d <= m.dim(); ++d)
+      broadcastable = m.size(-d) == 1 || m.size(-d) == target[4 - d];
+    TORCH_CHECK(broadcastable, "attention (CUDA): expected attn_mask broadcastable to (B, H, Lq, Lk) = (", s.batch,
+                ", ", s.heads, ", ", s.len_q, ", ", s.len_k, "), got ", m.sizes());
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (CUDA): expected dropout_p in [0, 1), got ",
               dropout_p);
