@@ -171,10 +171,11 @@ def _first_marker(ptx: str, markers) -> str:
 
 
 def _config_label(config: triton.Config) -> str:
-    """'M128 N64 w4 s3' for BLOCK_M=128, BLOCK_N=64, 4 warps, 3 stages (GROUP_M is G)."""
+    """'M128 N64 w4 s3' for BLOCK_M=128, BLOCK_N=64, 4 warps, 3 stages (GROUP_M is G); a true flag USE_X adds 'x'."""
     sizes = [f"{name.split('_')[-1] if name.startswith('BLOCK_') else name[0]}{value}"
-             for name, value in config.kwargs.items()]
-    return " ".join(sizes + [f"w{config.num_warps}", f"s{config.num_stages}"])
+             for name, value in config.kwargs.items() if not isinstance(value, bool)]
+    flags = [name.removeprefix("USE_").lower() for name, value in config.kwargs.items() if value is True]
+    return " ".join(sizes + [f"w{config.num_warps}", f"s{config.num_stages}"] + flags)
 
 
 def compile_launch(launch: Launch, target: GPUTarget) -> list[Compiled]:
@@ -186,6 +187,8 @@ def compile_launch(launch: Launch, target: GPUTarget) -> list[Compiled]:
         kwargs = dict(launch.kwargs)
         if config is not None:
             kwargs.update(config.all_kwargs())
+            if config.pre_hook is not None:  # what the autotuner does before each run (e.g. TMA block shapes)
+                config.pre_hook({**dict(zip(jit.arg_names, launch.args)), **kwargs})
         compiled = jit.run(*launch.args, grid=None, warmup=True, **kwargs)
         registers, local_bytes = _resource_usage(compiled.asm["cubin"])
         num_warps = compiled.metadata.num_warps
@@ -261,24 +264,30 @@ def _layer_norm_launches() -> list[Launch]:
 def _linear_gelu_launches() -> list[Launch]:
     names = ["_matmul_fused", "_act_bwd"]
     launches = []
-    for case, dtype, (m, k, n) in [("gpt1 bf16 768->3072", torch.bfloat16, (256, 768, 3072)),
-                                   ("fp16 4096->16384", torch.float16, (256, 4096, 16384))]:
-        x = torch.randn(m, k, dtype=dtype)
-        w1, b1 = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
-        pre = torch.randn(m, n, dtype=dtype)
-        w2 = torch.randn(k, n, dtype=dtype)
-        grad = torch.randn(m, k, dtype=dtype)
+    # The capture's CPU tensors stand in for GPU ones: offer the TMA configs as the launcher does on Hopper.
+    tma_device = linear_gelu._tma_device
+    linear_gelu._tma_device = lambda device: True
+    try:
+        for case, dtype, (m, k, n) in [("gpt1 bf16 768->3072", torch.bfloat16, (256, 768, 3072)),
+                                       ("fp16 4096->16384", torch.float16, (256, 4096, 16384))]:
+            x = torch.randn(m, k, dtype=dtype)
+            w1, b1 = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+            pre = torch.randn(m, n, dtype=dtype)
+            w2 = torch.randn(k, n, dtype=dtype)
+            grad = torch.randn(m, k, dtype=dtype)
 
-        def run():
-            linear_gelu.linear_act(x, w1, b1, "gelu_tanh", store_pre=True)
-            linear_gelu.linear_act(pre, w2, b1[:k], "none", store_pre=False, dropout_p=0.1, seed=1)
-            linear_gelu.linear_dact(grad, w2, pre, "gelu_tanh", bias_grad=True)
-            linear_gelu.linear_dact_recompute(x, w1, b1, pre, "gelu", bias_grad=True)
-            linear_gelu.act_bwd(grad, None, "none", bias_grad=True, dropout_p=0.1, seed=1)
-        for launch in _capture(linear_gelu, names, "linear_gelu", case, run):
-            if launch.name == "_matmul_fused":  # four launches of one kernel: tell them apart by their epilogue
-                launch.case += f" {launch.kwargs['EPILOGUE']}" + (" dropout" if launch.kwargs["DROPOUT"] else "")
-            launches.append(launch)
+            def run():
+                linear_gelu.linear_act(x, w1, b1, "gelu_tanh", store_pre=True)
+                linear_gelu.linear_act(pre, w2, b1[:k], "none", store_pre=False, dropout_p=0.1, seed=1)
+                linear_gelu.linear_dact(grad, w2, pre, "gelu_tanh", bias_grad=True)
+                linear_gelu.linear_dact_recompute(x, w1, b1, pre, "gelu", bias_grad=True)
+                linear_gelu.act_bwd(grad, None, "none", bias_grad=True, dropout_p=0.1, seed=1)
+            for launch in _capture(linear_gelu, names, "linear_gelu", case, run):
+                if launch.name == "_matmul_fused":  # four launches of one kernel: tell them apart by their epilogue
+                    launch.case += f" {launch.kwargs['EPILOGUE']}" + (" dropout" if launch.kwargs["DROPOUT"] else "")
+                launches.append(launch)
+    finally:
+        linear_gelu._tma_device = tma_device
     return launches
 
 
@@ -307,12 +316,12 @@ def compile_all(arch: str, ops: list[str] | None = None) -> list[Compiled]:
 
 
 def _table(results: list[Compiled]) -> str:
-    header = (f"{'op':<12}{'case':<38}{'kernel':<22}{'config':<24}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}"
+    header = (f"{'op':<12}{'case':<38}{'kernel':<22}{'config':<28}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}"
               f"{'copy':>6}{'/SM':>4}")
     lines = [header, "-" * len(header)]
     for r in results:
         over = "!" if not r.fits else ""
-        lines.append(f"{r.op:<12}{r.case:<38}{r.kernel:<22}{r.config:<24}{r.registers:>5}{r.local_bytes:>6}"
+        lines.append(f"{r.op:<12}{r.case:<38}{r.kernel:<22}{r.config:<28}{r.registers:>5}{r.local_bytes:>6}"
                      f"{r.shared_bytes / 1024:>7.0f}{over:1}{r.tensor_core:>6}{r.copy:>6}{r.programs_per_sm:>4}")
     return "\n".join(lines)
 

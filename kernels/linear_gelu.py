@@ -28,6 +28,24 @@ Backward, given dY:
 Each one also emits the bias gradient as deterministic partial column sums (fp32, one row per fixed slab of rows,
 summed afterwards by `torch.sum`): no floating-point atomics, so results are bit-reproducible run to run.
 
+How the A and B tiles reach shared memory, two paths in one kernel (the constexpr USE_TMA, a config parameter):
+- pointers: every thread computes the addresses of its part of the (BLOCK_M, BLOCK_K) and (BLOCK_K, BLOCK_N) tiles
+  and copies them with cp.async; rows and columns past M and N wrap around, the K edge is masked to zeros.
+- TMA (Hopper, sm_90+): host-made tensor descriptors, and the copy engine moves each tile as one box on one
+  thread's request, swizzled the way wgmma reads it, with no address registers, and fills everything past the
+  tensor's edges with zeros, so the K edge adds zero products as the masked loads do. A (M, K) is described as it
+  is; B = W^T, the transposed view of a row-major nn.Linear weight W (N, K) (`linear_act`,
+  `linear_dact_recompute`), is described as W, boxes of (BLOCK_N, BLOCK_K) along W's rows, and the kernel takes the
+  tile's transpose, a view of shared memory (B_KMAJOR); a row-major B (K, N) (`linear_dact`'s W) as it is. TMA needs
+  16-byte aligned bases and row strides (K and N multiples of 8 in 16-bit) and a unit last stride; products of
+  16-bit operands that meet them on a GPU with TMA get descriptors, the rest (fp32, whose products are not
+  measured with TMA, odd sizes, Ampere, the CPU interpreter) the pointer path. Where descriptors exist the
+  autotuner tries both paths' configs (same tiles and stages: a stage holds the same two tiles either way) and
+  keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; TMA
+  (FASTGPT_TRITON_TMA, below) pins one path for tests and benchmarks. On sm_90a (bench/triton_compile.py) both
+  compile to wgmma in the same shared memory, and the TMA configs hold as many registers or fewer (no address
+  tensors); with Triton 3.6 the 128x256 and 256x128 tiles with dropout stop spilling (0 bytes instead of 2 KB).
+
 Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): for element (row, col) of the
 (M, N) output, r0 = philox(seed, c0=col, c1=row, c2=0, c3=1); u = uint_to_uniform_float(r0); kept iff u >= p,
 kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
@@ -45,8 +63,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastgpt.kernels.common import elementwise_dropout_uniform, to_dtype
+from fastgpt.kernels.common import benchmark_candidates, elementwise_dropout_uniform, to_dtype, tuned_candidates
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -57,24 +76,60 @@ SLAB = 64
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
 
+# How the A and B tiles reach shared memory, for kernels/linear_gelu.py's matrix products (FASTGPT_TRITON_TMA):
+#   "auto" (default): on a GPU with the TMA engine (CUDA, compute capability >= 9), operands TMA can address get
+#           tensor descriptors and the autotuner tries the TMA configs beside the pointer ones, keeping the faster;
+#   "only": the TMA configs alone wherever the operands can be addressed, on such a GPU or the CPU interpreter:
+#           tests check the TMA path with it, and a GPU benchmark times it alone;
+#   "off":  the pointer path only.
+# Read at every launch; the launch's effective policy is part of the autotuning key.
+TMA = os.environ.get("FASTGPT_TRITON_TMA", "auto")
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Whether `device` has the Tensor Memory Accelerator: an NVIDIA GPU of compute capability 9.0 or later."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    """pre_hook of every config: the descriptors' tiles are the config's (B's descriptor spans B^T (N, K) when
+    B_KMAJOR, else B (K, N)). Pointer configs set them too, so a launch's signature is the same at every call."""
+    if nargs["A_desc"] is not None:
+        block_m, block_n, block_k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["A_desc"].block_shape = [block_m, block_k]
+        nargs["B_desc"].block_shape = [block_n, block_k] if nargs["B_KMAJOR"] else [block_k, block_n]
+
+
 def _matmul_configs() -> list[triton.Config]:
+    """Each tile twice, with USE_TMA (first, so a fixed tuning policy takes TMA where it is offered) and without."""
     if _INTERPRET:
         # One small tile: the interpreter's cost is per program and per block operation, not per FLOP.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
-                              num_stages=1)]
-    # Hopper-friendly: 128x128x64 tiles keep two warpgroups busy on wgmma with 3-4 stages of shared-memory
-    # pipelining (128x64 + 64x128 bf16 = 32 KB per stage); the others cover skinny N (768) and large N (16384).
-    # ptxas on sm_90a (python -m bench.triton_compile): 128x128 with one warpgroup spills in every epilogue (the
-    # 64 accumulators per thread plus GELU's and dropout's temporaries), so it gets two; the 128x256 and 256x128
-    # tiles spill a few hundred bytes in the epilogue only, outside the K loop, and stay for large K to decide.
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
+        tiles = [(64, 64, 32, 4, 4, 1)]
+    else:
+        # Hopper-friendly: 128x128x64 tiles keep two warpgroups busy on wgmma with 3-4 stages of shared-memory
+        # pipelining (128x64 + 64x128 bf16 = 32 KB per stage); the others cover skinny N (768) and large N (16384).
+        # ptxas on sm_90a (python -m bench.triton_compile): 128x128 with one warpgroup spills in every epilogue
+        # (the 64 accumulators per thread plus GELU's and dropout's temporaries), so it gets two; the 128x256 and
+        # 256x128 tiles spill a few hundred bytes in the epilogue only, outside the K loop, and stay for large K to
+        # decide. The TMA configs keep the same tiles and stages: a stage holds the same two tiles either way, and
+        # the autotuner then compares the two copy engines like for like.
+        tiles = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+                 (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+                           "USE_TMA": use_tma}, num_warps=num_warps, num_stages=num_stages,
+                          pre_hook=_set_tma_block_shapes)
+            for use_tma in (True, False) for block_m, block_n, block_k, group_m, num_warps, num_stages in tiles]
+
+
+def _tma_candidates(configs, named_args, **kwargs) -> list[triton.Config]:
+    """early_config_prune: the configs of the copy paths the launch's TMA_POLICY allows, then the tuning policy."""
+    paths = {"off": (False,), "auto": (True, False), "only": (True,)}[kwargs["TMA_POLICY"]]
+    return tuned_candidates([c for c in configs if c.kwargs["USE_TMA"] in paths])
+
+
+def _benchmark(kernel_call, quantiles):
+    # Interpreting, the one candidate left runs without being timed first.
+    return [0.0] * len(quantiles) if _INTERPRET else benchmark_candidates(kernel_call, quantiles)
 
 
 @triton.jit
@@ -128,11 +183,15 @@ def _bias_partial_store(BiasPartial, d, mask, pid_m, offs_n, M, N,
 
 
 @triton.autotune(configs=_matmul_configs(),
-                 key=["M", "N", "K", "EPILOGUE", "ACTIVATION", "HAS_BIAS", "STORE_AUX", "DROPOUT", "BIAS_GRAD"])
+                 key=["M", "N", "K", "EPILOGUE", "ACTIVATION", "HAS_BIAS", "STORE_AUX", "DROPOUT", "BIAS_GRAD",
+                      "TMA_POLICY", "B_KMAJOR"],
+                 prune_configs_by={"early_config_prune": _tma_candidates}, do_bench=_benchmark)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _matmul_fused(
-    A, B, C,  # A (M, K) and B (K, N) with any strides; C (M, N) the epilogue's output
+    A, B,  # A (M, K) and B (K, N) with any strides (the pointer path)
+    A_desc, B_desc,  # TMA descriptors of A (M, K) and of B^T (N, K) (B_KMAJOR) or B (K, N); None without TMA
+    C,  # (M, N) the epilogue's output
     Bias,  # (N,) added to the product (EPILOGUE "act" and "dact_recomputed", when HAS_BIAS)
     Aux,  # (M, N) "act": pre-activation written (STORE_AUX); "dact_saved": pre read; "dact_recomputed": dY read
     BiasPartial,  # (cdiv(M, SLAB), N) fp32 column sums of C per SLAB rows (BIAS_GRAD)
@@ -143,6 +202,9 @@ def _matmul_fused(
     #                          "dact_recomputed": C = Aux * act'(AB + b)
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr, INTERPRET_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, SLAB: tl.constexpr,
+    TMA_POLICY: tl.constexpr,  # "off" (no descriptors), "auto" or "only": the configs the autotuner may try
+    B_KMAJOR: tl.constexpr,  # B_desc spans B^T (N, K), row-major: B is the transposed view of an nn.Linear weight
+    USE_TMA: tl.constexpr,  # config: A and B tiles through the descriptors (TMA) instead of pointers (cp.async)
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -157,31 +219,45 @@ def _matmul_fused(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    # Rows and columns past the edge wrap around (modulo) instead of being masked in the K loop; the epilogue
-    # masks them out of every store.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M).to(tl.int64)
-    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if INTERPRET_BF16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if USE_TMA:
+        # The copy engine reads whole (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) boxes into swizzled shared memory
+        # and fills whatever lies past the tensor's edge (rows >= M, columns >= N, k >= K) with zeros: the zero
+        # products add nothing, as the masked loads' zeros do, and the epilogue masks the extra rows and columns.
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = A_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            if B_KMAJOR:
+                b = B_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T  # a transposed view of the shared-memory tile
+            else:
+                b = B_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+            if INTERPRET_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # Rows and columns past the edge wrap around (modulo) instead of being masked in the K loop; the epilogue
+        # masks them out of every store.
+        offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M).to(tl.int64)
+        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = B + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if INTERPRET_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue, in fp32 on the accumulator.
     rows = offs_m.to(tl.int64)
@@ -258,6 +334,31 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {"INTERPRET_BF16": _INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": precision}
 
 
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """Whether a 2-d tensor meets TMA's rules: unit last stride, 16-byte aligned base and row stride."""
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.numel() > 0)
+
+
+def _tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[str, TensorDescriptor | None, TensorDescriptor | None,
+                                                              bool]:
+    """(TMA_POLICY, A's descriptor, B's descriptor, B_KMAJOR) for a (M, K) @ b (K, N) under the TMA policy.
+
+    B = W^T, the transposed view of a row-major nn.Linear weight W (N, K), is described as W itself, so the copy
+    engine reads rows of W along K and the kernel transposes the tile in shared memory; a row-major B (K, N) is
+    described as it is. The block shapes are placeholders until the config's pre_hook sets them."""
+    policy = TMA if TMA in ("auto", "only") else "off"
+    if not (_tma_device(a.device) or (policy == "only" and a.device.type == "cpu")):  # forced: the interpreter too
+        policy = "off"
+    b_kmajor = b.stride(1) != 1
+    b_rows = b.t() if b_kmajor else b
+    if (policy == "off" or a.dtype not in (torch.float16, torch.bfloat16)
+            or not (_tma_addressable(a) and _tma_addressable(b_rows))):
+        return "off", None, None, False
+    return (policy, TensorDescriptor.from_tensor(a, [16, 16]), TensorDescriptor.from_tensor(b_rows, [16, 16]),
+            b_kmajor)
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: str, activation: str,
             bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, store_aux: bool = False,
             dropout_p: float = 0.0, seed: int = 0, bias_grad: bool = False) -> torch.Tensor | None:
@@ -266,15 +367,18 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: st
     N = b.shape[1]
     partial = torch.empty((triton.cdiv(M, SLAB), N), device=a.device, dtype=torch.float32) if bias_grad else None
     aux_arg = aux if aux is not None else out
+    tma_policy, a_desc, b_desc, b_kmajor = _tma_operands(a, b)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_fused[grid](
-        a, b, out, bias if bias is not None else out, aux_arg, partial if partial is not None else out,
+        a, b, a_desc, b_desc, out, bias if bias is not None else out, aux_arg,
+        partial if partial is not None else out,
         seed, dropout_p, 1.0 / (1.0 - dropout_p),
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         aux_arg.stride(0), aux_arg.stride(1),
         EPILOGUE=epilogue, ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
-        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad, SLAB=SLAB, **_dot_flags(a.dtype, a.device),
+        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad, SLAB=SLAB, TMA_POLICY=tma_policy, B_KMAJOR=b_kmajor,
+        **_dot_flags(a.dtype, a.device),
     )
     return partial.sum(0) if partial is not None else None
 

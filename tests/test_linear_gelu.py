@@ -160,6 +160,118 @@ def test_same_mask_on_every_backend(device, backend):
     assert torch.equal(masks[0], masks[1])
 
 
+# --- the matrix product's two ways to shared memory: TMA descriptors (Hopper) and pointers ------------------------
+
+# (epilogue, activation, bias, dropout_p): every epilogue of kernels/linear_gelu._matmul_fused, with both layouts of
+# B: "act" and "dact_recomputed" multiply by W^T (the TMA descriptor spans W (N, K) and the kernel transposes the
+# tile), "dact_saved" by W itself, read as a row-major (K, N). For the dact epilogues `bias` also asks for the bias
+# gradient.
+PRODUCT_CASES = [("act", "gelu", True, 0.0), ("act", "gelu_tanh", True, 0.3), ("act", "relu", False, 0.0),
+                 ("dact_saved", "gelu_tanh", True, 0.0), ("dact_recomputed", "gelu", True, 0.0),
+                 ("dact_recomputed", "gelu_tanh", False, 0.0)]
+# M, K, N: no multiple of the tiles (64 x 64 x 32 interpreting), the row strides TMA allows (multiples of 16 bytes).
+PRODUCT_SHAPE = (97, 72, 136)
+_ACT = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
+
+
+def _nan_padded(t):
+    """`t` as a view into a larger buffer whose rows and columns past its edges are NaN: a kernel that reads past
+    an edge (instead of masking or zero-filling) puts NaN into the result. Row strides stay multiples of 16 bytes."""
+    buffer = torch.full([size + 8 for size in t.shape], float("nan"), dtype=t.dtype, device=t.device)
+    inside = tuple(slice(0, size) for size in t.shape)
+    buffer[inside] = t
+    return buffer[inside]
+
+
+def _product(kernels, epilogue, activation, x, w, b, other, dropout_p, seed):
+    """The launcher of `epilogue` -> (its output, its second output: pre, the bias gradient or None)."""
+    if epilogue == "act":
+        return kernels.linear_act(x, w, b, activation, store_pre=True, dropout_p=dropout_p, seed=seed)
+    if epilogue == "dact_saved":
+        return kernels.linear_dact(x, w, other, activation, bias_grad=b is not None)
+    return kernels.linear_dact_recompute(x, w, b, other, activation, bias_grad=b is not None)
+
+
+def _eager_product(epilogue, activation, x, w, b, other, dropout_p, seed):
+    """The same in eager PyTorch, in the inputs' dtype (the bias gradient as the fp32 sum of dPre's rows)."""
+    act = _ACT[activation]
+    if epilogue == "act":
+        pre = F.linear(x, w, b)
+        keep = elementwise_dropout_keep(seed, *pre.shape, dropout_p, device=x.device)
+        return torch.where(keep, act(pre) / (1 - dropout_p), 0.0).to(x.dtype), pre
+    if epilogue == "dact_saved":  # x: gradient of the next layer's output, w: its weight, other: our pre
+        pre, grad = other, x @ w
+    else:  # other: gradient of act's output
+        pre, grad = F.linear(x, w, b), other
+    pre = pre.detach().requires_grad_()
+    (dpre,) = torch.autograd.grad(act(pre), pre, grad)
+    return dpre, None if b is None else dpre.float().sum(0)
+
+
+@pytest.fixture
+def copy_path(monkeypatch):
+    """Sets the TMA policy for kernels/linear_gelu.py's matrix products: "tma" forces the TMA configs (on the CPU
+    interpreter too), "pointer" the pointer ones."""
+    kernels = pytest.importorskip("fastgpt.kernels.linear_gelu")
+
+    def use(path):
+        monkeypatch.setattr(kernels, "TMA", {"tma": "only", "pointer": "off"}[path])
+        return kernels
+    return use
+
+
+@pytest.mark.parametrize("path", ["tma", "pointer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("epilogue,activation,bias,dropout_p", PRODUCT_CASES, ids=str)
+def test_matmul_copy_paths(copy_path, path, dtype, epilogue, activation, bias, dropout_p):
+    """Each epilogue through the TMA path and the pointer path against float64, on operands whose edges are
+    surrounded by NaN (zero-filled or masked, never read) and sizes no tile divides."""
+    kernels = copy_path(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if path == "tma" and device == "cuda" and not kernels._tma_device(torch.device(device)):
+        pytest.skip("this GPU has no TMA engine (compute capability < 9)")
+    M, K, N = PRODUCT_SHAPE
+    x = torch.randn(M, N if epilogue == "dact_saved" else K, device=device)
+    w = torch.randn(N, K, device=device) * K ** -0.5
+    b = torch.randn(N, device=device) if bias else None
+    other = torch.randn(M, K if epilogue == "dact_saved" else N, device=device)
+    seed = 1234
+    low = [None if t is None else t.to(dtype) for t in (x, w, b, other)]
+    out, second = _product(kernels, epilogue, activation, *(None if t is None else _nan_padded(t) for t in low),
+                           dropout_p, seed)
+    assert kernels._matmul_fused.best_config.kwargs["USE_TMA"] == (path == "tma")
+    expected = _eager_product(epilogue, activation, *(None if t is None else t.double() for t in low), dropout_p, seed)
+    torch_result = _eager_product(epilogue, activation, *low, dropout_p, seed)
+    assert_close("output", out, expected[0], torch_result[0])
+    assert (second is None) == (expected[1] is None)
+    if second is not None:
+        assert_close("pre" if epilogue == "act" else "dbias", second, expected[1], torch_result[1])
+
+
+def test_tma_operands(monkeypatch):
+    """Which products get TMA descriptors: 16-bit operands with unit last strides, 16-byte aligned bases and row
+    strides, on a GPU with TMA (or the CPU interpreter when forced); B as W^T is described by W, a row-major B as
+    itself."""
+    kernels = pytest.importorskip("fastgpt.kernels.linear_gelu")
+    x, w = torch.randn(8, 64, dtype=torch.float16), torch.randn(24, 64, dtype=torch.float16)
+    monkeypatch.setattr(kernels, "TMA", "auto")
+    assert kernels._tma_operands(x, w.t())[0] == ("auto" if kernels._tma_device(x.device) else "off")
+    monkeypatch.setattr(kernels, "TMA", "only")
+    policy, a_desc, b_desc, b_kmajor = kernels._tma_operands(x, w.t())
+    assert policy == "only" and b_kmajor and list(a_desc.shape) == [8, 64] and list(b_desc.shape) == [24, 64]
+    policy, a_desc, b_desc, b_kmajor = kernels._tma_operands(w, x.t().contiguous())
+    assert policy == "only" and not b_kmajor and list(b_desc.shape) == [64, 8]
+    refused = [(x.float(), w.float().t()),  # fp32: the pointer path
+               (x[:, :60].contiguous(), w[:, :60].contiguous().t()),  # K = 60: rows of 120 bytes
+               (x[:, 1:57], w[:, 1:57].t()),  # bases 2 bytes past 16-byte alignment
+               (x.t().contiguous().t(), w.t()),  # A column-major
+               (x[:0], w.t())]  # empty
+    for a, b in refused:
+        assert kernels._tma_operands(a, b) == ("off", None, None, False)
+    monkeypatch.setattr(kernels, "TMA", "off")
+    assert kernels._tma_operands(x, w.t())[0] == "off"
+
+
 # --- fastgpt.nn.FeedForward --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])

@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for Hopper (sm_90a) under every autotuning config it would try, fits its shared
-memory, keeps its registers (no spills) in at least one config, and puts its 16-bit products on the tensor cores.
+memory, keeps its registers (no spills) in at least one config, and puts its 16-bit products on the tensor cores
+(the matrix products' tiles, where offered, through the TMA engine).
 
 The interpreter tests check what the kernels compute; this checks what the GPU compiler makes of them, without a
 GPU: bench/triton_compile.py captures the launches of the real launchers and compiles them ahead of time for the
@@ -68,8 +69,9 @@ def test_every_config_fits_shared_memory(sm90a_report):
 
 
 def test_every_launch_has_a_config_without_spills(sm90a_report):
-    spilling = [key for key, rows in _launches(sm90a_report).items()
-                if all(r["local_bytes"] > 0 for r in rows) and key not in KNOWN_SPILLS]
+    # Per copy path: where the autotuner may pick TMA or pointer configs (linear_gelu), each keeps a spill-free one.
+    spilling = [(key, copy) for key, rows in _launches(sm90a_report).items() for copy in {r["copy"] for r in rows}
+                if all(r["local_bytes"] > 0 for r in rows if r["copy"] == copy) and key not in KNOWN_SPILLS]
     assert not spilling, f"every config of these launches spills registers to local memory: {spilling}"
 
 
@@ -87,3 +89,13 @@ def test_16bit_products_use_tensor_cores(sm90a_report):
         instructions = {r["tensor_core"] for r in rows}
         assert "-" not in instructions, (case, kernel, instructions)
         assert "wgmma" in instructions, (case, kernel, instructions)
+
+
+def test_16bit_matrix_products_offer_tma(sm90a_report):
+    """linear_gelu's 16-bit products (aligned, as on a GPU) get TMA configs that copy with the TMA engine, beside
+    pointer configs that copy with cp.async."""
+    for (op, case, kernel), rows in _launches(sm90a_report).items():
+        if kernel != "_matmul_fused":
+            continue
+        copies = {tma: {r["copy"] for r in rows if r["config"].endswith(" tma") == tma} for tma in (True, False)}
+        assert copies == {True: {"tma"}, False: {"async"}}, (case, copies)
