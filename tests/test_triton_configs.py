@@ -11,8 +11,9 @@ import torch
 import triton
 
 from fastgpt.kernels import attention as attention_kernels
-from fastgpt.kernels import common
+from fastgpt.kernels import common, linear_gelu
 from tests.test_attention import _check, _inputs, _mask
+from tests.test_linear_gelu import _check_ffn
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="no CUDA GPU here: the configs are only compiled on a GPU machine")
@@ -30,12 +31,14 @@ MOST_CANDIDATES = max(len(tiles) for table in TILE_TABLES for tiles in table.val
 @pytest.fixture
 def forced_candidate(monkeypatch):
     """Sets the candidate index the autotuned kernels take; their per-key choices are forgotten before and after."""
+    kernels = (*attention_kernels.AUTOTUNED, linear_gelu._matmul_fused)
+
     def force(index):
         monkeypatch.setattr(common, "TUNING", str(index))
-        for kernel in attention_kernels.AUTOTUNED:
+        for kernel in kernels:
             kernel.cache.clear()
     yield force
-    for kernel in attention_kernels.AUTOTUNED:
+    for kernel in kernels:
         kernel.cache.clear()
 
 
@@ -62,3 +65,14 @@ def test_attention_config(forced_candidate, index, dtype, D, is_causal, kind, Lq
         pytest.skip(f"the {tile_class} class has {candidates} candidates")
     forced_candidate(index)
     _check("cuda", "triton", q, k, v, grad_out, _mask(kind, "cuda", dtype, 2, 4, Lq, Lk), is_causal)
+
+
+@needs_gpu
+@pytest.mark.parametrize("index", range(len(linear_gelu._matmul_configs())))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_feed_forward_config(forced_candidate, index, dtype):
+    """The whole GELU block, forward and backward (every epilogue of _matmul_fused), with the index-th of the
+    candidates that its launches are offered: on Hopper the TMA configs and the pointer ones, elsewhere the pointer
+    ones (wrapping around)."""
+    forced_candidate(index)
+    _check_ffn("cuda", "triton", dtype, "gelu_tanh", 0.1, True, shape=(3, 101, 264), d_ff=1048)
