@@ -116,21 +116,7 @@ def test_wide_rows_at_odd_offsets(device, backend, cols):
     tensors, grad = [x, r, w, b], view().detach()
     if device == "cuda" and backend == "csrc":
         assert _kernel_supports(backend, x, w, b, cols) == (cols % 8 == 0)
-    torch.manual_seed(7)
-    with fastgpt.use_backend(backend):
-        out, grads = _run(lambda *t: add_layer_norm(*t[:2], (cols,), *t[2:], dropout_p=0.25), tensors, grad)
-    torch.manual_seed(7)
-    keep = elementwise_dropout_keep(draw_seed(), rows, cols, 0.25, device).view(rows, cols)
-
-    def torch_ln(x, r, w, b):
-        return F.layer_norm(x * keep.to(x.dtype) * (1 / 0.75) + r, (cols,), w, b)
-
-    expected, expected_grads = _run(torch_ln, [t.detach().double().requires_grad_() for t in tensors],
-                                    grad.double())
-    torch_out, torch_grads = _run(torch_ln, tensors, grad)
-    assert_close("output", out, expected, torch_out)
-    for name, g, eg, tg in zip(("dx", "dresidual", "dweight", "dbias"), grads, expected_grads, torch_grads):
-        assert_close(name, g, eg, tg)
+    _check_add_dropout(device, backend, tensors, grad, 0.25)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -163,17 +149,21 @@ def test_float32_params_with_half_input(device, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_add_layer_norm_dropout(device, backend, dtype, dropout_p):
-    """LN(dropout(x) + residual) equals the reference computed with the very mask the kernel drew: the Philox
-    stream at counters (col, row, 0, 1) from the seed the op drew from torch's generator."""
+    """LN(dropout(x) + residual) at two rates, against the reference with the kernel's own mask."""
     shape, cols = (3, 41, 160), 160
     x, r, w, b = _make(shape, (cols,), dtype, device, "both", residual=True)
-    tensors = [x, r, w, b]
-    grad = torch.randn(shape, device=device).to(dtype)
+    _check_add_dropout(device, backend, [x, r, w, b], torch.randn(shape, device=device).to(dtype), dropout_p)
+
+
+def _check_add_dropout(device, backend, tensors, grad, dropout_p):
+    """add_layer_norm(x, r, w, b) with dropout against the reference computed with the very mask the kernel drew:
+    the Philox stream at counters (col, row, 0, 1) from the seed the op drew from torch's generator."""
+    cols = tensors[0].shape[-1]
     torch.manual_seed(2024)
     with fastgpt.use_backend(backend):
         out, grads = _run(lambda *t: add_layer_norm(*t[:2], (cols,), *t[2:], dropout_p=dropout_p), tensors, grad)
     torch.manual_seed(2024)
-    keep = elementwise_dropout_keep(draw_seed(), 3 * 41, cols, dropout_p, device).view(shape)
+    keep = elementwise_dropout_keep(draw_seed(), grad.numel() // cols, cols, dropout_p, device).view(grad.shape)
 
     def torch_ln(x, r, w, b):
         return F.layer_norm(x * keep.to(x.dtype) * (1 / (1 - dropout_p)) + r, (cols,), w, b)
