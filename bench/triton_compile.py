@@ -240,11 +240,12 @@ def _attention_launches() -> list[Launch]:
 
 
 def _layer_norm_launches() -> list[Launch]:
-    names = ["_layer_norm_fwd", "_layer_norm_bwd"]
+    names = ["_layer_norm_fwd", "_layer_norm_bwd", "_layer_norm_bwd_affine"]
     cases = [  # name, dtype, width, residual + dropout
         ("gpt1 bf16 768 add+dropout", torch.bfloat16, 768, True),
         ("fp32 4096", torch.float32, 4096, False),
         ("fp32 16384", torch.float32, 16384, False),
+        ("bf16 65536 add+dropout", torch.bfloat16, 65536, True),
     ]
     launches = []
     for case, dtype, n, fused in cases:
@@ -316,12 +317,12 @@ def compile_all(arch: str, ops: list[str] | None = None) -> list[Compiled]:
 
 
 def _table(results: list[Compiled]) -> str:
-    header = (f"{'op':<12}{'case':<38}{'kernel':<22}{'config':<28}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}"
+    header = (f"{'op':<12}{'case':<38}{'kernel':<24}{'config':<28}{'regs':>5}{'local':>6}{'smem KB':>8}{'tc':>6}"
               f"{'copy':>6}{'/SM':>4}")
     lines = [header, "-" * len(header)]
     for r in results:
         over = "!" if not r.fits else ""
-        lines.append(f"{r.op:<12}{r.case:<38}{r.kernel:<22}{r.config:<28}{r.registers:>5}{r.local_bytes:>6}"
+        lines.append(f"{r.op:<12}{r.case:<38}{r.kernel:<24}{r.config:<28}{r.registers:>5}{r.local_bytes:>6}"
                      f"{r.shared_bytes / 1024:>7.0f}{over:1}{r.tensor_core:>6}{r.copy:>6}{r.programs_per_sm:>4}")
     return "\n".join(lines)
 

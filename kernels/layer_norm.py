@@ -12,6 +12,14 @@ xhat = (z - mean) * rstd, forms g = dy * w and
 and accumulates dy * xhat and dy in float32 registers; each program then writes its partial column sums, one row
 of a (G, N) buffer, and the G rows are summed afterwards. No atomics: the result is deterministic.
 
+Wide rows (WIDE): past WIDE_FORWARD (forward) and WIDE_BACKWARD (backward) elements a whole row no longer fits a
+program's registers (ptxas spills, bench/triton_compile.py), so a program walks the row in BLOCK_N chunks instead,
+twice: the forward gathers the statistics, merging each chunk's (count, mean, sum of squared deviations) into the
+row's as Chan, Golub and LeVeque do (one stable pass), then normalises; the backward gathers mean(g) and
+mean(g * xhat), then writes dz. The row is read twice (the second time mostly from L2). The backward's dweight and
+dbias then come from a column kernel, each program summing dy * xhat and dy over a slab of rows for a block of
+columns: wide rows leave no registers to keep the whole row's sums.
+
 Dropout keeps x[row, col] iff the Philox uniform at counters (col, row, 0, 1) is >= p, scaling kept values by
 1 / (1 - p); the backward pass draws the same uniforms again instead of reading a stored mask.
 
@@ -23,6 +31,27 @@ import triton
 import triton.language as tl
 
 from fastgpt.kernels.common import elementwise_dropout_uniform, to_dtype
+
+# Widest rows (elements) each pass keeps whole in registers; wider rows are walked in chunks of CHUNK. From
+# bench/triton_compile.py on sm_90a: the forward keeps 16384 (16 warps, 32 floats a thread) without spilling, the
+# backward, holding z, dy, w, xhat and g at once, only 8192.
+WIDE_FORWARD = 16384
+WIDE_BACKWARD = 8192
+CHUNK = 4096
+
+
+@triton.jit
+def _load_z(X, R, offsets, row, cols, mask, seed, dropout_p, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """(z, keep) for the elements `offsets` of row(s) `row`, columns `cols`: z = dropout(x) (+ residual) in
+    float32, 0 outside `mask`; keep is the dropout mask (all of `mask` without dropout)."""
+    z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    keep = mask
+    if DROPOUT:
+        keep = elementwise_dropout_uniform(seed, row, cols) >= dropout_p
+        z = tl.where(keep, z / (1.0 - dropout_p), 0.0)
+    if HAS_RESIDUAL:
+        z += tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+    return z, keep
 
 
 @triton.jit
@@ -42,31 +71,57 @@ def _layer_norm_fwd(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    WIDE: tl.constexpr,  # walk the row in BLOCK_N chunks (BLOCK_N < N) instead of holding it (BLOCK_N >= N)
     BLOCK_N: tl.constexpr,
 ):
     row32 = tl.program_id(0)
     row = row32.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    in_row = cols < N
-    offsets = row * N + cols
-    z = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32)
-    if DROPOUT:
-        keep = elementwise_dropout_uniform(seed, row32, cols) >= dropout_p
-        z = tl.where(keep, z / (1.0 - dropout_p), 0.0)
-    if HAS_RESIDUAL:
-        z += tl.load(R + offsets, mask=in_row, other=0.0).to(tl.float32)
-    mean = tl.sum(z, axis=0) / N
-    centred = tl.where(in_row, z - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = centred * rstd
-    if HAS_WEIGHT:
-        y *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
-    tl.store(Y + offsets, to_dtype(y, Y.dtype.element_ty), mask=in_row)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+    if WIDE:
+        count = tl.zeros([1], dtype=tl.float32)
+        mean = tl.zeros([1], dtype=tl.float32)
+        m2 = tl.zeros([1], dtype=tl.float32)  # sum of squared deviations from the mean so far
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            in_row = cols < N
+            z, _ = _load_z(X, R, row * N + cols, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            chunk_mean = tl.sum(z, axis=0) / chunk_count
+            deviation = tl.where(in_row, z - chunk_mean, 0.0)
+            delta = chunk_mean - mean
+            total = count + chunk_count
+            mean += delta * (chunk_count / total)
+            m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * (count * chunk_count / total)
+            count = total
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            in_row = cols < N
+            z, _ = _load_z(X, R, row * N + cols, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            y = (z - mean) * rstd
+            if HAS_WEIGHT:
+                y *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y += tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(Y + row * N + cols, to_dtype(y, Y.dtype.element_ty), mask=in_row)
+        tl.store(Mean + row + tl.arange(0, 1), mean)
+        tl.store(Rstd + row + tl.arange(0, 1), rstd)
+    else:
+        cols = tl.arange(0, BLOCK_N)
+        in_row = cols < N
+        offsets = row * N + cols
+        z, _ = _load_z(X, R, offsets, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+        mean = tl.sum(z, axis=0) / N
+        centred = tl.where(in_row, z - mean, 0.0)
+        var = tl.sum(centred * centred, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = centred * rstd
+        if HAS_WEIGHT:
+            y *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(Y + offsets, to_dtype(y, Y.dtype.element_ty), mask=in_row)
+        tl.store(Mean + row, mean)
+        tl.store(Rstd + row, rstd)
 
 
 @triton.jit
@@ -87,52 +142,125 @@ def _layer_norm_bwd(
     dropout_p,  # dropout rate, read only when DROPOUT
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    COMPUTE_AFFINE: tl.constexpr,
+    COMPUTE_AFFINE: tl.constexpr,  # narrow rows only: wide rows leave the sums to _layer_norm_bwd_affine
     DROPOUT: tl.constexpr,
+    WIDE: tl.constexpr,  # walk each row in BLOCK_N chunks, twice (BLOCK_N < N)
     BLOCK_N: tl.constexpr,
 ):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    in_row = cols < N
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    if WIDE:
+        for row in range(program, M, programs):
+            base = tl.cast(row, tl.int64) * N
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                in_row = cols < N
+                z, _ = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+                xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
+                g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    g *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                sum_g += g
+                sum_gx += g * xhat
+            mean_g = tl.sum(sum_g, axis=0) / N
+            mean_gx = tl.sum(sum_gx, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                in_row = cols < N
+                z, keep = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+                xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
+                g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    g *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                dz = (g - mean_g - xhat * mean_gx) * rstd
+                if DROPOUT:
+                    if HAS_RESIDUAL:
+                        tl.store(DZ + base + cols, to_dtype(dz, DZ.dtype.element_ty), mask=in_row)
+                    dz = tl.where(keep, dz / (1.0 - dropout_p), 0.0)
+                tl.store(DX + base + cols, to_dtype(dz, DX.dtype.element_ty), mask=in_row)
+    else:
+        cols = tl.arange(0, BLOCK_N)
+        in_row = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(program, M, programs):
+            offsets = tl.cast(row, tl.int64) * N + cols
+            z, keep = _load_z(X, R, offsets, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
+            g = dy * w if HAS_WEIGHT else dy
+            mean_g = tl.sum(g, axis=0) / N
+            mean_gx = tl.sum(g * xhat, axis=0) / N
+            dz = (g - mean_g - xhat * mean_gx) * rstd
+            if DROPOUT:
+                if HAS_RESIDUAL:
+                    tl.store(DZ + offsets, to_dtype(dz, DZ.dtype.element_ty), mask=in_row)
+                dz = tl.where(keep, dz / (1.0 - dropout_p), 0.0)
+            tl.store(DX + offsets, to_dtype(dz, DX.dtype.element_ty), mask=in_row)
+            if COMPUTE_AFFINE:
+                dw += dy * xhat
+                db += dy
+        if COMPUTE_AFFINE:
+            tl.store(DW_partial + program * N + cols, dw, mask=in_row)
+            tl.store(DB_partial + program * N + cols, db, mask=in_row)
+
+
+@triton.jit
+def _layer_norm_bwd_affine(
+    DY,  # (M, N) gradient of the output
+    X,  # (M, N) input rows (before dropout)
+    R,  # (M, N) residual rows, read only when HAS_RESIDUAL
+    Mean,  # (M,) float32
+    Rstd,  # (M,) float32
+    DW_partial,  # (G, N) float32: program (c, g) writes the sums of dy * xhat over its rows, columns of block c
+    DB_partial,  # (G, N) float32: the same for dy
+    M, N, rows_per_program,
+    seed, dropout_p,
+    HAS_RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cols = cols < N
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for row in range(program, M, programs):
-        offsets = tl.cast(row, tl.int64) * N + cols
-        z = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32)
-        if DROPOUT:
-            keep = elementwise_dropout_uniform(seed, row, cols) >= dropout_p
-            z = tl.where(keep, z / (1.0 - dropout_p), 0.0)
-        if HAS_RESIDUAL:
-            z += tl.load(R + offsets, mask=in_row, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
-        g = dy * w if HAS_WEIGHT else dy
-        mean_g = tl.sum(g, axis=0) / N
-        mean_gx = tl.sum(g * xhat, axis=0) / N
-        dz = (g - mean_g - xhat * mean_gx) * rstd
-        if DROPOUT:
-            if HAS_RESIDUAL:
-                tl.store(DZ + offsets, to_dtype(dz, DZ.dtype.element_ty), mask=in_row)
-            dz = tl.where(keep, dz / (1.0 - dropout_p), 0.0)
-        tl.store(DX + offsets, to_dtype(dz, DX.dtype.element_ty), mask=in_row)
-        if COMPUTE_AFFINE:
-            dw += dy * xhat
-            db += dy
-    if COMPUTE_AFFINE:
-        tl.store(DW_partial + program * N + cols, dw, mask=in_row)
-        tl.store(DB_partial + program * N + cols, db, mask=in_row)
+    row_end = tl.minimum((pid_m + 1) * rows_per_program, M)
+    for row0 in range(pid_m * rows_per_program, row_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        mask = in_rows[:, None] & in_cols[None, :]
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        z, _ = _load_z(X, R, offsets, rows[:, None], cols[None, :], mask, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=in_rows, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=in_rows, other=0.0)
+        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(DW_partial + pid_m * N + cols, dw, mask=in_cols)
+    tl.store(DB_partial + pid_m * N + cols, db, mask=in_cols)
 
 
-def _launch_config(N: int) -> tuple[int, int]:
-    """BLOCK_N covering the row, and enough warps that each thread holds at most ~16 float32 of it."""
+def _launch_config(N: int, widest: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, WIDE): a block covering the row, with enough warps that each thread holds at most ~16
+    float32 of it, or for rows wider than `widest` chunks of CHUNK walked in turn."""
     block_n = triton.next_power_of_2(N)
+    wide = block_n > widest
+    if wide:
+        block_n = CHUNK
     num_warps = min(max(block_n // 512, 1), 16)
-    return block_n, num_warps
+    return block_n, num_warps, wide
 
 
 def layer_norm_forward(input, residual, weight, bias, eps, dropout_p=0.0, seed=None):
@@ -142,20 +270,17 @@ def layer_norm_forward(input, residual, weight, bias, eps, dropout_p=0.0, seed=N
     y = torch.empty_like(input)
     mean = torch.empty(M, dtype=torch.float32, device=input.device)
     rstd = torch.empty(M, dtype=torch.float32, device=input.device)
-    block_n, num_warps = _launch_config(N)
+    block_n, num_warps, wide = _launch_config(N, WIDE_FORWARD)
     _layer_norm_fwd[(M,)](
         input, input if residual is None else residual, input if weight is None else weight,
         input if bias is None else bias, y, mean, rstd, N, eps, _seed_value(seed), dropout_p,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        DROPOUT=dropout_p > 0, BLOCK_N=block_n, num_warps=num_warps)
+        DROPOUT=dropout_p > 0, WIDE=wide, BLOCK_N=block_n, num_warps=num_warps)
     return y, mean, rstd
 
 
-def _backward_programs(M: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU a few times over; few on CPU (the interpreter runs them one by one)."""
-    if device.type == "cuda":
-        return min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(M, 4)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _seed_value(seed) -> int:
@@ -170,16 +295,34 @@ def layer_norm_backward(grad_output, input, residual, weight, mean, rstd, comput
     dropout = dropout_p > 0
     dx = torch.empty_like(input)
     dz = torch.empty_like(input) if dropout and residual is not None else input.new_empty(0)
-    programs = _backward_programs(M, input.device)
-    partial_rows = programs if compute_affine_grads else 0
-    dw_partial = torch.empty(partial_rows, N, dtype=torch.float32, device=input.device)
-    db_partial = torch.empty(partial_rows, N, dtype=torch.float32, device=input.device)
-    block_n, num_warps = _launch_config(N)
-    _layer_norm_bwd[(programs,)](
-        grad_output, input, input if residual is None else residual, input if weight is None else weight,
-        mean, rstd, dx, dz, dw_partial, db_partial, M, N, _seed_value(seed), dropout_p,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, COMPUTE_AFFINE=compute_affine_grads,
-        DROPOUT=dropout, BLOCK_N=block_n, num_warps=num_warps)
+    # Enough programs to fill the GPU a few times over; few on CPU (the interpreter runs them one by one).
+    programs = min(M, 4 * _sm_count(input.device))
+    block_n, num_warps, wide = _launch_config(N, WIDE_BACKWARD)
+    row_sums = compute_affine_grads and not wide
+    dw_partial = torch.empty(programs if row_sums else 0, N, dtype=torch.float32, device=input.device)
+    db_partial = torch.empty_like(dw_partial)
+    if M > 0:
+        _layer_norm_bwd[(programs,)](
+            grad_output, input, input if residual is None else residual, input if weight is None else weight,
+            mean, rstd, dx, dz, dw_partial, db_partial, M, N, _seed_value(seed), dropout_p,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, COMPUTE_AFFINE=row_sums,
+            DROPOUT=dropout, WIDE=wide, BLOCK_N=block_n, num_warps=num_warps)
+    if compute_affine_grads and wide:
+        # Column blocks of 256 by slabs of rows, about 4 programs per SM in all (one slab per program on CPU); 8
+        # warps: 16 elements of each (16, 256) tile a thread, whose Philox draws fit registers with Triton 3.6 too.
+        block_cols, block_rows = 256, 16
+        col_blocks = triton.cdiv(N, block_cols)
+        slabs = max(1, min(triton.cdiv(M, 4 * block_rows), triton.cdiv(4 * _sm_count(input.device), col_blocks)))
+        rows_per_program = triton.cdiv(triton.cdiv(M, slabs), block_rows) * block_rows
+        slabs = triton.cdiv(M, rows_per_program) if M > 0 else 0
+        dw_partial = torch.zeros(max(slabs, 1), N, dtype=torch.float32, device=input.device)
+        db_partial = torch.zeros_like(dw_partial)
+        if slabs > 0:
+            _layer_norm_bwd_affine[(col_blocks, slabs)](
+                grad_output, input, input if residual is None else residual, mean, rstd, dw_partial, db_partial,
+                M, N, rows_per_program, _seed_value(seed), dropout_p,
+                HAS_RESIDUAL=residual is not None, DROPOUT=dropout, BLOCK_M=block_rows, BLOCK_N=block_cols,
+                num_warps=8)
     if not compute_affine_grads:
         empty = torch.empty(0, dtype=torch.float32, device=input.device)
         return dx, dz, empty, empty.clone()

@@ -100,11 +100,11 @@ def test_layer_norm_non_contiguous(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("cols", [8192, 8191])
+@pytest.mark.parametrize("cols", [8192, 8191, 16400])
 def test_wide_rows_at_odd_offsets(device, backend, cols):
-    """Views that start 2 bytes past a 16-byte boundary, with and without residual and dropout. The CUDA kernel
+    """Wide rows in views that start 2 bytes past a 16-byte boundary, with residual and dropout. The CUDA kernel
     reads rows wider than 4096 only in 16-byte vectors: it must copy such views to aligned memory, and a row length
-    that is no multiple of the vector must go to reference."""
+    that is no multiple of the vector must go to reference. 16400 takes the Triton kernels' chunked paths."""
     rows, dtype = 5, torch.float16
 
     def view(scale=1.0, shift=0.0):
