@@ -55,6 +55,18 @@ def _load_z(X, R, offsets, row, cols, mask, seed, dropout_p, HAS_RESIDUAL: tl.co
 
 
 @triton.jit
+def _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p, HAS_RESIDUAL: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, DROPOUT: tl.constexpr):
+    """(xhat, g = dy * w, keep) at columns `cols` of the row starting at `base`, from its saved mean and rstd."""
+    z, keep = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+    xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
+    g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        g *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    return xhat, g, keep
+
+
+@triton.jit
 def _layer_norm_fwd(
     X,  # (M, N) input rows
     R,  # (M, N) residual rows, read only when HAS_RESIDUAL
@@ -159,11 +171,8 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 in_row = cols < N
-                z, _ = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
-                xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
-                g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    g *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                xhat, g, _ = _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p,
+                                           HAS_RESIDUAL, HAS_WEIGHT, DROPOUT)
                 sum_g += g
                 sum_gx += g * xhat
             mean_g = tl.sum(sum_g, axis=0) / N
@@ -171,11 +180,8 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 in_row = cols < N
-                z, keep = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
-                xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
-                g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    g *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                xhat, g, keep = _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p,
+                                              HAS_RESIDUAL, HAS_WEIGHT, DROPOUT)
                 dz = (g - mean_g - xhat * mean_gx) * rstd
                 if DROPOUT:
                     if HAS_RESIDUAL:
