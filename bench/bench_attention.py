@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.attention import scaled_dot_product_attention
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, optional_peer,
-                     peak_memory_mb, rotations, skip, standard_parser, time_calls)
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_tflops,
+                     optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -54,9 +54,7 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
         return run
 
     impls = {}
-    for name in fastgpt.available_backends(device):
-        if name == "reference" or (name == "triton" and device.type == "cpu" and not include_interpreter):
-            continue
+    for name in fastgpt_backends(device, include_interpreter):
         impls[f"fastgpt-{name}"] = fastgpt_backend(name)
     impls.update(_sdpa_backends(device))
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.layer_norm import layer_norm
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, finish,
-                     optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
+from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, fastgpt_backends,
+                     finish, optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
 
 def bytes_moved(rows: int, cols: int, elem: int) -> dict[str, int]:
     fwd = 2 * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
@@ -41,9 +41,7 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
         return F.layer_norm(x, (x.shape[-1],), w, b)
 
     impls = {}
-    for name in fastgpt.available_backends(device):
-        if name == "reference" or (name == "triton" and device.type == "cpu" and not include_interpreter):
-            continue
+    for name in fastgpt_backends(device, include_interpreter):
         impls[f"fastgpt-{name}"] = fastgpt_backend(name)
     impls["torch-eager"] = eager
     for mode in compile_modes:

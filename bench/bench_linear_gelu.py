@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, finish, matmul_tflops, peak_memory_mb,
-                     rotations, skip, standard_parser, time_calls)
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_tflops,
+                     peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -43,9 +43,7 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
         return run
 
     impls = {}
-    for name in fastgpt.available_backends(device):
-        if name == "reference" or (name == "triton" and device.type == "cpu" and not include_interpreter):
-            continue
+    for name in fastgpt_backends(device, include_interpreter):
         impls[f"fastgpt-{name}"] = fastgpt_backend(name)
     impls["torch-eager"] = eager
     for mode in compile_modes:

@@ -24,8 +24,8 @@ from torch import nn
 import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
-from .common import (Row, chosen_compile_modes, environment, finish, matmul_tflops, skip, standard_parser,
-                     time_calls)
+from .common import (Row, chosen_compile_modes, environment, fastgpt_backends, finish, matmul_tflops, skip,
+                     standard_parser, time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -70,9 +70,7 @@ def implementations(config: GPT1Config, device: torch.device, include_interprete
     torch.manual_seed(0)
     ours = GPT1(config).to(device)
     impls = {}
-    for name in fastgpt.available_backends(device):
-        if name == "triton" and device.type == "cpu" and not include_interpreter:
-            continue
+    for name in fastgpt_backends(device, include_interpreter, with_reference=True):
         impls[f"fastgpt-{name}"] = (ours, lambda m, ids: m(ids, labels=ids).loss,
                                     lambda name=name: fastgpt.use_backend(name))
     plain = PlainGPT1(config).to(device)

@@ -226,6 +226,15 @@ def chosen_compile_modes(args, default: Sequence[str]) -> list[str]:
     return [] if args.compile == "none" else args.compile.split(",")
 
 
+def fastgpt_backends(device: torch.device, include_interpreter: bool, with_reference: bool = False) -> list[str]:
+    """fastgpt's backends to time on `device`: Triton on a CPU runs through the interpreter, slow by design, so only
+    when asked; an op's `reference` backend is plain PyTorch, timed already as torch-eager (a model benchmark keeps
+    it: there it is fastgpt's own modules on PyTorch's ops)."""
+    return [name for name in backends.available_backends(device)
+            if (with_reference or name != "reference")
+            and not (name == "triton" and device.type == "cpu" and not include_interpreter)]
+
+
 # Competitors that did not run in this process (not installed, no GPU, a shape they refuse): listed in the table's
 # footer and in the result file, never silently dropped.
 SKIPPED: list[str] = []
