@@ -92,4 +92,21 @@ inline uint64_t seed_value(const at::Tensor& seed) {
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
 
+// linear_gelu_bwd's arguments, checked: grad (M, N), and pre (M, N) unless the activation is "none" (the output
+// dropout of the block's second layer). Returns the activation, pre contiguous or undefined, and the dropout seed.
+struct BwdArgs {
+  Activation activation;
+  at::Tensor pre;
+  uint64_t seed;
+};
+
+inline BwdArgs checked_bwd_args(const at::Tensor& grad, const std::optional<at::Tensor>& pre,
+                                std::string_view activation, double dropout_p, const at::Tensor& seed) {
+  check_matrix(grad, "grad");
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(pre.has_value() || act == Activation::kNone, "linear_gelu: expected pre for activation ", activation);
+  if (pre.has_value()) check_same_shape(*pre, "pre", grad);
+  return {act, pre.has_value() ? pre->contiguous() : at::Tensor(), dropout_p > 0 ? seed_value(seed) : 0};
+}
+
 }  // namespace fastgpt

@@ -338,14 +338,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
 std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& pre,
                                                    c10::string_view activation, double dropout_p,
                                                    const at::Tensor& seed, bool bias_grad) {
-  check_matrix(grad, "grad");
+  const BwdArgs args = checked_bwd_args(grad, pre, activation, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const Activation act = parse_activation(activation);
-  TORCH_CHECK(pre.has_value() || act == Activation::kNone, "linear_gelu: expected pre for activation ", activation);
-  if (pre.has_value()) check_same_shape(*pre, "pre", grad);
-  const at::Tensor pre_t = pre.has_value() ? pre->contiguous() : at::Tensor();
-  return backward_epilogue(grad, pre_t, at::empty_like(grad), act, dropout_p,
-                           dropout_p > 0 ? seed_value(seed) : 0, bias_grad);
+  return backward_epilogue(grad, args.pre, at::empty_like(grad), args.activation, dropout_p, args.seed, bias_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& grad, const at::Tensor& input,
