@@ -48,6 +48,8 @@ TUNING = os.environ.get("FASTGPT_TRITON_TUNING", "autotune")
 
 def tuned_candidates(candidates: list) -> list:
     """The configs an autotuner tries for one key under TUNING (for its `early_config_prune`)."""
+    if TUNING not in ("autotune", "first") and not TUNING.isdigit():
+        raise ValueError(f"FASTGPT_TRITON_TUNING: expected autotune, first or a config index, got {TUNING!r}")
     if TUNING == "autotune":
         return candidates
     return [candidates[(0 if TUNING == "first" else int(TUNING)) % len(candidates)]]

@@ -347,7 +347,9 @@ def _tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[str, TensorDescript
     B = W^T, the transposed view of a row-major nn.Linear weight W (N, K), is described as W itself, so the copy
     engine reads rows of W along K and the kernel transposes the tile in shared memory; a row-major B (K, N) is
     described as it is. The block shapes are placeholders until the config's pre_hook sets them."""
-    policy = TMA if TMA in ("auto", "only") else "off"
+    if TMA not in ("auto", "only", "off"):
+        raise ValueError(f"FASTGPT_TRITON_TMA: expected auto, only or off, got {TMA!r}")
+    policy = TMA
     if not (_tma_device(a.device) or (policy == "only" and a.device.type == "cpu")):  # forced: the interpreter too
         policy = "off"
     b_kmajor = b.stride(1) != 1

@@ -270,6 +270,9 @@ def test_tma_operands(monkeypatch):
         assert kernels._tma_operands(a, b) == ("off", None, None, False)
     monkeypatch.setattr(kernels, "TMA", "off")
     assert kernels._tma_operands(x, w.t())[0] == "off"
+    monkeypatch.setattr(kernels, "TMA", "of")
+    with pytest.raises(ValueError, match="FASTGPT_TRITON_TMA"):
+        kernels._tma_operands(x, w.t())
 
 
 # --- fastgpt.nn.FeedForward --------------------------------------------------------------------------------------

@@ -53,6 +53,12 @@ def test_tuning_policy(monkeypatch, tuning, expected):
         assert not runs
 
 
+def test_tuning_policy_rejects_unknown_values(monkeypatch):
+    monkeypatch.setattr(common, "TUNING", "fastest")
+    with pytest.raises(ValueError, match="FASTGPT_TRITON_TUNING"):
+        common.tuned_candidates(["a"])
+
+
 @needs_gpu
 @pytest.mark.parametrize("index", range(MOST_CANDIDATES))
 @pytest.mark.parametrize("dtype,D,is_causal,kind,Lq,Lk", ATTENTION_CASES, ids=str)
