@@ -2,7 +2,11 @@
 
     pip install --no-build-isolation -e .     # uses the torch already installed; never pulls another
 
-- The C++ CPU kernels (csrc/fastgpt.cpp, csrc/cpu/*.cpp) are always built.
+- The C++ CPU kernels (csrc/fastgpt.cpp, csrc/cpu/*.cpp) are always built, with OpenMP when torch's ATen uses it
+  (at::parallel_for is a `#pragma omp parallel` in ATen's headers: without -fopenmp it runs on one thread), and
+  for the instruction set FASTGPT_CPU_CAPABILITY (AVX512, AVX2 or DEFAULT; by default the one torch picks on the
+  building machine), so that ATen's Vectorized<float> is 16 or 8 lanes of AVX and not its generic scalar loop.
+  The choice is written to fastgpt/_build_config.py; fastgpt refuses to load the kernels on a CPU without it.
 - The CUDA kernels (csrc/cuda/*.cu) are built too when nvcc is found and the installed torch is a CUDA build,
   unless FASTGPT_SKIP_CUDA=1. Architectures: FASTGPT_CUDA_ARCH (default "8.0;9.0a": A100 and H100 with wgmma).
 - MAX_JOBS defaults to the number of cores; ninja builds in parallel.
@@ -20,13 +24,45 @@ from setuptools import find_packages, setup
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 
+# Compiler flags per ATen CPU capability: those ATen's own AVX2 / AVX512 kernels are built with, and the macros
+# that select the matching Vectorized<T> specialisations in ATen's headers.
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+}
+
+
+def cpu_capability() -> str:
+    import torch
+    chosen = os.environ.get("FASTGPT_CPU_CAPABILITY")
+    if chosen is None:
+        chosen = torch.backends.cpu.get_cpu_capability()  # e.g. ZVECTOR or SVE256 elsewhere: DEFAULT for us
+        return chosen if chosen in CPU_CAPABILITY_FLAGS else "DEFAULT"
+    if chosen not in CPU_CAPABILITY_FLAGS:
+        raise SystemExit(f"FASTGPT_CPU_CAPABILITY: expected one of {', '.join(CPU_CAPABILITY_FLAGS)}, got {chosen!r}")
+    return chosen
+
+
+def write_build_config(capability: str) -> None:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgpt", "_build_config.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py: the instruction set fastgpt._C's CPU kernels were compiled for.\n"
+                f"CPU_CAPABILITY = {capability!r}\n")
+
+
 def extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastgpt.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]  # shared headers
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    capability = cpu_capability()
+    write_build_config(capability)
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + CPU_CAPABILITY_FLAGS[capability]
+    if torch.backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")  # GOMP_* resolve against the libgomp torch itself loads: one thread pool
     with_cuda = (os.environ.get("FASTGPT_SKIP_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
     optional = os.environ.get("FASTGPT_REQUIRE_EXT") != "1"

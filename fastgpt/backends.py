@@ -39,8 +39,25 @@ DEFAULT_PREFERENCE = {
 }
 
 
+def _cpu_lacks_build_capability() -> str | None:
+    """The instruction set fastgpt._C was compiled for (setup.py's FASTGPT_CPU_CAPABILITY), if this CPU lacks it:
+    importing the extension there could die of an illegal instruction, so it is not imported at all."""
+    try:
+        from fastgpt._build_config import CPU_CAPABILITY
+    except ImportError:  # built before the capability was recorded, or not by setup.py
+        return None
+    supported = {"AVX2": "_is_avx2_supported", "AVX512": "_is_avx512_supported"}.get(CPU_CAPABILITY)
+    if supported is None or getattr(torch.cpu, supported, lambda: True)():
+        return None
+    return CPU_CAPABILITY
+
+
 def _load_extension() -> str | None:
     """Imports fastgpt._C (which runs the TORCH_LIBRARY registrations); returns why it failed, or None."""
+    lacking = _cpu_lacks_build_capability()
+    if lacking is not None:
+        return f"fastgpt._C was compiled for {lacking}, which this CPU lacks; rebuild it here with " \
+               f"`pip install --no-build-isolation -e .` (FASTGPT_CPU_CAPABILITY=AVX2 or DEFAULT picks a lower one)"
     try:
         from fastgpt import _C  # noqa: F401
     except ImportError as error:

@@ -1,13 +1,16 @@
 // LayerNorm (optionally fused with dropout and a residual add) on CPU: forward and backward over contiguous (M, N)
 // rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads; each row is converted once into
-// a float32 scratch row, and the reductions run on Vectorized<float>. Dropout keeps x[row, col] iff
-// philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws (csrc/philox.h).
+// a float32 scratch row, and every pass over it runs on Vectorized<float> (AVX-512 / AVX2 as setup.py built for).
+// Dropout keeps x[row, col] iff philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws
+// (csrc/philox.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
@@ -17,28 +20,24 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-float sum(const float* values, int64_t n) {
-  Vec acc(0.f);
+// f(j, count) over [0, n) a Vec at a time. In the main loop count is the constant Full (Vec::size()), so that the
+// loads, stores and masks below compile to plain vector instructions; only the tail gets a runtime count.
+using Full = std::integral_constant<int64_t, Vec::size()>;
+template <typename F>
+void for_each_vec(int64_t n, F&& f) {
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc += Vec::loadu(values + j);
-  float lanes[Vec::size()];
-  acc.store(lanes);
-  float total = 0.f;
-  for (int k = 0; k < Vec::size(); ++k) total += lanes[k];
-  for (; j < n; ++j) total += values[j];
-  return total;
+  for (; j + Vec::size() <= n; j += Vec::size()) f(j, Full{});
+  if (j < n) f(j, n - j);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float lanes[Vec::size()];
-  acc.store(lanes);
-  float total = 0.f;
-  for (int k = 0; k < Vec::size(); ++k) total += lanes[k];
-  for (; j < n; ++j) total += a[j] * b[j];
-  return total;
+Vec load(const float* p, Full) { return Vec::loadu(p); }
+Vec load(const float* p, int64_t count) { return Vec::loadu(p, count); }  // lanes past count read as 0
+void store(const Vec& v, float* p, Full) { v.store(p); }
+void store(const Vec& v, float* p, int64_t count) { v.store(p, count); }
+Vec zero_tail(const Vec& v, Full) { return v; }
+Vec zero_tail(const Vec& v, int64_t count) { return Vec::set(Vec(0.f), v, count); }
+float reduce(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
 struct Dropout {
@@ -46,6 +45,10 @@ struct Dropout {
   uint64_t seed = 0;
   bool keeps(int64_t row, int64_t col) const {
     return philox_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p;
+  }
+  // v[j] = dropout(v[j]) for column j of `row`.
+  void apply(float* v, int64_t row, int64_t n) const {
+    for (int64_t j = 0; j < n; ++j) v[j] = keeps(row, j) ? v[j] / (1.f - p) : 0.f;
   }
 };
 
@@ -56,15 +59,45 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   return {static_cast<float>(p), static_cast<uint64_t>(seed->item<int64_t>())};
 }
 
-// z = dropout(float(x)) (+ float(residual)): formed in float32, never rounded to the input dtype.
+// A row of `values` as float32: the row itself when scalar_t is float, else converted into `scratch`.
 template <typename scalar_t>
-void load_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
-              float* z) {
-  for (int64_t j = 0; j < n; ++j) z[j] = static_cast<float>(x[j]);
-  if (dropout.p > 0.f)
-    for (int64_t j = 0; j < n; ++j) z[j] = dropout.keeps(row, j) ? z[j] / (1.f - dropout.p) : 0.f;
-  if (residual != nullptr)
-    for (int64_t j = 0; j < n; ++j) z[j] += static_cast<float>(residual[j]);
+const float* float_row(const scalar_t* values, float* scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return values;
+  } else {
+    at::vec::convert(values, scratch, n);
+    return scratch;
+  }
+}
+
+// The row z = dropout(float(x)) (+ float(residual)), formed in float32 and never rounded to the input dtype: x
+// itself when it is float32 and nothing is added, else built in z_scratch (r_scratch holds a converted residual).
+template <typename scalar_t>
+const float* load_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
+                      float* z_scratch, float* r_scratch) {
+  if (dropout.p == 0.f && residual == nullptr) return float_row(x, z_scratch, n);
+  at::vec::convert(x, z_scratch, n);
+  if (dropout.p > 0.f) dropout.apply(z_scratch, row, n);
+  if (residual != nullptr) {
+    const float* r = float_row(residual, r_scratch, n);
+    for_each_vec(n, [&](int64_t j, auto c) { store(load(z_scratch + j, c) + load(r + j, c), z_scratch + j, c); });
+  }
+  return z_scratch;
+}
+
+// Where a float32 result row is formed: the output row itself when it is float32 and `in_place`, else scratch
+// (converted to the output by store_row).
+template <typename scalar_t>
+float* result_row(scalar_t* out, float* scratch, bool in_place = true) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (in_place) return out;
+  }
+  return scratch;
+}
+
+template <typename scalar_t>
+void store_row(const float* values, scalar_t* out, int64_t n) {
+  if (static_cast<const void*>(values) != static_cast<const void*>(out)) at::vec::convert(values, out, n);
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) {
@@ -74,9 +107,11 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) 
               " contiguous with dtype ", input.scalar_type());
 }
 
-// weight and bias as float32 (N,) rows, or empty when absent.
-at::Tensor as_float_row(const std::optional<at::Tensor>& param, const char* name, int64_t n) {
-  if (!param.has_value()) return at::Tensor();
+// weight or bias as a float32 (N,) row; `absent` fills it when the parameter is None (1 for the weight, 0 for the
+// bias), so that every row takes one code path.
+at::Tensor as_float_row(const std::optional<at::Tensor>& param, const char* name, int64_t n, float absent,
+                        const at::Tensor& input) {
+  if (!param.has_value()) return at::full({n}, absent, input.options().dtype(at::kFloat));
   TORCH_CHECK(param->dim() == 1 && param->size(0) == n, "layer_norm: expected ", name, " of shape (", n,
               "), got ", param->sizes());
   return param->to(at::kFloat).contiguous();
@@ -90,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "layer_norm: expected input to be contiguous (M, N) rows");
   if (residual.has_value()) check_rows(*residual, "residual", input);
   const int64_t rows = input.size(0), cols = input.size(1);
-  const at::Tensor w = as_float_row(weight, "weight", cols), b = as_float_row(bias, "bias", cols);
+  const at::Tensor w = as_float_row(weight, "weight", cols, 1.f, input);
+  const at::Tensor b = as_float_row(bias, "bias", cols, 0.f, input);
   const Dropout dropout = make_dropout(dropout_p, seed);
   at::Tensor output = at::empty_like(input);
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
@@ -98,25 +134,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "layer_norm_fwd", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
-    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    const float* wp = w.const_data_ptr<float>();
+    const float* bp = b.const_data_ptr<float>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     float* mean_p = mean.mutable_data_ptr<float>();
     float* rstd_p = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> z(cols);
+      std::vector<float> z_scratch(cols), r_scratch(cols), y_scratch(cols);
       for (int64_t row = begin; row < end; ++row) {
-        load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z.data());
-        const float mu = sum(z.data(), cols) / cols;
-        for (int64_t j = 0; j < cols; ++j) z[j] -= mu;
-        const float inv_std = 1.f / std::sqrt(dot(z.data(), z.data(), cols) / cols + static_cast<float>(eps));
-        scalar_t* y_row = y + row * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          float v = z[j] * inv_std;
-          if (wp) v *= wp[j];
-          if (bp) v += bp[j];
-          y_row[j] = static_cast<scalar_t>(v);
-        }
+        const float* z = load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                                  r_scratch.data());
+        Vec acc(0.f);
+        for_each_vec(cols, [&](int64_t j, auto c) { acc += load(z + j, c); });
+        const float mu = reduce(acc) / cols;
+        // Two passes (mean, then squares about it) for the variance: no cancellation when |mean| >> std.
+        acc = Vec(0.f);
+        for_each_vec(cols, [&](int64_t j, auto c) {
+          const Vec centred = zero_tail(load(z + j, c) - Vec(mu), c);  // tail lanes stay 0
+          acc = at::vec::fmadd(centred, centred, acc);
+        });
+        const float inv_std = 1.f / std::sqrt(reduce(acc) / cols + static_cast<float>(eps));
+        float* out = result_row(y + row * cols, y_scratch.data());
+        for_each_vec(cols, [&](int64_t j, auto c) {
+          const Vec xhat = (load(z + j, c) - Vec(mu)) * Vec(inv_std);
+          store(at::vec::fmadd(xhat, load(wp + j, c), load(bp + j, c)), out + j, c);
+        });
+        store_row(out, y + row * cols, cols);
         mean_p[row] = mu;
         rstd_p[row] = inv_std;
       }
@@ -125,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   return {output, mean, rstd};
 }
 
+// With xhat = (z - mean) rstd and g = dy * weight:
+//   dz = rstd (g - mean(g) - xhat mean(g xhat)),  dx = dropout(dz),  dweight = sum_rows dy xhat,  dbias = sum_rows dy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_output,
                                                              const at::Tensor& input,
                                                              const std::optional<at::Tensor>& residual,
@@ -139,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && mean.scalar_type() == at::kFloat &&
                   rstd.scalar_type() == at::kFloat,
               "layer_norm: expected mean and rstd to be float32 of shape (", rows, ")");
-  const at::Tensor w = as_float_row(weight, "weight", cols);
+  const at::Tensor w = as_float_row(weight, "weight", cols, 1.f, input);
   const Dropout dropout = make_dropout(dropout_p, seed);
   at::Tensor grad_input = at::empty_like(input);
   // dresidual = dz differs from dinput only under dropout.
@@ -152,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
+    const float* wp = w.const_data_ptr<float>();
     const float* mean_p = mean.const_data_ptr<float>();
     const float* rstd_p = rstd.const_data_ptr<float>();
     scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
@@ -160,29 +205,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     float* dw_partial = partial.mutable_data_ptr<float>();
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
-      std::vector<float> xhat(cols), g(cols);
+      std::vector<float> z_scratch(cols), r_scratch(cols), dy_scratch(cols), dx_scratch(cols);
       for (int64_t row = begin; row < end; ++row) {
-        load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, xhat.data());
-        const float mu = mean_p[row], inv_std = rstd_p[row];
-        const scalar_t* dy_row = dy + row * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          xhat[j] = (xhat[j] - mu) * inv_std;
-          const float d = static_cast<float>(dy_row[j]);
-          g[j] = wp ? d * wp[j] : d;
+        const float* z = load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                                  r_scratch.data());
+        const float* d = float_row(dy + row * cols, dy_scratch.data(), cols);
+        const Vec mu(mean_p[row]), inv_std(rstd_p[row]);
+        // Tail lanes: z, dy and weight load as 0, so g = 0 there and the sums take nothing from them.
+        Vec sum_g(0.f), sum_gx(0.f);
+        for_each_vec(cols, [&](int64_t j, auto c) {
+          const Vec xhat = (load(z + j, c) - mu) * inv_std, dv = load(d + j, c), g = dv * load(wp + j, c);
+          sum_g += g;
+          sum_gx = at::vec::fmadd(g, xhat, sum_gx);
           if (dw != nullptr) {
-            dw[j] += d * xhat[j];
-            db[j] += d;
+            store(at::vec::fmadd(dv, xhat, load(dw + j, c)), dw + j, c);
+            store(load(db + j, c) + dv, db + j, c);
           }
-        }
-        const float mean_g = sum(g.data(), cols) / cols;
-        const float mean_gx = dot(g.data(), xhat.data(), cols) / cols;
-        scalar_t* dx_row = dx + row * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          float d = (g[j] - mean_g - xhat[j] * mean_gx) * inv_std;
-          if (dz != nullptr) dz[row * cols + j] = static_cast<scalar_t>(d);
-          if (dropout.p > 0.f) d = dropout.keeps(row, j) ? d / (1.f - dropout.p) : 0.f;
-          dx_row[j] = static_cast<scalar_t>(d);
-        }
+        });
+        const Vec mean_g(reduce(sum_g) / cols), mean_gx(reduce(sum_gx) / cols);
+        // dz, formed in dx's row unless dropout must still be applied to it (or dx is not float32).
+        float* out = result_row(dx + row * cols, dx_scratch.data(), dropout.p == 0.f);
+        for_each_vec(cols, [&](int64_t j, auto c) {
+          const Vec xhat = (load(z + j, c) - mu) * inv_std;
+          store((load(d + j, c) * load(wp + j, c) - mean_g - xhat * mean_gx) * inv_std, out + j, c);
+        });
+        if (dz != nullptr) at::vec::convert(out, dz + row * cols, cols);
+        if (dropout.p > 0.f) dropout.apply(out, row, cols);
+        store_row(out, dx + row * cols, cols);
       }
     };
     if (compute_affine_grads) {
