@@ -7,10 +7,14 @@ backends, flash-attn (if installed) and fastgpt's reference under torch.compile.
 FLOPs (the TFLOP/s below), for q (B, H, Lq, D), k and v (B, H, Lk, D): the two matrix products of the forward
 pass are 2 * 2 B H Lq Lk D, halved when causal (only the lower triangle is computed); the backward pass does
 five such products (recomputing S, then dV, dP, dQ, dK), counted as 2.5x the forward. Peak memory is what one
-call allocates beyond its inputs: O(B H L) for the fused kernels, O(B H L^2) for the math path.
+call allocates beyond its inputs: O(B H L) for the fused kernels, O(B H L^2) for the math path; the full run
+ends with a memory sweep at L = 8192 and 16384 (one call per pass, after a warm-up call), written to
+attention_memory.json.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch._functorch.config as functorch_config
@@ -115,6 +119,43 @@ def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device,
     return out
 
 
+def memory_sweep(dtype: torch.dtype, device: torch.device, impls: dict, lengths=(8192, 16384)) -> list[Row]:
+    """Peak memory of one forward and one forward+backward call at long sequences, non-causal, D = 64: what each
+    implementation allocates beyond its inputs (bench.common.peak_memory_mb), against the size of one B x H x L x L
+    score matrix (extra["scores_mib"]). One warm-up call first, so that compilation and thread pools are not
+    counted; the time reported is that of the single measured call."""
+    B, H, D = 1, (16 if device.type == "cuda" else 1), 64
+    out = []
+    for L in lengths:
+        q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+        grad_out = torch.randn(B, H, L, D, device=device, dtype=dtype)
+        shape = f"{B}x{H}x{L}x{D}"
+        scores_mib = B * H * L * L * torch.empty((), dtype=dtype).element_size() / 2**20
+        for impl, fn in impls.items():
+            passes = {"fwd": lambda fn=fn: fn(q, k, v, False),
+                      "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(q, k, v, False), (q, k, v), grad_out)}
+            for pass_, call in passes.items():
+                try:
+                    call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    peak = peak_memory_mb(call, device)
+                    ms = (time.perf_counter() - started) * 1e3
+                except RuntimeError as error:  # out of memory, or a backend refusing the shape
+                    skip(f"{impl} at {shape} {pass_} (memory sweep)", str(error).splitlines()[0][:120])
+                    continue
+                if peak is None:
+                    skip(f"{impl} at {shape} (memory sweep)", "peak memory is not measurable on this device")
+                    continue
+                out.append(Row("attention-memory", shape, str(dtype).replace("torch.", ""), pass_, impl, ms, ms, ms,
+                               peak, "MiB", None, peak, note="one call",
+                               extra={"seq_len": L, "head_dim": D, "batch": B, "heads": H, "scores_mib": scores_mib}))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> None:
     args = standard_parser(__doc__, "bfloat16,float16").parse_args(argv)
 
@@ -144,6 +185,8 @@ def main(argv=None) -> None:
         for B, H, L, D, causal in grid:
             rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceiling)
     finish("attention", rows, info, args.out)
+    if not args.quick:
+        finish("attention_memory", memory_sweep(dtypes[0], device, impls), info, args.out)
 
 
 if __name__ == "__main__":

@@ -124,15 +124,43 @@ def time_calls(fns: Sequence[Callable[[], object]], device: torch.device, *, war
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory one call allocates beyond what was live before it (CUDA only)."""
-    if device.type != "cuda":
+    """Peak memory one call allocates beyond what was live before it. CUDA: the caching allocator's peak. CPU
+    (Linux): the process's peak resident set (VmHWM), reset just before the call through /proc/self/clear_refs,
+    after glibc has returned its free heap to the system, so that memory freed earlier is not reused unseen;
+    None where /proc does not allow it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if device.type != "cpu":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        _trim_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+        before = _proc_status_kb("VmRSS")
+        fn()
+        return (_proc_status_kb("VmHWM") - before) / 1024
+    except (OSError, ValueError):
+        return None
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"/proc/self/status has no {field}")
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+        pass
 
 
 @functools.cache
@@ -157,17 +185,25 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     return 2 * n**3 / (median * 1e-3) / 1e12
 
 
+def cost(row) -> float:
+    """What a row minimises: its peak memory for a memory measurement (unit MiB), else its time. `row` is a Row or
+    its dict in a result file."""
+    get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
+    return get("metric") if get("unit") == "MiB" else get("median_ms")
+
+
 def mark_speedups(rows: list[Row], ours_prefix: str = "fastgpt") -> None:
-    """Each fastgpt row's speed-up against the fastest non-fastgpt row of the same op, shape, dtype and pass."""
+    """Each fastgpt row's gain against the best non-fastgpt row of the same op, shape, dtype and pass: the peer's
+    time over ours (for a memory row, the peer's peak memory over ours)."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault((row.op, row.shape, row.dtype, row.pass_), []).append(row)
     for group in groups.values():
-        peers = [r.median_ms for r in group if not r.impl.startswith(ours_prefix) and r.median_ms > 0]
+        peers = [cost(r) for r in group if not r.impl.startswith(ours_prefix) and cost(r) > 0]
         if peers:
             for row in group:
-                if row.impl.startswith(ours_prefix):
-                    row.speedup_vs_best_peer = min(peers) / row.median_ms
+                if row.impl.startswith(ours_prefix) and cost(row) > 0:
+                    row.speedup_vs_best_peer = min(peers) / cost(row)
 
 
 def write_results(name: str, rows: list[Row], info: dict, out_dir: Path | None = None) -> Path:

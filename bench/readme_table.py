@@ -5,7 +5,8 @@ result file backs.
     python -m bench.readme_table --write    # replace the block between the markers in README.md
 
 One section per device folder under bench/results/, one line per (op, shape, dtype, pass) for fastgpt's fastest
-backend and the strongest competitor of the same run.
+backend and the strongest competitor of the same run (fastest; for a memory measurement, the least peak
+memory).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import RESULTS
+from .common import RESULTS, cost
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -36,10 +37,16 @@ def render(results: Path = RESULTS) -> str:
                 peers = [r for r in rows if not r["impl"].startswith("fastgpt")]
                 if not ours or not peers:
                     continue
-                best, peer = min(ours, key=lambda r: r["median_ms"]), min(peers, key=lambda r: r["median_ms"])
+                best, peer = min(ours, key=cost), min(peers, key=cost)
+                source = f"`{path.relative_to(results.parent.parent)}`"
+                if best["unit"] == "MiB":  # a memory measurement: peak MiB, and how many times less than the peer
+                    lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['metric']:.1f} MiB peak "
+                                 f"| {peer['impl']} {peer['metric']:.1f} MiB | {cost(peer) / max(cost(best), 1e-3):.0f}x "
+                                 f"less memory | {source} |")
+                    continue
                 lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['median_ms']:.3f} ms, "
                              f"{best['metric']:.1f} {best['unit']} | {peer['impl']} {peer['median_ms']:.3f} ms | "
-                             f"{peer['median_ms'] / best['median_ms']:.2f}x | `{path.relative_to(results.parent.parent)}` |")
+                             f"{peer['median_ms'] / best['median_ms']:.2f}x | {source} |")
         if lines and env is not None:
             sections.append(f"**{env['device']}** (torch {env['torch']}, triton {env.get('triton')}, "
                             f"CUDA {env.get('cuda', '-')}, {env['date'][:10]})\n\n"

@@ -21,6 +21,25 @@ def test_csrc_loads_here():
     assert backends.CSRC_LOADED, backends._CSRC_ERROR
 
 
+def test_extension_built_for_this_cpu():
+    """setup.py records the instruction set the CPU kernels were compiled for; this machine must have it."""
+    from fastgpt._build_config import CPU_CAPABILITY
+    assert CPU_CAPABILITY in ("DEFAULT", "AVX2", "AVX512")
+    assert backends._cpu_lacks_build_capability() is None
+
+
+@pytest.mark.parametrize("capability, check", [("AVX512", "_is_avx512_supported"), ("AVX2", "_is_avx2_supported")])
+def test_extension_for_a_missing_instruction_set_is_refused(monkeypatch, capability, check):
+    """A build carried to a CPU without its instruction set is not imported (it could die of an illegal
+    instruction): the csrc backend is unavailable, with the reason and the rebuild command."""
+    import types
+    monkeypatch.setitem(sys.modules, "fastgpt._build_config", types.SimpleNamespace(CPU_CAPABILITY=capability))
+    monkeypatch.setattr(torch.cpu, check, lambda: False)
+    assert backends._cpu_lacks_build_capability() == capability
+    message = backends._load_extension()
+    assert f"compiled for {capability}, which this CPU lacks" in message and "FASTGPT_CPU_CAPABILITY" in message
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*reference, triton, csrc"):
         with fastgpt.use_backend("cuda"):

@@ -21,8 +21,8 @@
 //
 // Dtypes: float32, float16, bfloat16, all arithmetic in float32 (float64 goes to the reference backend: lse is
 // float32 by contract, which would cap a float64 backward at float32 accuracy). The tile products go through one
-// register-blocked micro-kernel whose inner loop the compiler vectorises; on x86-64 GCC also builds AVX2 and
-// AVX-512 clones of the hot loops and picks one at load time, so the extension stays portable.
+// register-blocked micro-kernel whose inner loop the compiler vectorises for the instruction set setup.py builds
+// for (FASTGPT_CPU_CAPABILITY: AVX-512, AVX2 or the baseline).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,12 +39,6 @@
 
 #include "philox.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTGPT_HOT __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define FASTGPT_HOT
-#endif
-
 namespace fastgpt {
 namespace {
 
@@ -58,7 +52,7 @@ constexpr int64_t BLOCK_N = 64;  // keys per tile
 // ------------------------------------------------------------------------------------------------------------
 // Hot loops on float buffers.
 
-// Sixteen floats as one value: GCC/Clang lower arithmetic on it to whatever vector width the clone targets
+// Sixteen floats as one value: GCC/Clang lower arithmetic on it to whatever vector width the target has
 // (one zmm, two ymm or four xmm). aligned(4) makes dereferencing an unaligned float pointer through it legal.
 typedef float vec16f __attribute__((vector_size(64), aligned(4), may_alias));
 
@@ -89,18 +83,20 @@ inline __attribute__((always_inline)) void gemm_acc_rows(int64_t N, int64_t K, c
   }
 }
 
-inline __attribute__((always_inline)) void gemm_acc_impl(int64_t M, int64_t N, int64_t K, const float* a,
-                                                         int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-                                                         float* c, int64_t ldc) {
-  constexpr int64_t MR = 4;
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) gemm_acc_rows<MR>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
-  for (; i < M; ++i) gemm_acc_rows<1>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
-}
+// Rows of C per register block: enough independent FMA chains to cover the FMA latency on two ports (8), within
+// the register file. AVX-512: one zmm per row, 8 rows. AVX2 or narrower: a vec16f is two or more registers, 4 rows.
+#if defined(__AVX512F__)
+constexpr int64_t GEMM_MR = 8;
+#else
+constexpr int64_t GEMM_MR = 4;
+#endif
 
-FASTGPT_HOT void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
-                          const float* b, int64_t ldb, float* c, int64_t ldc) {
-  gemm_acc_impl(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc);
+void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+              int64_t ldb, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + GEMM_MR <= M; i += GEMM_MR)
+    gemm_acc_rows<GEMM_MR>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+  for (; i < M; ++i) gemm_acc_rows<1>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
 }
 
 // exp(x) for float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r
@@ -125,7 +121,7 @@ inline float exp_float(float x) {
 }
 
 // x[n] = exp(x[n] - shift) for n < N; returns the sum.
-FASTGPT_HOT float exp_shifted_sum(float* x, int64_t N, float shift) {
+float exp_shifted_sum(float* x, int64_t N, float shift) {
   float sum = 0.0f;
   for (int64_t n = 0; n < N; ++n) {
     x[n] = exp_float(x[n] - shift);

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../linear_gelu.h"
@@ -51,12 +52,12 @@ Vec activation_grad(Vec x) {
   }
 }
 
-// v[j] = f(v[j]) for j < n, a Vec at a time (the tail through a partial load/store).
+// dst[j] = f(src[j]) for j < n, a Vec at a time (the tail through a partial load/store); dst may be src.
 template <typename F>
-void map_inplace(float* v, int64_t n, F&& f) {
+void map_row(const float* src, float* dst, int64_t n, F&& f) {
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) f(Vec::loadu(v + j)).store(v + j);
-  if (j < n) f(Vec::loadu(v + j, n - j)).store(v + j, n - j);
+  for (; j + Vec::size() <= n; j += Vec::size()) f(Vec::loadu(src + j)).store(dst + j);
+  if (j < n) f(Vec::loadu(src + j, n - j)).store(dst + j, n - j);
 }
 
 // v[j] *= dropout factor of element (row, col0 + j).
@@ -65,19 +66,25 @@ void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed
 }
 
 // Forward epilogue over the rows of pre = x W^T + b (M, N): out = dropout(act(pre)). out may alias pre (when
-// pre is not kept).
+// pre is not kept). float32 rows are mapped straight from pre to out; other dtypes go through a float32 row.
 template <typename scalar_t, Activation A>
 void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p, uint64_t seed) {
   const float scale = 1.f / (1.f - p);
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-    std::vector<float> v(cols);
+    std::vector<float> scratch(kFloat ? 0 : cols);
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* pre_row = pre + row * cols;
-      for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<float>(pre_row[j]);
-      map_inplace(v.data(), cols, [](Vec x) { return activation_forward<A>(x); });
-      if (p > 0.f) apply_dropout(v.data(), cols, row, 0, seed, p, scale);
-      scalar_t* out_row = out + row * cols;
-      for (int64_t j = 0; j < cols; ++j) out_row[j] = static_cast<scalar_t>(v[j]);
+      float* v;
+      if constexpr (kFloat) {
+        v = out + row * cols;
+        map_row(pre + row * cols, v, cols, [](Vec x) { return activation_forward<A>(x); });
+      } else {
+        v = scratch.data();
+        at::vec::convert(pre + row * cols, v, cols);
+        map_row(v, v, cols, [](Vec x) { return activation_forward<A>(x); });
+      }
+      if (p > 0.f) apply_dropout(v, cols, row, 0, seed, p, scale);
+      if constexpr (!kFloat) at::vec::convert(v, out + row * cols, cols);
     }
   });
 }
@@ -164,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
   const int64_t rows = input.size(0), cols = weight.size(0);
   const uint64_t seed_v = dropout_p > 0 ? seed_value(seed) : 0;
   at::Tensor pre = product(input, weight, bias);
+  if (act == Activation::kNone && dropout_p == 0.0 && !store_pre) return {pre, at::empty({0}, input.options())};
   at::Tensor out = store_pre ? at::empty_like(pre) : pre;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_gelu_fwd", [&] {
     dispatch_activation(act, [&](auto a) {
