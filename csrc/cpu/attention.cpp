@@ -99,35 +99,66 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int
   for (; i < M; ++i) gemm_acc_rows<1>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
 }
 
-// exp(x) for float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r
-// (about 1 ulp), 2^n built in the exponent bits. Branch-free so loops over it vectorise; x below -87.3
-// (including -inf) gives exactly 0, which masked entries rely on.
-inline float exp_float(float x) {
-  const float clamped = std::min(std::max(x, -87.3f), 88.7f);
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  float r = clamped - n * 0.693359375f;
+typedef int32_t vec16i __attribute__((vector_size(64)));
+
+// exp(x) on sixteen lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for
+// e^r (about 1 ulp), 2^n built in the exponent bits. n is rounded to nearest by adding and subtracting 1.5 * 2^23
+// (exact for |n| < 2^22), which vectorises where nearbyint would not. x below -87.3 (including -inf) gives exactly
+// 0, which masked entries rely on.
+inline vec16f exp16(vec16f x) {
+  const vec16f lo = vec16f{} - 87.3f, hi = vec16f{} + 88.7f, round = vec16f{} + 12582912.0f;
+  const vec16f clamped = x < lo ? lo : (x > hi ? hi : x);
+  const vec16f n = (clamped * 1.44269504088896341f + round) - round;
+  vec16f r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  vec16f p = vec16f{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.3f ? 0.0f : p * two_n;
+  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
+  return x < lo ? vec16f{} : p * reinterpret_cast<const vec16f&>(bits);
 }
 
-// x[n] = exp(x[n] - shift) for n < N; returns the sum.
+inline float lane_sum(vec16f v) {
+  float total = 0.0f;
+  for (int i = 0; i < 16; ++i) total += v[i];
+  return total;
+}
+
+// x[n] = exp(x[n] - shift) for n < N; returns the sum. The tail goes through a padded vector (exp(-inf) = 0).
 float exp_shifted_sum(float* x, int64_t N, float shift) {
-  float sum = 0.0f;
-  for (int64_t n = 0; n < N; ++n) {
-    x[n] = exp_float(x[n] - shift);
-    sum += x[n];
+  vec16f sum{};
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    vec16f& chunk = *reinterpret_cast<vec16f*>(x + n);
+    chunk = exp16(chunk - shift);
+    sum += chunk;
   }
-  return sum;
+  if (n < N) {
+    vec16f tail = vec16f{} - std::numeric_limits<float>::infinity();
+    std::memcpy(&tail, x + n, (N - n) * sizeof(float));
+    tail = exp16(tail - shift);
+    std::memcpy(x + n, &tail, (N - n) * sizeof(float));
+    sum += tail;
+  }
+  return lane_sum(sum);
+}
+
+// max(x[0], ..., x[N - 1]) (-inf for N = 0).
+float max_of(const float* x, int64_t N) {
+  vec16f best = vec16f{} - std::numeric_limits<float>::infinity();
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    const vec16f chunk = *reinterpret_cast<const vec16f*>(x + n);
+    best = chunk > best ? chunk : best;
+  }
+  float result = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 16; ++i) result = std::max(result, best[i]);
+  for (; n < N; ++n) result = std::max(result, x[n]);
+  return result;
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -278,7 +309,7 @@ void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse
         if (pb.dropout_p > 0.0f) dropout_scale(pb, b, h, i0, rows, j0, cols, z_tile.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* s_row = s + r * cols;
-          const float tile_max = *std::max_element(s_row, s_row + cols);
+          const float tile_max = max_of(s_row, cols);
           const float new_max = std::max(row_max[r], tile_max);
           // No visible key yet: keep the exponent finite, every term below is exp(-inf) = 0.
           const float shift = new_max == neg_inf ? float(0) : new_max;
