@@ -64,8 +64,26 @@ def environment(device: torch.device) -> dict:
         info.update(device=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda,
                     driver=_nvidia_driver())
     else:
-        info.update(device=_cpu_name(), threads=torch.get_num_threads())
+        info.update(device=_cpu_name(), threads=torch.get_num_threads(), cpu_allocator=_steady_cpu_allocator())
     return info
+
+
+def _steady_cpu_allocator() -> str:
+    """PyTorch's CPU tensors come from malloc. glibc's default moves its mmap threshold with the sizes freed
+    and returns freed heap to the system, so whether a tensor of a few MB costs page faults on every call depends
+    on the order of earlier allocations: the same op measured 3 ms or 11 ms per call, and so did PyTorch's, by
+    turns. A fixed threshold (32 MiB, glibc's maximum) and no trimming make it the same for every implementation:
+    freed blocks up to 32 MiB are reused, larger ones are mapped afresh (and fault) each time, for everyone."""
+    import ctypes
+    import ctypes.util
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+            return "glibc: mmap threshold 32 MiB, trim threshold 1 GiB"
+    except (OSError, AttributeError, TypeError):
+        pass
+    return "system default"
 
 
 def _nvidia_driver() -> str | None:
