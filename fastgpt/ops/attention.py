@@ -63,8 +63,8 @@ def _autograd_for(bwd_op):
     return backward
 
 
-def _register(fwd_op, bwd_op) -> None:
-    register_kernel_op(fwd_op, bwd_op, _fwd_fake, _bwd_fake, _autograd_for, _setup_context)
+def _register(fwd_op, bwd_op):
+    return register_kernel_op(fwd_op, bwd_op, _fwd_fake, _bwd_fake, _autograd_for, _setup_context)
 
 
 @torch.library.custom_op("fastgpt_triton::attention_fwd", mutates_args=())
@@ -84,13 +84,11 @@ def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                               int(seed.item()))
 
 
-_register(_triton_fwd, _triton_bwd)
-_OPS = {"triton": _triton_fwd}
+_OPS = {"triton": _register(_triton_fwd, _triton_bwd)}
 # The csrc backend's devices: its CPU kernel always, a CUDA kernel when the extension was built with one.
 _CSRC_DEVICES = set()
 if backends.CSRC_LOADED:
-    _register(torch.ops.fastgpt.attention_fwd.default, torch.ops.fastgpt.attention_bwd.default)
-    _OPS["csrc"] = torch.ops.fastgpt.attention_fwd.default
+    _OPS["csrc"] = _register(torch.ops.fastgpt.attention_fwd.default, torch.ops.fastgpt.attention_bwd.default)
     _CSRC_DEVICES = {device for device in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastgpt::attention_fwd", device.upper())}
 

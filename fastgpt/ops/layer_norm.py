@@ -86,8 +86,8 @@ def _autograd_for(bwd_op):
     return backward
 
 
-def _register(fwd_op, bwd_op) -> None:
-    register_kernel_op(fwd_op, bwd_op, _fwd_fake, _bwd_fake, _autograd_for, _setup_context)
+def _register(fwd_op, bwd_op):
+    return register_kernel_op(fwd_op, bwd_op, _fwd_fake, _bwd_fake, _autograd_for, _setup_context)
 
 
 @torch.library.custom_op("fastgpt_triton::layer_norm_fwd", mutates_args=())
@@ -108,11 +108,9 @@ def _triton_bwd(grad_output: torch.Tensor, input: torch.Tensor, residual: torch.
                                seed)
 
 
-_register(_triton_fwd, _triton_bwd)
-_OPS = {"triton": _triton_fwd}
+_OPS = {"triton": _register(_triton_fwd, _triton_bwd)}
 if backends.CSRC_LOADED:
-    _register(torch.ops.fastgpt.layer_norm_fwd.default, torch.ops.fastgpt.layer_norm_bwd.default)
-    _OPS["csrc"] = torch.ops.fastgpt.layer_norm_fwd.default
+    _OPS["csrc"] = _register(torch.ops.fastgpt.layer_norm_fwd.default, torch.ops.fastgpt.layer_norm_bwd.default)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops._registration import eager_call
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
 APPROXIMATIONS = ("none", "tanh")
@@ -68,10 +69,11 @@ def _dact_fake(grad, weight, pre, activation, bias_grad):
 
 
 class _Ops:
-    """One backend's four custom ops."""
+    """One backend's four custom ops; `call` is `fwd` as eager code calls it (set by _register)."""
 
     def __init__(self, fwd, bwd, bwd_recompute, dact):
         self.fwd, self.bwd, self.bwd_recompute, self.dact = fwd, bwd, bwd_recompute, dact
+        self.call = fwd
 
 
 def _setup_context(ctx, inputs, output):
@@ -104,7 +106,9 @@ def _register(ops: _Ops) -> _Ops:
     torch.library.register_fake(ops.bwd)(_bwd_fake)
     torch.library.register_fake(ops.bwd_recompute)(_bwd_recompute_fake)
     torch.library.register_fake(ops.dact)(_dact_fake)
-    torch.library.register_autograd(ops.fwd, _autograd_for(ops), setup_context=_setup_context)
+    backward = _autograd_for(ops)
+    torch.library.register_autograd(ops.fwd, backward, setup_context=_setup_context)
+    ops.call = eager_call(ops.fwd, backward, _setup_context)
     return ops
 
 
@@ -167,8 +171,8 @@ class _FeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, backend: str, activation: str, dropout_p: float, seed, recompute: bool):
         ops = _OPS[backend]
-        h, pre = ops.fwd(x, w1, b1, activation, not recompute, 0.0, seed)
-        out, _ = ops.fwd(h, w2, b2, "none", False, dropout_p, seed)
+        h, pre = ops.call(x, w1, b1, activation, not recompute, 0.0, seed)
+        out, _ = ops.call(h, w2, b2, "none", False, dropout_p, seed)
         ctx.save_for_backward(x, w1, b1, w2, b2, None if recompute else h, None if recompute else pre, seed)
         ctx.backend, ctx.activation, ctx.dropout_p = backend, activation, dropout_p
         return out
@@ -184,7 +188,7 @@ class _FeedForward(torch.autograd.Function):
         ops = _OPS[ctx.backend]
         needs = ctx.needs_input_grad
         if h is None:
-            h, pre = ops.fwd(x, w1, b1, ctx.activation, True, 0.0, seed)
+            h, pre = ops.call(x, w1, b1, ctx.activation, True, 0.0, seed)
         grad_out = grad_out.contiguous()
         bias2_grad = b2 is not None and needs[4]
         if ctx.dropout_p > 0.0 or bias2_grad:
@@ -221,7 +225,7 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     input, weight, bias = _autocast_inputs(device_type, input, weight, bias)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
     with torch.autocast(device_type, enabled=False):
-        out, _pre = _OPS[backend].fwd(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
+        out, _pre = _OPS[backend].call(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
                                       activation, not recompute, 0.0, _NO_SEED())
     return out.view(*input.shape[:-1], weight.shape[0])
 
