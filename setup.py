@@ -18,6 +18,7 @@ PyPI), and the benchmarks in bench/ as fastgpt.bench (so that `fastgpt bench` wo
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -61,8 +62,9 @@ def extension_modules():
     capability = cpu_capability()
     write_build_config(capability)
     cxx_flags = ["-O3", "-fvisibility=hidden"] + CPU_CAPABILITY_FLAGS[capability]
-    if torch.backends.openmp.is_available():
-        cxx_flags.append("-fopenmp")  # GOMP_* resolve against the libgomp torch itself loads: one thread pool
+    # GCC's flag on Linux; the GOMP_* symbols resolve against the libgomp torch itself loads: one thread pool.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
     with_cuda = (os.environ.get("FASTGPT_SKIP_CUDA") != "1" and torch.version.cuda is not None
                  and CUDA_HOME is not None)
     optional = os.environ.get("FASTGPT_REQUIRE_EXT") != "1"

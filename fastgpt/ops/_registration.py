@@ -21,8 +21,9 @@ def register_kernel_op(fwd_op, bwd_op, fwd_fake: Callable, bwd_fake: Callable,
 
 
 def eager_call(op, backward: Callable, setup_context: Callable) -> Callable:
-    """`op` with the autograd formula registered for it, minus the cost of torch.library's Python autograd wrapper
-    (argument defaults refilled, a redispatch: about 15 us a call, where a whole small LayerNorm kernel takes 6).
+    """`op` with the autograd formula registered for it, minus what torch.library's Python autograd wrapper adds to
+    a plain autograd.Function (argument defaults refilled, a redispatch): 5 of the 33 us of a small LayerNorm call
+    with grad on a CPU, 3 of 16 without (the kernel itself takes 7).
     In eager mode an autograd.Function with the very same setup_context and backward runs the op below autograd;
     under torch.compile and torch.func transforms the registered op itself is called, which they trace."""
     import torch
