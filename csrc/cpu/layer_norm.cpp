@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "float_rows.h"
 #include "philox.h"
 
 namespace fastgpt {
@@ -65,7 +66,7 @@ const float* float_row(const scalar_t* values, float* scratch, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return values;
   } else {
-    at::vec::convert(values, scratch, n);
+    to_float(values, scratch, n);
     return scratch;
   }
 }
@@ -76,7 +77,7 @@ template <typename scalar_t>
 const float* load_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
                       float* z_scratch, float* r_scratch) {
   if (dropout.p == 0.f && residual == nullptr) return float_row(x, z_scratch, n);
-  at::vec::convert(x, z_scratch, n);
+  to_float(x, z_scratch, n);
   if (dropout.p > 0.f) dropout.apply(z_scratch, row, n);
   if (residual != nullptr) {
     const float* r = float_row(residual, r_scratch, n);
@@ -97,7 +98,7 @@ float* result_row(scalar_t* out, float* scratch, bool in_place = true) {
 
 template <typename scalar_t>
 void store_row(const float* values, scalar_t* out, int64_t n) {
-  if (static_cast<const void*>(values) != static_cast<const void*>(out)) at::vec::convert(values, out, n);
+  if (static_cast<const void*>(values) != static_cast<const void*>(out)) from_float(values, out, n);
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) {
@@ -229,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
           const Vec xhat = (load(z + j, c) - mu) * inv_std;
           store((load(d + j, c) * load(wp + j, c) - mean_g - xhat * mean_gx) * inv_std, out + j, c);
         });
-        if (dz != nullptr) at::vec::convert(out, dz + row * cols, cols);
+        if (dz != nullptr) from_float(out, dz + row * cols, cols);
         if (dropout.p > 0.f) dropout.apply(out, row, cols);
         store_row(out, dx + row * cols, cols);
       }

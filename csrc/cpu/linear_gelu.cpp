@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../linear_gelu.h"
+#include "float_rows.h"
 
 namespace fastgpt {
 namespace {
@@ -80,11 +81,11 @@ void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t 
         map_row(pre + row * cols, v, cols, [](Vec x) { return activation_forward<A>(x); });
       } else {
         v = scratch.data();
-        at::vec::convert(pre + row * cols, v, cols);
+        to_float(pre + row * cols, v, cols);
         map_row(v, v, cols, [](Vec x) { return activation_forward<A>(x); });
       }
       if (p > 0.f) apply_dropout(v, cols, row, 0, seed, p, scale);
-      if constexpr (!kFloat) at::vec::convert(v, out + row * cols, cols);
+      if constexpr (!kFloat) from_float(v, out + row * cols, cols);
     }
   });
 }
@@ -108,16 +109,16 @@ void backward_epilogue(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre
       std::fill(total, total + n, 0.0);
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t offset = row * cols + col0;
-        for (int64_t j = 0; j < n; ++j) g[j] = static_cast<float>(grad[offset + j]);
+        to_float(grad + offset, g, n);
         if (p > 0.f) apply_dropout(g, n, row, col0, seed, p, scale);
         if constexpr (A != Activation::kNone) {
-          for (int64_t j = 0; j < n; ++j) x[j] = static_cast<float>(pre[offset + j]);
+          to_float(pre + offset, x, n);
           int64_t j = 0;
           for (; j + Vec::size() <= n; j += Vec::size())
             (Vec::loadu(g + j) * activation_grad<A>(Vec::loadu(x + j))).store(g + j);
           if (j < n) (Vec::loadu(g + j, n - j) * activation_grad<A>(Vec::loadu(x + j, n - j))).store(g + j, n - j);
         }
-        for (int64_t j = 0; j < n; ++j) dpre[offset + j] = static_cast<scalar_t>(g[j]);
+        from_float(g, dpre + offset, n);
         if (bias_grad != nullptr) {
           for (int64_t j = 0; j < n; ++j) slab[j] += g[j];
           if ((row + 1) % kSlab == 0 || row + 1 == rows) {
