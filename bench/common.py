@@ -69,18 +69,18 @@ def environment(device: torch.device) -> dict:
 
 
 def _steady_cpu_allocator() -> str:
-    """PyTorch's CPU tensors come from malloc. glibc's default moves its mmap threshold with the sizes freed
-    and returns freed heap to the system, so whether a tensor of a few MB costs page faults on every call depends
-    on the order of earlier allocations: the same op measured 3 ms or 11 ms per call, and so did PyTorch's, by
-    turns. A fixed threshold (32 MiB, glibc's maximum) and no trimming make it the same for every implementation:
-    freed blocks up to 32 MiB are reused, larger ones are mapped afresh (and fault) each time, for everyone."""
+    """PyTorch's CPU tensors come from malloc. glibc's default maps large blocks afresh (page faults on every call)
+    and moves that threshold with the sizes freed, so whether a tensor of a few MB costs page faults on each call
+    depended on the order of earlier allocations: the same op measured 3 ms or 11 ms per call, and so did
+    PyTorch's, by turns. With mmap off and trimming off, freed blocks of any size stay in the heap and are reused,
+    as a caching allocator would: every implementation is timed without the operating system's page faults."""
     import ctypes
     import ctypes.util
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_max = -1, -4
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
-            return "glibc: mmap threshold 32 MiB, trim threshold 1 GiB"
+        if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30):
+            return "glibc: no mmap, no trimming (freed blocks reused)"
     except (OSError, AttributeError, TypeError):
         pass
     return "system default"
