@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -87,19 +88,26 @@ const float* load_row(const scalar_t* x, const scalar_t* residual, int64_t row, 
   return z_scratch;
 }
 
-// Where a float32 result row is formed: the output row itself when it is float32 and `in_place`, else scratch
-// (converted to the output by store_row).
-template <typename scalar_t>
-float* result_row(scalar_t* out, float* scratch, bool in_place = true) {
+// out[0, n) = f(j, c) converted to scalar_t, where f(j, c) gives the Vec of results for the lanes from j (c of
+// them, as in for_each_vec). float16 / bfloat16 rows are converted two Vecs at a time, straight from registers:
+// the results never go through a float32 buffer.
+template <typename scalar_t, typename F>
+void store_results(scalar_t* out, int64_t n, F&& f) {
+  constexpr int64_t V = Vec::size();
+  int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (in_place) return out;
+    for_each_vec(n, [&](int64_t k, auto c) { store(f(k, c), out + k, c); });
+    return;
+  } else if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    for (; j + 2 * V <= n; j += 2 * V)
+      at::vec::convert_from_float<scalar_t>(f(j, Full{}), f(j + V, Full{})).store(out + j);
   }
-  return scratch;
-}
-
-template <typename scalar_t>
-void store_row(const float* values, scalar_t* out, int64_t n) {
-  if (static_cast<const void*>(values) != static_cast<const void*>(out)) from_float(values, out, n);
+  for (; j < n; j += V) {  // the tail (every lane for other dtypes), through a Vec-sized buffer
+    const int64_t c = std::min(V, n - j);
+    float lanes[V];
+    f(j, c).store(lanes, c);
+    for (int64_t k = 0; k < c; ++k) out[j + k] = static_cast<scalar_t>(lanes[k]);
+  }
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) {
@@ -142,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     float* mean_p = mean.mutable_data_ptr<float>();
     float* rstd_p = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> z_scratch(cols), r_scratch(cols), y_scratch(cols);
+      std::vector<float> z_scratch(cols), r_scratch(cols);
       for (int64_t row = begin; row < end; ++row) {
         const float* z = load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
                                   r_scratch.data());
@@ -156,12 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
           acc = at::vec::fmadd(centred, centred, acc);
         });
         const float inv_std = 1.f / std::sqrt(reduce(acc) / cols + static_cast<float>(eps));
-        float* out = result_row(y + row * cols, y_scratch.data());
-        for_each_vec(cols, [&](int64_t j, auto c) {
+        store_results(y + row * cols, cols, [&](int64_t j, auto c) {
           const Vec xhat = (load(z + j, c) - Vec(mu)) * Vec(inv_std);
-          store(at::vec::fmadd(xhat, load(wp + j, c), load(bp + j, c)), out + j, c);
+          return at::vec::fmadd(xhat, load(wp + j, c), load(bp + j, c));
         });
-        store_row(out, y + row * cols, cols);
         mean_p[row] = mu;
         rstd_p[row] = inv_std;
       }
@@ -225,15 +231,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
           }
         });
         const Vec mean_g(reduce(sum_g) / cols), mean_gx(reduce(sum_gx) / cols);
-        // dz, formed in dx's row unless dropout must still be applied to it (or dx is not float32).
-        float* out = result_row(dx + row * cols, dx_scratch.data(), dropout.p == 0.f);
-        for_each_vec(cols, [&](int64_t j, auto c) {
+        auto dz_lanes = [&](int64_t j, auto c) {
           const Vec xhat = (load(z + j, c) - mu) * inv_std;
-          store((load(d + j, c) * load(wp + j, c) - mean_g - xhat * mean_gx) * inv_std, out + j, c);
-        });
+          return (load(d + j, c) * load(wp + j, c) - mean_g - xhat * mean_gx) * inv_std;
+        };
+        if (dropout.p == 0.f) {  // dx = dz (and dresidual is dx)
+          store_results(dx + row * cols, cols, dz_lanes);
+          continue;
+        }
+        // dx = dropout(dz): dz formed in float32 first; dresidual = dz when there is a residual.
+        float* out = dx_scratch.data();
+        for_each_vec(cols, [&](int64_t j, auto c) { store(dz_lanes(j, c), out + j, c); });
         if (dz != nullptr) from_float(out, dz + row * cols, cols);
-        if (dropout.p > 0.f) dropout.apply(out, row, cols);
-        store_row(out, dx + row * cols, cols);
+        dropout.apply(out, row, cols);
+        from_float(out, dx + row * cols, cols);
       }
     };
     if (compute_affine_grads) {
