@@ -74,11 +74,9 @@ def _steady_cpu_allocator() -> str:
     depended on the order of earlier allocations: the same op measured 3 ms or 11 ms per call, and so did
     PyTorch's, by turns. With mmap off and trimming off, freed blocks of any size stay in the heap and are reused,
     as a caching allocator would: every implementation is timed without the operating system's page faults."""
-    import ctypes
-    import ctypes.util
     m_trim_threshold, m_mmap_max = -1, -4
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = _libc()
         if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30):
             return "glibc: no mmap, no trimming (freed blocks reused)"
     except (OSError, AttributeError, TypeError):
@@ -172,11 +170,15 @@ def _proc_status_kb(field: str) -> int:
     raise ValueError(f"/proc/self/status has no {field}")
 
 
-def _trim_heap() -> None:
+def _libc():
     import ctypes
     import ctypes.util
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def _trim_heap() -> None:
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
         pass
 
