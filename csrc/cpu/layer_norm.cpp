@@ -11,7 +11,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -21,24 +20,6 @@
 namespace fastgpt {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-// f(j, count) over [0, n) a Vec at a time. In the main loop count is the constant Full (Vec::size()), so that the
-// loads, stores and masks below compile to plain vector instructions; only the tail gets a runtime count.
-using Full = std::integral_constant<int64_t, Vec::size()>;
-template <typename F>
-void for_each_vec(int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) f(j, Full{});
-  if (j < n) f(j, n - j);
-}
-
-Vec load(const float* p, Full) { return Vec::loadu(p); }
-Vec load(const float* p, int64_t count) { return Vec::loadu(p, count); }  // lanes past count read as 0
-void store(const Vec& v, float* p, Full) { v.store(p); }
-void store(const Vec& v, float* p, int64_t count) { v.store(p, count); }
-Vec zero_tail(const Vec& v, Full) { return v; }
-Vec zero_tail(const Vec& v, int64_t count) { return Vec::set(Vec(0.f), v, count); }
 float reduce(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
@@ -86,28 +67,6 @@ const float* load_row(const scalar_t* x, const scalar_t* residual, int64_t row, 
     for_each_vec(n, [&](int64_t j, auto c) { store(load(z_scratch + j, c) + load(r + j, c), z_scratch + j, c); });
   }
   return z_scratch;
-}
-
-// out[0, n) = f(j, c) converted to scalar_t, where f(j, c) gives the Vec of results for the lanes from j (c of
-// them, as in for_each_vec). float16 / bfloat16 rows are converted two Vecs at a time, straight from registers:
-// the results never go through a float32 buffer.
-template <typename scalar_t, typename F>
-void store_results(scalar_t* out, int64_t n, F&& f) {
-  constexpr int64_t V = Vec::size();
-  int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for_each_vec(n, [&](int64_t k, auto c) { store(f(k, c), out + k, c); });
-    return;
-  } else if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    for (; j + 2 * V <= n; j += 2 * V)
-      at::vec::convert_from_float<scalar_t>(f(j, Full{}), f(j + V, Full{})).store(out + j);
-  }
-  for (; j < n; j += V) {  // the tail (every lane for other dtypes), through a Vec-sized buffer
-    const int64_t c = std::min(V, n - j);
-    float lanes[V];
-    f(j, c).store(lanes, c);
-    for (int64_t k = 0; k < c; ++k) out[j + k] = static_cast<scalar_t>(lanes[k]);
-  }
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) {

@@ -21,8 +21,6 @@
 namespace fastgpt {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
 template <Activation A>
 Vec activation_forward(Vec x) {
   if constexpr (A == Activation::kGelu) {
@@ -53,12 +51,10 @@ Vec activation_grad(Vec x) {
   }
 }
 
-// dst[j] = f(src[j]) for j < n, a Vec at a time (the tail through a partial load/store); dst may be src.
+// dst[j] = f(src[j]) for j < n, a Vec at a time; dst may be src.
 template <typename F>
 void map_row(const float* src, float* dst, int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) f(Vec::loadu(src + j)).store(dst + j);
-  if (j < n) f(Vec::loadu(src + j, n - j)).store(dst + j, n - j);
+  for_each_vec(n, [&](int64_t j, auto c) { store(f(load(src + j, c)), dst + j, c); });
 }
 
 // v[j] *= dropout factor of element (row, col0 + j).
@@ -113,10 +109,9 @@ void backward_epilogue(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre
         if (p > 0.f) apply_dropout(g, n, row, col0, seed, p, scale);
         if constexpr (A != Activation::kNone) {
           to_float(pre + offset, x, n);
-          int64_t j = 0;
-          for (; j + Vec::size() <= n; j += Vec::size())
-            (Vec::loadu(g + j) * activation_grad<A>(Vec::loadu(x + j))).store(g + j);
-          if (j < n) (Vec::loadu(g + j, n - j) * activation_grad<A>(Vec::loadu(x + j, n - j))).store(g + j, n - j);
+          for_each_vec(n, [&](int64_t j, auto c) {
+            store(load(g + j, c) * activation_grad<A>(load(x + j, c)), g + j, c);
+          });
         }
         from_float(g, dpre + offset, n);
         if (bias_grad != nullptr) {
@@ -144,8 +139,8 @@ at::Tensor product(const at::Tensor& input, const at::Tensor& weight, const std:
 }
 
 // Runs the backward epilogue on (M, N) tensors; returns (dpre, bias_grad float32 (N,) or empty).
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& pre, at::Tensor dpre, Activation activation, double dropout_p, uint64_t seed,
-                                            bool bias_grad) {
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& pre, at::Tensor dpre,
+                                            Activation activation, double dropout_p, uint64_t seed, bool bias_grad) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
   at::Tensor grad_bias = at::empty({bias_grad ? cols : 0}, grad.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "linear_gelu_bwd", [&] {
