@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fastgpt import backends
 from fastgpt.ops._checks import check_like, check_tensor
-from fastgpt.ops._registration import eager_call
+from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
 APPROXIMATIONS = ("none", "tanh")
@@ -73,7 +73,6 @@ class _Ops:
 
     def __init__(self, fwd, bwd, bwd_recompute, dact):
         self.fwd, self.bwd, self.bwd_recompute, self.dact = fwd, bwd, bwd_recompute, dact
-        self.call = fwd
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,15 +101,13 @@ def _autograd_for(ops: _Ops):
 
 
 def _register(ops: _Ops) -> _Ops:
-    torch.library.register_fake(ops.fwd)(_fwd_fake)
-    torch.library.register_fake(ops.bwd)(_bwd_fake)
+    """The forward and its backward op as every kernel op is registered (register_kernel_op; the backward formula
+    needs all four ops), plus the fakes of the two ops only the backward calls."""
     torch.library.register_fake(ops.bwd_recompute)(_bwd_recompute_fake)
     torch.library.register_fake(ops.dact)(_dact_fake)
-    backward = _autograd_for(ops)
-    torch.library.register_autograd(ops.fwd, backward, setup_context=_setup_context)
-    ops.call = eager_call(ops.fwd, backward, _setup_context)
+    ops.call = register_kernel_op(ops.fwd, ops.bwd, _fwd_fake, _bwd_fake, lambda _bwd: _autograd_for(ops),
+                                  _setup_context)
     return ops
-
 
 
 @torch.library.custom_op("fastgpt_triton::linear_gelu_fwd", mutates_args=())
