@@ -64,19 +64,39 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
     return out, lse, (dq, dk, dv)
 
 
+@pytest.fixture(params=["fused", "separate"])
+def dq_pass(request):
+    """The backward computes dQ inside the dK/dV pass when there are at least 4 (b, kv head) pairs a thread, else in
+    a pass of its own: 1 thread or 8 picks one or the other for B * Hk = 4."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if request.param == "fused" else 8)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("kind", [None, "key_padding", "bool", "additive"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_masks_causal_dtypes_gqa_strided(dtype, kind, is_causal):
+def test_masks_causal_dtypes_gqa_strided(dtype, kind, is_causal, dq_pass):
     B, H, Hk, Lq, Lk, D = 2, 4, 2, 113, 203, 64
     q, k, v, do = _inputs(B, H, Hk, Lq, Lk, D, D, dtype, packed=True)
     _check(q, k, v, do, _mask(kind, B, H, Lq, Lk, dtype), is_causal, D ** -0.5)
 
 
 @pytest.mark.parametrize("Lq, Lk", [(1, 1), (17, 17), (97, 97), (128, 128), (256, 128), (1, 97), (97, 1)])
-def test_lengths(Lq, Lk):
-    q, k, v, do = _inputs(1, 2, 1, Lq, Lk, 32, 48, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lengths_odd_head_dims(dtype, Lq, Lk):
+    """Odd lengths and odd head dims: bfloat16's products take pairs along k, so every odd extent is padded."""
+    q, k, v, do = _inputs(1, 2, 1, Lq, Lk, 33, 47, dtype)
     _check(q, k, v, do, None, Lq != 128, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_strides(dtype):
+    """No dimension of stride 1: every operand is gathered element by element."""
+    B, H, Lq, Lk, D = 2, 2, 45, 70, 24
+    q, k, v, do = (torch.randn(B, H, n, 2 * D).to(dtype)[..., ::2] for n in (Lq, Lk, Lk, Lq))
+    _check(q, k, v, do, _mask("key_padding", B, H, Lq, Lk, dtype), True, D ** -0.5)
 
 
 @pytest.mark.parametrize("D", [16, 32, 80, 96, 128, 256])
@@ -124,6 +144,25 @@ def test_dropout_mask_bits_and_rate():
     n = keep.numel()
     dropped = n - keep.sum().item()
     assert abs(dropped - p * n) <= 5 * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dq_in_the_dk_dv_pass_equals_its_own_pass(dtype):
+    """Both ways of computing dQ sum the same products in the same order: bit for bit the same gradients."""
+    q, k, v, do = _inputs(2, 6, 2, 150, 130, 40, 40, dtype)
+    fwd, bwd = _ops()
+    seed = torch.tensor(9)
+    out, lse = fwd(q, k, v, None, True, 0.2, 0.1, seed)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 4 (b, kv head) pairs for 1 thread: dQ in the dK/dV pass
+        fused = bwd(do, q, k, v, out, lse, None, True, 0.2, 0.1, seed)
+        torch.set_num_threads(8)  # too few pairs for 8 threads: dQ in its own pass
+        separate = bwd(do, q, k, v, out, lse, None, True, 0.2, 0.1, seed)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(fused, separate):
+        assert torch.equal(a, b)
 
 
 def test_gradients_are_deterministic():

@@ -8,11 +8,13 @@
 // Backward recomputes P = exp(S - lse) tile by tile, so nothing Lq x Lk ever exists in memory. With
 // Z = keep / (1 - p) the dropout scale (0 where dropped) and delta = rowsum(dO * O) (= rowsum(P * dP')):
 //   dV = (P * Z)^T dO      dP' = dO V^T      dS = P * (Z * dP' - delta)      dQ = scale dS K      dK = scale dS^T Q
-// Two deterministic passes: dK, dV parallel over (b, kv head, key block), each task owning its rows and summing
-// the query heads of its GQA group in order; dQ parallel over (b, h, query block). No two threads write a row.
+// Deterministic: no two threads write a row, and every sum runs in a fixed order. dK, dV are parallel over
+// (b, kv head, key block), each task owning its rows and summing the query heads of its GQA group in order; dQ
+// either in the same pass, when a task owns all key blocks of its (b, kv head) (there are enough pairs for the
+// threads), or in a second pass parallel over (b, h, query block).
 //
 // Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides (tiles are gathered through the
-// strides into float buffers); grad_out likewise. attn_mask is broadcast to (B, H, Lq, Lk) by strides (a key
+// strides into the operand layout of the tile products); grad_out likewise. attn_mask is broadcast to (B, H, Lq, Lk) by strides (a key
 // padding mask (B, 1, 1, Lk) is read in place, no copy), bool (true = attend) or additive in q's dtype.
 // Results are contiguous: out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32, dq/dk/dv like q/k/v.
 // A query row with no visible key gets out = 0, lse = -inf and zero gradients.
@@ -20,9 +22,11 @@
 // generator every fastgpt backend shares (csrc/philox.h, fastgpt/ops/philox.py); backward regenerates the mask.
 //
 // Dtypes: float32, float16, bfloat16, all arithmetic in float32 (float64 goes to the reference backend: lse is
-// float32 by contract, which would cap a float64 backward at float32 accuracy). The tile products go through one
-// register-blocked micro-kernel whose inner loop the compiler vectorises for the instruction set setup.py builds
-// for (FASTGPT_CPU_CAPABILITY: AVX-512, AVX2 or the baseline).
+// float32 by contract, which would cap a float64 backward at float32 accuracy). The tile products go through a
+// register-blocked micro-kernel: float32 FMAs, vectorised by the compiler for the instruction set setup.py builds
+// for (FASTGPT_CPU_CAPABILITY: AVX-512, AVX2 or the baseline); for bfloat16 on a CPU with AVX512-BF16, bfloat16
+// dot products accumulating in float32 (vdpbf16ps, twice the multiply-adds an instruction), on P and dS rounded
+// to bfloat16 as PyTorch's CPU flash attention does (see "Operands of the tile products").
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -35,9 +39,18 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
+
+// AVX512-BF16 dot products for bfloat16 inputs: compiled into AVX-512 builds, used where the CPU has them.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTGPT_BF16_DOT 1
+#include <immintrin.h>
+#else
+#define FASTGPT_BF16_DOT 0
+#endif
 
 namespace fastgpt {
 namespace {
@@ -122,14 +135,24 @@ inline vec16f exp16(vec16f x) {
   return x < lo ? vec16f{} : p * reinterpret_cast<const vec16f&>(bits);
 }
 
-inline float lane_sum(vec16f v) {
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += v[i];
-  return total;
+// op over the sixteen lanes of v, as a tree: four lane-wise ops of v with its halves, quarters, ... swapped (a
+// chain of sixteen scalar ops per call would cost more than the row's exponentials).
+template <typename Op>
+inline float lane_reduce(vec16f v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
 }
 
-// x[n] = exp(x[n] - shift) for n < N; returns the sum. The tail goes through a padded vector (exp(-inf) = 0).
-float exp_shifted_sum(float* x, int64_t N, float shift) {
+inline float lane_sum(vec16f v) {
+  return lane_reduce(v, [](vec16f a, vec16f b) { return a + b; });
+}
+
+// x[n] = exp(x[n] - shift) for n < N; returns their sum, lane by lane (x[n] in lane n % 16), for the caller to
+// carry across tiles and reduce once. The tail goes through a padded vector (exp(-inf) = 0).
+vec16f exp_shifted(float* x, int64_t N, float shift) {
   vec16f sum{};
   int64_t n = 0;
   for (; n + 16 <= N; n += 16) {
@@ -144,7 +167,7 @@ float exp_shifted_sum(float* x, int64_t N, float shift) {
     std::memcpy(x + n, &tail, (N - n) * sizeof(float));
     sum += tail;
   }
-  return lane_sum(sum);
+  return sum;
 }
 
 // max(x[0], ..., x[N - 1]) (-inf for N = 0).
@@ -155,14 +178,42 @@ float max_of(const float* x, int64_t N) {
     const vec16f chunk = *reinterpret_cast<const vec16f*>(x + n);
     best = chunk > best ? chunk : best;
   }
-  float result = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < 16; ++i) result = std::max(result, best[i]);
+  float result = lane_reduce(best, [](vec16f a, vec16f b) { return a > b ? a : b; });
   for (; n < N; ++n) result = std::max(result, x[n]);
   return result;
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Tiles: gathered through strides into float buffers, row-major and compact.
+// Operands of the tile products.
+//
+// Every product is C (M x N, float32, row-major, ldc) += A (M x K) B (K x N), on operands laid out for the
+// micro-kernel of the precision it runs in. A Tiles policy says how:
+//   T, KP     the element of a packed operand, and how many consecutive k one group of KP elements holds;
+//   A         a view {p, rs, cs}: the group of A[m][k] starts at p + (m * rs + (k / KP) * cs) * KP;
+//             B is packed: the group of B[k][n] starts at b + ((k / KP) * N + n) * KP;
+//             a K that is not a multiple of KP is padded with zeros, in A and in B;
+//   load_a    A = an input tile (q, grad_out), gathered through its strides: A[m][k] = src[m * ms + k * ks];
+//   load_b    B = an input tile: B[k][n] = src[k * ks + n * ns] (k^T and v^T are the same call, strides swapped);
+//   rows_b    B = the rows a tile load_a took holds (A's M x K seen as K' x N);
+//   rows_a, cols_a   A = X or A = X^T for a float32 tile X (rows x cols, row-major) the kernel computed;
+//   gemm      the product.
+// FloatTiles: float32, KP = 1, the micro-kernel above; a computed tile is used in place, through strides.
+// Bf16Tiles (bfloat16 inputs on a CPU with AVX512-BF16): KP = 2, bfloat16 pairs (k, k + 1), the layout of
+// vdpbf16ps, which multiplies both pairs of a 32-bit lane and adds the two products into a float32 lane: twice the
+// multiply-adds of a float32 FMA per instruction. P and dS are rounded to bfloat16 for their products, as
+// PyTorch's CPU flash attention and FlashAttention on GPUs do; every product accumulates in float32.
+
+template <typename T>
+struct ATile {
+  const T* p;
+  int64_t rs, cs;
+};
+
+// A buffer for an operand with K along k and `other` along m or n, whole groups of KP.
+template <typename Tiles>
+std::vector<typename Tiles::T> operand_buffer(int64_t K, int64_t other) {
+  return std::vector<typename Tiles::T>((K + Tiles::KP - 1) / Tiles::KP * Tiles::KP * other);
+}
 
 // dst[r * cols + c] = src[r * rs + c * cs]
 template <typename scalar_t>
@@ -171,11 +222,233 @@ void load_tile(const scalar_t* src, int64_t rows, int64_t cols, int64_t rs, int6
     for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * rs + c * cs]);
 }
 
-// dst[c * rows + r] = src[r * rs + c * cs]: the tile transposed, so products with it run along contiguous rows.
-template <typename scalar_t>
-void load_tile_transposed(const scalar_t* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<float>(src[r * rs + c * cs]);
+struct FloatTiles {
+  using T = float;
+  using A = ATile<float>;
+  static constexpr int64_t KP = 1;
+
+  template <typename scalar_t>
+  static A load_a(const scalar_t* src, int64_t M, int64_t K, int64_t ms, int64_t ks, float* buf) {
+    load_tile(src, M, K, ms, ks, buf);
+    return {buf, K, 1};
+  }
+  template <typename scalar_t>
+  static const float* load_b(const scalar_t* src, int64_t K, int64_t N, int64_t ks, int64_t ns, float* buf) {
+    load_tile(src, K, N, ks, ns, buf);
+    return buf;
+  }
+  template <typename scalar_t>  // a row-major float32 A is already a packed B
+  static const float* rows_b(const A& a, const scalar_t*, int64_t, int64_t, int64_t, int64_t, float*) {
+    return a.p;
+  }
+  static A rows_a(const float* x, int64_t, int64_t cols, float*) { return {x, cols, 1}; }
+  static A cols_a(const float* x, int64_t, int64_t cols, float*) { return {x, 1, cols}; }
+  static void gemm(int64_t M, int64_t N, int64_t K, const A& a, const float* b, float* c, int64_t ldc) {
+    gemm_acc(M, N, K, a.p, a.rs, a.cs, b, N, c, ldc);
+  }
+};
+
+#if FASTGPT_BF16_DOT
+#define FASTGPT_TARGET_BF16 __attribute__((target("avx512bf16")))
+
+// C[m, n0 + 16 v + l] += sum over pairs kk < K2 of A's pair (m, kk) . B's pair (kk, n0 + 16 v + l), for MR rows
+// and NV vectors of 16 columns; lanes past `last` in the last vector are neither read nor written. Every lane
+// runs the same vdpbf16ps sequence whatever MR, NV or its position, so equal inputs give equal sums bit for bit.
+template <int64_t MR, int64_t NV>
+FASTGPT_TARGET_BF16 inline void dot_block(int64_t K2, const at::BFloat16* a, int64_t a_rs, int64_t a_cs,
+                                          const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc,
+                                          __mmask16 last) {
+  // Fully unrolled, so that the MR x NV accumulators live in registers: 16 of the 32 zmm at MR = 4, NV = 4, which
+  // measured faster than 8 x 2 (fewer loads per vdpbf16ps: 4 broadcasts and 4 vectors of B for 16) and level with 6 x 4.
+  __m512 acc[MR][NV];
+  const char* a_row[MR];  // pair (r, kk) at a_row[r] + kk * a_step
+  const int64_t a_step = 4 * a_cs, b_step = 4 * ldb;
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < MR; ++r) {
+    a_row[r] = reinterpret_cast<const char*>(a + 2 * r * a_rs);
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < NV; ++v)
+      acc[r][v] = _mm512_maskz_loadu_ps(v + 1 < NV ? __mmask16(0xFFFF) : last, c + r * ldc + 16 * v);
+  }
+  const char* b_pairs = reinterpret_cast<const char*>(b);
+  for (int64_t kk = 0, a_off = 0; kk < K2; ++kk, a_off += a_step, b_pairs += b_step) {
+    __m512i b_vec[NV];
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < NV; ++v)
+      b_vec[v] = _mm512_maskz_loadu_epi32(v + 1 < NV ? __mmask16(0xFFFF) : last, b_pairs + 64 * v);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a_row[r] + a_off, sizeof(pair));
+      const __m512bh a_pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a_pair, (__m512bh)b_vec[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v + 1 < NV ? __mmask16(0xFFFF) : last, acc[r][v]);
+}
+
+template <int64_t MR>
+FASTGPT_TARGET_BF16 inline void dot_rows(int64_t N, int64_t K2, const at::BFloat16* a, int64_t a_rs, int64_t a_cs,
+                                         const at::BFloat16* b, float* c, int64_t ldc) {
+  int64_t n0 = 0;
+  for (; n0 + 64 <= N; n0 += 64) dot_block<MR, 4>(K2, a, a_rs, a_cs, b + 2 * n0, N, c + n0, ldc, 0xFFFF);
+  const int64_t left = N - n0;
+  const __mmask16 last = __mmask16((1u << ((left - 1) % 16 + 1)) - 1);
+  if (left > 48)
+    dot_block<MR, 4>(K2, a, a_rs, a_cs, b + 2 * n0, N, c + n0, ldc, last);
+  else if (left > 32)
+    dot_block<MR, 3>(K2, a, a_rs, a_cs, b + 2 * n0, N, c + n0, ldc, last);
+  else if (left > 16)
+    dot_block<MR, 2>(K2, a, a_rs, a_cs, b + 2 * n0, N, c + n0, ldc, last);
+  else if (left > 0)
+    dot_block<MR, 1>(K2, a, a_rs, a_cs, b + 2 * n0, N, c + n0, ldc, last);
+}
+
+// 32 bfloat16 (nearest even) of the floats x[0, count), zeros past count.
+FASTGPT_TARGET_BF16 inline __m512i bf16_of(const float* x, int64_t count) {
+  const __mmask16 lo = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
+  const __mmask16 hi = count >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count - 16, 0)) - 1);
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x));
+}
+
+struct Bf16Tiles {
+  using T = at::BFloat16;
+  using A = ATile<at::BFloat16>;
+  static constexpr int64_t KP = 2;
+
+  static A load_a(const at::BFloat16* src, int64_t M, int64_t K, int64_t ms, int64_t ks, at::BFloat16* buf) {
+    const int64_t K2 = (K + 1) / 2;
+    for (int64_t m = 0; m < M; ++m) {
+      at::BFloat16* row = buf + 2 * m * K2;
+      if (ks == 1)
+        std::memcpy(row, src + m * ms, K * sizeof(at::BFloat16));
+      else
+        for (int64_t k = 0; k < K; ++k) row[k] = src[m * ms + k * ks];
+      if (K % 2) row[K] = at::BFloat16(0.0f);
+    }
+    return {buf, K2, 1};
+  }
+  static const at::BFloat16* load_b(const at::BFloat16* src, int64_t K, int64_t N, int64_t ks, int64_t ns,
+                                    at::BFloat16* buf) {
+    if (ns == 1)
+      pack_rows(src, K, N, ks, buf);
+    else if (ks == 1)
+      pack_columns(src, K, N, ns, buf);
+    else
+      for (int64_t k = 0; k < (K + 1) / 2 * 2; ++k)
+        for (int64_t n = 0; n < N; ++n)
+          buf[2 * ((k / 2) * N + n) + k % 2] = k < K ? src[k * ks + n * ns] : at::BFloat16(0.0f);
+    return buf;
+  }
+  // B[k][n] = src[k * ks + n]: rows 2 kk and 2 kk + 1 interleaved into the pairs of group kk, 16 columns at a time.
+  FASTGPT_TARGET_BF16 static void pack_rows(const at::BFloat16* src, int64_t K, int64_t N, int64_t ks,
+                                            at::BFloat16* buf) {
+    for (int64_t k = 0; k < K; k += 2)
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 mask = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+        const __m512i even = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + k * ks + n));
+        const __m512i odd = k + 1 < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + (k + 1) * ks + n))
+                                      : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(buf + 2 * ((k / 2) * N + n), mask, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+      }
+  }
+  // B[k][n] = src[k + n * ns]: source row n holds the pairs of column n, contiguous; 16 x 16 blocks of pairs are
+  // transposed in registers (32-bit unpacks, then 64-bit, then two rounds of 128-bit lane shuffles).
+  FASTGPT_TARGET_BF16 static void pack_columns(const at::BFloat16* src, int64_t K, int64_t N, int64_t ns,
+                                               at::BFloat16* buf) {
+    const int64_t K2 = (K + 1) / 2;
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+      for (int64_t kk0 = 0; kk0 < K2; kk0 += 16) {
+        // r[n] = pairs kk0.. of source row n0 + n; a K past the tensor's end is read as zeros (the odd K's pad).
+        const int64_t elems = std::min<int64_t>(32, K - 2 * kk0);
+        const __mmask32 k_mask = elems == 32 ? ~__mmask32(0) : (__mmask32(1) << elems) - 1;
+        __m512i r[16], t[16];
+#pragma GCC unroll 16
+        for (int64_t n = 0; n < 16; ++n)
+          r[n] = n0 + n < N ? _mm512_maskz_loadu_epi16(k_mask, src + (n0 + n) * ns + 2 * kk0) : _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int64_t g = 0; g < 16; g += 4) {  // lane l of t[g + c]: pair 4 l + c of rows g .. g + 3
+          const __m512i a = _mm512_unpacklo_epi32(r[g], r[g + 1]), b = _mm512_unpackhi_epi32(r[g], r[g + 1]);
+          const __m512i c = _mm512_unpacklo_epi32(r[g + 2], r[g + 3]), d = _mm512_unpackhi_epi32(r[g + 2], r[g + 3]);
+          t[g] = _mm512_unpacklo_epi64(a, c);
+          t[g + 1] = _mm512_unpackhi_epi64(a, c);
+          t[g + 2] = _mm512_unpacklo_epi64(b, d);
+          t[g + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        const __mmask16 n_mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < 4; ++c) {
+          const __m512i x0 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0xEE);
+          const __m512i y0 = _mm512_shuffle_i32x4(t[8 + c], t[12 + c], 0x44);
+          const __m512i y1 = _mm512_shuffle_i32x4(t[8 + c], t[12 + c], 0xEE);
+          const __m512i pairs[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
+                                    _mm512_shuffle_i32x4(x1, y1, 0x88), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
+#pragma GCC unroll 4
+          for (int64_t l = 0; l < 4; ++l) {  // pairs[l]: pair kk0 + 4 l + c of rows n0 .. n0 + 15
+            const int64_t kk = kk0 + 4 * l + c;
+            if (kk < K2) _mm512_mask_storeu_epi32(buf + 2 * (kk * N + n0), n_mask, pairs[l]);
+          }
+        }
+      }
+  }
+  static const at::BFloat16* rows_b(const A&, const at::BFloat16* src, int64_t K, int64_t N, int64_t ks,
+                                    int64_t ns, at::BFloat16* buf) {
+    return load_b(src, K, N, ks, ns, buf);
+  }
+  // A = X: each row rounded to bfloat16, 32 at a time, padded to whole pairs.
+  FASTGPT_TARGET_BF16 static A rows_a(const float* x, int64_t rows, int64_t cols, at::BFloat16* buf) {
+    const int64_t K2 = (cols + 1) / 2;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < 2 * K2; c += 32) {
+        const int64_t n = std::min<int64_t>(32, 2 * K2 - c);
+        _mm512_mask_storeu_epi16(buf + 2 * r * K2 + c, n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1,
+                                 bf16_of(x + r * cols + c, cols - c));
+      }
+    return {buf, K2, 1};
+  }
+  // A = X^T: rows 2 i2 and 2 i2 + 1 of X interleaved into the pairs of group i2 (the layout of a packed B of X).
+  FASTGPT_TARGET_BF16 static A cols_a(const float* x, int64_t rows, int64_t cols, at::BFloat16* buf) {
+    for (int64_t i = 0; i < rows; i += 2)
+      for (int64_t c = 0; c < cols; c += 16) {
+        const int64_t n = std::min<int64_t>(16, cols - c);
+        const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+        const __m512i even = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + i * cols + c)));
+        const __m512i odd = i + 1 < rows
+            ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + (i + 1) * cols + c)))
+            : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(buf + 2 * ((i / 2) * cols + c), mask, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+      }
+    return {buf, 1, cols};
+  }
+  FASTGPT_TARGET_BF16 static void gemm(int64_t M, int64_t N, int64_t K, const A& a, const at::BFloat16* b, float* c,
+                                       int64_t ldc) {
+    const int64_t K2 = (K + 1) / 2;
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) dot_rows<4>(N, K2, a.p + 2 * i * a.rs, a.rs, a.cs, b, c + i * ldc, ldc);
+    for (; i < M; ++i) dot_rows<1>(N, K2, a.p + 2 * i * a.rs, a.rs, a.cs, b, c + i * ldc, ldc);
+  }
+};
+
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif  // FASTGPT_BF16_DOT
+
+// f(Tiles{}) with the Tiles that scalar_t's products run on here.
+template <typename scalar_t, typename F>
+void with_tiles(F&& f) {
+#if FASTGPT_BF16_DOT
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (cpu_has_bf16_dot()) return f(Bf16Tiles{});
+  }
+#endif
+  f(FloatTiles{});
 }
 
 // Where the problem lives: sizes, element pointers and strides of every operand.
@@ -277,34 +550,36 @@ void dropout_scale(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0
 // ------------------------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename scalar_t>
+template <typename scalar_t, typename Tiles>
 void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse) {
   const int64_t D = pb.D, Dv = pb.Dv;
   const int64_t q_blocks = (pb.Lq + BLOCK_M - 1) / BLOCK_M;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, pb.B * pb.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(BLOCK_M * D), kt_tile(D * BLOCK_N), v_tile(BLOCK_N * Dv);
+    auto q_buf = operand_buffer<Tiles>(D, BLOCK_M), kt_buf = operand_buffer<Tiles>(D, BLOCK_N);
+    auto v_buf = operand_buffer<Tiles>(BLOCK_N, Dv), p_buf = operand_buffer<Tiles>(BLOCK_N, BLOCK_M);
     std::vector<float> s_tile(BLOCK_M * BLOCK_N), z_tile(BLOCK_M * BLOCK_N), acc(BLOCK_M * Dv);
-    std::vector<float> row_max(BLOCK_M), row_sum(BLOCK_M);
+    std::vector<float> row_max(BLOCK_M);
+    vec16f row_sum[BLOCK_M];  // lane by lane, reduced at the end
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks, bh = task / q_blocks, b = bh / pb.H, h = bh % pb.H;
       const int64_t hk = h / pb.group;
       const int64_t i0 = qb * BLOCK_M, rows = std::min(BLOCK_M, pb.Lq - i0);
-      load_tile(pb.q + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2], rows, D, pb.q_s[2], pb.q_s[3],
-                q_tile.data());
+      const auto q_a = Tiles::load_a(pb.q + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2], rows, D, pb.q_s[2],
+                                     pb.q_s[3], q_buf.data());
       std::fill(acc.begin(), acc.end(), float(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
-      std::fill(row_sum.begin(), row_sum.end(), float(0));
+      std::fill(row_sum, row_sum + BLOCK_M, vec16f{});
       const int64_t keys = visible_keys(pb, i0, rows);
       for (int64_t j0 = 0; j0 < keys; j0 += BLOCK_N) {
         const int64_t cols = std::min(BLOCK_N, keys - j0);
-        load_tile_transposed(pb.k + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2], cols, D, pb.k_s[2],
-                             pb.k_s[3], kt_tile.data());
-        load_tile(pb.v + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2], cols, Dv, pb.v_s[2], pb.v_s[3],
-                  v_tile.data());
+        const scalar_t* k_rows = pb.k + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
+        const scalar_t* v_rows = pb.v + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2];
+        const auto* kt = Tiles::load_b(k_rows, D, cols, pb.k_s[3], pb.k_s[2], kt_buf.data());  // K^T (D x cols)
+        const auto* v_b = Tiles::load_b(v_rows, cols, Dv, pb.v_s[2], pb.v_s[3], v_buf.data());
         float* s = s_tile.data();
         std::fill(s, s + rows * cols, float(0));
-        gemm_acc(rows, cols, D, q_tile.data(), D, 1, kt_tile.data(), cols, s, cols);  // S = Q K^T
+        Tiles::gemm(rows, cols, D, q_a, kt, s, cols);  // S = Q K^T
         scale_and_mask(pb, b, h, i0, rows, j0, cols, s);
         if (pb.dropout_p > 0.0f) dropout_scale(pb, b, h, i0, rows, j0, cols, z_tile.data());
         for (int64_t r = 0; r < rows; ++r) {
@@ -314,22 +589,23 @@ void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse
           // No visible key yet: keep the exponent finite, every term below is exp(-inf) = 0.
           const float shift = new_max == neg_inf ? float(0) : new_max;
           const float rescale = std::exp(row_max[r] - shift);
-          row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s_row, cols, shift);
+          row_sum[r] = row_sum[r] * rescale + exp_shifted(s_row, cols, shift);
           row_max[r] = new_max;
           if (rescale != float(1))
             for (int64_t n = 0; n < Dv; ++n) acc[r * Dv + n] *= rescale;
           if (pb.dropout_p > 0.0f)
             for (int64_t c = 0; c < cols; ++c) s_row[c] *= z_tile[r * cols + c];
         }
-        gemm_acc(rows, Dv, cols, s, cols, 1, v_tile.data(), Dv, acc.data(), Dv);  // acc += P~ V
+        Tiles::gemm(rows, Dv, cols, Tiles::rows_a(s, rows, cols, p_buf.data()), v_b, acc.data(), Dv);  // acc += P~ V
       }
       scalar_t* out_rows = out + (bh * pb.Lq + i0) * Dv;
       float* lse_rows = lse + bh * pb.Lq + i0;
       for (int64_t r = 0; r < rows; ++r) {
-        const float inv = row_sum[r] > float(0) ? float(1) / row_sum[r] : float(0);
+        const float sum = lane_sum(row_sum[r]);
+        const float inv = sum > float(0) ? float(1) / sum : float(0);
         for (int64_t n = 0; n < Dv; ++n) out_rows[r * Dv + n] = static_cast<scalar_t>(acc[r * Dv + n] * inv);
-        lse_rows[r] = row_sum[r] > float(0) ? static_cast<float>(row_max[r] + std::log(row_sum[r]))
-                                             : -std::numeric_limits<float>::infinity();
+        lse_rows[r] = sum > float(0) ? static_cast<float>(row_max[r] + std::log(sum))
+                                     : -std::numeric_limits<float>::infinity();
       }
     }
   });
@@ -338,15 +614,16 @@ void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse
 // ------------------------------------------------------------------------------------------------------------
 // Backward.
 
-// For one (query tile, key tile) pair: recomputes P into p, the dropout scale into z (when dropout is on), and
-// dP' = dO V^T into dp; then turns dp into dS = P * (Z * dP' - delta) and, when pz is given, writes P * Z there.
-template <typename scalar_t>
-void backward_tile(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                   int64_t cols, const float* q_tile, const float* do_tile, const float* lse_rows,
-                   const float* delta_rows, const float* kt_tile, const float* vt_tile, float* p, float* z,
-                   float* dp, float* pz) {
+// For one (query tile, key tile) pair: recomputes P into p and, with dropout, the scale Z into z; computes
+// dP' = dO V^T into dp and turns it into dS = P * (Z * dP' - delta). Returns P * Z: p itself without dropout,
+// else pz, where it is written.
+template <typename scalar_t, typename Tiles, typename T>
+const float* backward_tile(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                           int64_t cols, const ATile<T>& q_a, const ATile<T>& do_a, const float* lse_rows,
+                           const float* delta_rows, const T* kt, const T* vt, float* p, float* z, float* dp,
+                           float* pz) {
   std::fill(p, p + rows * cols, float(0));
-  gemm_acc(rows, cols, pb.D, q_tile, pb.D, 1, kt_tile, cols, p, cols);
+  Tiles::gemm(rows, cols, pb.D, q_a, kt, p, cols);
   scale_and_mask(pb, b, h, i0, rows, j0, cols, p);
   for (int64_t r = 0; r < rows; ++r) {
     // lse = -inf: the row sees no key, its probabilities are all 0.
@@ -355,106 +632,145 @@ void backward_tile(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0
     if (lse == -std::numeric_limits<float>::infinity())
       std::fill(p_row, p_row + cols, float(0));
     else
-      exp_shifted_sum(p_row, cols, lse);
+      exp_shifted(p_row, cols, lse);
   }
   const bool dropout = pb.dropout_p > 0.0f;
   if (dropout) dropout_scale(pb, b, h, i0, rows, j0, cols, z);
   std::fill(dp, dp + rows * cols, float(0));
-  gemm_acc(rows, cols, pb.Dv, do_tile, pb.Dv, 1, vt_tile, cols, dp, cols);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t e = r * cols + c;
-      const float zs = dropout ? z[e] : float(1);
-      if (pz != nullptr) pz[e] = p[e] * zs;
-      dp[e] = p[e] * (zs * dp[e] - delta_rows[r]);
+  Tiles::gemm(rows, cols, pb.Dv, do_a, vt, dp, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float delta = delta_rows[r];
+    const float* p_row = p + r * cols;
+    float* ds_row = dp + r * cols;
+    if (dropout) {
+      const float* z_row = z + r * cols;
+      float* pz_row = pz + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        pz_row[c] = p_row[c] * z_row[c];
+        ds_row[c] = p_row[c] * (z_row[c] * ds_row[c] - delta);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) ds_row[c] = p_row[c] * (ds_row[c] - delta);
     }
+  }
+  return dropout ? pz : p;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename Tiles>
 void attention_bwd_kernel(const Problem<scalar_t>& pb, const scalar_t* grad_out, const int64_t* go_s,
                           const scalar_t* out, const float* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
-  const int64_t D = pb.D, Dv = pb.Dv, Lq = pb.Lq, Lk = pb.Lk;
+  const int64_t D = pb.D, Dv = pb.Dv, Lq = pb.Lq, Lk = pb.Lk, group = pb.group;
   const float scale = static_cast<float>(pb.scale);
 
-  // delta[b, h, i] = rowsum(dO * O), with out contiguous (B, H, Lq, Dv). Summed by gemm_acc, which sums dP' too
-  // (in order, with the same fused multiply-adds), so a row with one visible key (P = 1, O = V exactly) gets
-  // dS = P (dP' - delta) = 0 exactly, as the maths says.
+  // delta[b, h, i] = rowsum(dO * O), with out contiguous (B, H, Lq, Dv). Summed by the product that sums dP'
+  // (each lane of it runs the same multiply-adds in the same order), so a row with one visible key (P = 1, O = V
+  // exactly) gets dS = P (dP' - delta) = 0 exactly, as the maths says.
   std::vector<float> delta(pb.B * pb.H * Lq);
   at::parallel_for(0, pb.B * pb.H * Lq, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> go_row(Dv), o_row(Dv);
+    auto go_buf = operand_buffer<Tiles>(Dv, 1), o_buf = operand_buffer<Tiles>(Dv, 1);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % Lq, bh = row / Lq, b = bh / pb.H, h = bh % pb.H;
-      load_tile(grad_out + b * go_s[0] + h * go_s[1] + i * go_s[2], 1, Dv, 0, go_s[3], go_row.data());
-      load_tile(out + row * Dv, 1, Dv, 0, 1, o_row.data());
+      const auto go_a = Tiles::load_a(grad_out + b * go_s[0] + h * go_s[1] + i * go_s[2], 1, Dv, 0, go_s[3],
+                                      go_buf.data());
+      const auto* o_b = Tiles::load_b(out + row * Dv, Dv, 1, 1, 0, o_buf.data());
       delta[row] = 0.0f;
-      gemm_acc(1, 1, Dv, go_row.data(), Dv, 1, o_row.data(), 1, &delta[row], 1);
+      Tiles::gemm(1, 1, Dv, go_a, o_b, &delta[row], 1);
     }
   });
 
-  auto load_q_do = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, float* q_tile, float* do_tile) {
-    load_tile(pb.q + b * pb.q_s[0] + h * pb.q_s[1] + i0 * pb.q_s[2], rows, D, pb.q_s[2], pb.q_s[3], q_tile);
-    load_tile(grad_out + b * go_s[0] + h * go_s[1] + i0 * go_s[2], rows, Dv, go_s[2], go_s[3], do_tile);
-  };
   const int64_t q_blocks = (Lq + BLOCK_M - 1) / BLOCK_M;
   const int64_t k_blocks = (Lk + BLOCK_N - 1) / BLOCK_N;
+  auto q_rows = [&](int64_t b, int64_t h, int64_t i) { return pb.q + b * pb.q_s[0] + h * pb.q_s[1] + i * pb.q_s[2]; };
+  auto do_rows = [&](int64_t b, int64_t h, int64_t i) { return grad_out + b * go_s[0] + h * go_s[1] + i * go_s[2]; };
+  auto k_rows = [&](int64_t b, int64_t h, int64_t j) { return pb.k + b * pb.k_s[0] + h * pb.k_s[1] + j * pb.k_s[2]; };
+  auto v_rows = [&](int64_t b, int64_t h, int64_t j) { return pb.v + b * pb.v_s[0] + h * pb.v_s[1] + j * pb.v_s[2]; };
 
-  // dK, dV: one task per (b, kv head, key block); the group's query heads and all query blocks summed in order.
-  at::parallel_for(0, pb.B * pb.Hk * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(BLOCK_M * D), do_tile(BLOCK_M * Dv), kt_tile(D * BLOCK_N), vt_tile(Dv * BLOCK_N);
+  // dK and dV: a task owns key blocks of one (b, kv head) and sums into them the group's query heads and all query
+  // blocks, in order. When there are (b, kv head) pairs enough to keep every thread busy (4 a thread), a task owns
+  // all key blocks of its pair and also sums dQ += dS K for the group's rows, in order of key block, into a float32
+  // buffer: five products per tile pair instead of seven. Otherwise a second pass computes dQ (below).
+  const bool fused_dq = pb.B * pb.Hk >= 4 * at::get_num_threads();
+  const int64_t blocks_per_task = fused_dq ? k_blocks : 1;
+  at::parallel_for(0, pb.B * pb.Hk * k_blocks / blocks_per_task, 1, [&](int64_t begin, int64_t end) {
+    auto q_buf = operand_buffer<Tiles>(D, BLOCK_M), q_b_buf = operand_buffer<Tiles>(BLOCK_M, D);
+    auto do_buf = operand_buffer<Tiles>(Dv, BLOCK_M), do_b_buf = operand_buffer<Tiles>(BLOCK_M, Dv);
+    auto kt_buf = operand_buffer<Tiles>(D, BLOCK_N), vt_buf = operand_buffer<Tiles>(Dv, BLOCK_N);
+    auto pzt_buf = operand_buffer<Tiles>(BLOCK_M, BLOCK_N), dst_buf = operand_buffer<Tiles>(BLOCK_M, BLOCK_N);
+    auto k_buf = operand_buffer<Tiles>(BLOCK_N, D), ds_buf = operand_buffer<Tiles>(BLOCK_N, BLOCK_M);
     std::vector<float> p(BLOCK_M * BLOCK_N), z(BLOCK_M * BLOCK_N), ds(BLOCK_M * BLOCK_N), pz(BLOCK_M * BLOCK_N);
-    std::vector<float> dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * Dv);
+    std::vector<float> dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * Dv), dq_acc(fused_dq ? group * Lq * D : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kb = task % k_blocks, bhk = task / k_blocks, b = bhk / pb.Hk, hk = bhk % pb.Hk;
-      const int64_t j0 = kb * BLOCK_N, cols = std::min(BLOCK_N, Lk - j0);
-      load_tile_transposed(pb.k + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2], cols, D, pb.k_s[2], pb.k_s[3],
-                           kt_tile.data());
-      load_tile_transposed(pb.v + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2], cols, Dv, pb.v_s[2],
-                           pb.v_s[3], vt_tile.data());
-      std::fill(dk_acc.begin(), dk_acc.end(), float(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), float(0));
-      // Causal: query i sees key j iff j <= i, so query blocks before the one holding row j0 contribute nothing.
-      const int64_t first_qb = pb.is_causal ? j0 / BLOCK_M : 0;
-      for (int64_t h = hk * pb.group; h < (hk + 1) * pb.group; ++h) {
-        for (int64_t qb = first_qb; qb < q_blocks; ++qb) {
-          const int64_t i0 = qb * BLOCK_M, rows = std::min(BLOCK_M, Lq - i0);
-          const int64_t row0 = (b * pb.H + h) * Lq + i0;
-          load_q_do(b, h, i0, rows, q_tile.data(), do_tile.data());
-          backward_tile(pb, b, h, i0, rows, j0, cols, q_tile.data(), do_tile.data(), lse + row0, delta.data() + row0,
-                        kt_tile.data(), vt_tile.data(), p.data(), z.data(), ds.data(), pz.data());
-          gemm_acc(cols, Dv, rows, pz.data(), 1, cols, do_tile.data(), Dv, dv_acc.data(), Dv);  // dV += (PZ)^T dO
-          gemm_acc(cols, D, rows, ds.data(), 1, cols, q_tile.data(), D, dk_acc.data(), D);      // dK += dS^T Q
+      const int64_t bhk = task * blocks_per_task / k_blocks, b = bhk / pb.Hk, hk = bhk % pb.Hk;
+      const int64_t kb_begin = task * blocks_per_task % k_blocks;
+      std::fill(dq_acc.begin(), dq_acc.end(), float(0));
+      for (int64_t kb = kb_begin; kb < kb_begin + blocks_per_task; ++kb) {
+        const int64_t j0 = kb * BLOCK_N, cols = std::min(BLOCK_N, Lk - j0);
+        const auto* kt = Tiles::load_b(k_rows(b, hk, j0), D, cols, pb.k_s[3], pb.k_s[2], kt_buf.data());
+        const auto* vt = Tiles::load_b(v_rows(b, hk, j0), Dv, cols, pb.v_s[3], pb.v_s[2], vt_buf.data());
+        const auto* k_b = fused_dq ? Tiles::load_b(k_rows(b, hk, j0), cols, D, pb.k_s[2], pb.k_s[3], k_buf.data())
+                                   : nullptr;
+        std::fill(dk_acc.begin(), dk_acc.end(), float(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), float(0));
+        // Causal: query i sees key j iff j <= i, so query blocks before the one holding row j0 contribute nothing.
+        const int64_t first_qb = pb.is_causal ? j0 / BLOCK_M : 0;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          for (int64_t qb = first_qb; qb < q_blocks; ++qb) {
+            const int64_t i0 = qb * BLOCK_M, rows = std::min(BLOCK_M, Lq - i0);
+            const int64_t row0 = (b * pb.H + h) * Lq + i0;
+            const auto q_a = Tiles::load_a(q_rows(b, h, i0), rows, D, pb.q_s[2], pb.q_s[3], q_buf.data());
+            const auto do_a = Tiles::load_a(do_rows(b, h, i0), rows, Dv, go_s[2], go_s[3], do_buf.data());
+            const float* pz_tile = backward_tile<scalar_t, Tiles>(pb, b, h, i0, rows, j0, cols, q_a, do_a, lse + row0,
+                                                                  delta.data() + row0, kt, vt, p.data(), z.data(),
+                                                                  ds.data(), pz.data());
+            const auto* do_b = Tiles::rows_b(do_a, do_rows(b, h, i0), rows, Dv, go_s[2], go_s[3], do_b_buf.data());
+            const auto* q_b = Tiles::rows_b(q_a, q_rows(b, h, i0), rows, D, pb.q_s[2], pb.q_s[3], q_b_buf.data());
+            Tiles::gemm(cols, Dv, rows, Tiles::cols_a(pz_tile, rows, cols, pzt_buf.data()), do_b, dv_acc.data(),
+                        Dv);  // dV += (PZ)^T dO
+            Tiles::gemm(cols, D, rows, Tiles::cols_a(ds.data(), rows, cols, dst_buf.data()), q_b, dk_acc.data(),
+                        D);  // dK += dS^T Q
+            if (fused_dq)
+              Tiles::gemm(rows, D, cols, Tiles::rows_a(ds.data(), rows, cols, ds_buf.data()), k_b,
+                          dq_acc.data() + ((h - hk * group) * Lq + i0) * D, D);  // dQ += dS K
+          }
         }
+        scalar_t* dk_rows = dk + (bhk * Lk + j0) * D;
+        scalar_t* dv_rows = dv + (bhk * Lk + j0) * Dv;
+        for (int64_t e = 0; e < cols * D; ++e) dk_rows[e] = static_cast<scalar_t>(dk_acc[e] * scale);
+        for (int64_t e = 0; e < cols * Dv; ++e) dv_rows[e] = static_cast<scalar_t>(dv_acc[e]);
       }
-      scalar_t* dk_rows = dk + (bhk * Lk + j0) * D;
-      scalar_t* dv_rows = dv + (bhk * Lk + j0) * Dv;
-      for (int64_t e = 0; e < cols * D; ++e) dk_rows[e] = static_cast<scalar_t>(dk_acc[e] * scale);
-      for (int64_t e = 0; e < cols * Dv; ++e) dv_rows[e] = static_cast<scalar_t>(dv_acc[e]);
+      if (fused_dq) {
+        scalar_t* dq_rows = dq + (b * pb.H + hk * group) * Lq * D;  // the group's heads are consecutive
+        for (int64_t e = 0; e < group * Lq * D; ++e) dq_rows[e] = static_cast<scalar_t>(dq_acc[e] * scale);
+      }
     }
   });
+  if (fused_dq) return;
 
-  // dQ: one task per (b, h, query block).
+  // dQ: one task per (b, h, query block), key blocks in order.
   at::parallel_for(0, pb.B * pb.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(BLOCK_M * D), do_tile(BLOCK_M * Dv), kt_tile(D * BLOCK_N), k_tile(BLOCK_N * D);
-    std::vector<float> vt_tile(Dv * BLOCK_N), p(BLOCK_M * BLOCK_N), z(BLOCK_M * BLOCK_N), ds(BLOCK_M * BLOCK_N);
+    auto q_buf = operand_buffer<Tiles>(D, BLOCK_M), do_buf = operand_buffer<Tiles>(Dv, BLOCK_M);
+    auto kt_buf = operand_buffer<Tiles>(D, BLOCK_N), k_buf = operand_buffer<Tiles>(BLOCK_N, D);
+    auto vt_buf = operand_buffer<Tiles>(Dv, BLOCK_N), ds_buf = operand_buffer<Tiles>(BLOCK_N, BLOCK_M);
+    std::vector<float> p(BLOCK_M * BLOCK_N), z(BLOCK_M * BLOCK_N), ds(BLOCK_M * BLOCK_N), pz(BLOCK_M * BLOCK_N);
     std::vector<float> dq_acc(BLOCK_M * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks, bh = task / q_blocks, b = bh / pb.H, h = bh % pb.H;
-      const int64_t hk = h / pb.group;
+      const int64_t hk = h / group;
       const int64_t i0 = qb * BLOCK_M, rows = std::min(BLOCK_M, Lq - i0);
       const int64_t row0 = bh * Lq + i0;
-      load_q_do(b, h, i0, rows, q_tile.data(), do_tile.data());
+      const auto q_a = Tiles::load_a(q_rows(b, h, i0), rows, D, pb.q_s[2], pb.q_s[3], q_buf.data());
+      const auto do_a = Tiles::load_a(do_rows(b, h, i0), rows, Dv, go_s[2], go_s[3], do_buf.data());
       std::fill(dq_acc.begin(), dq_acc.end(), float(0));
       const int64_t keys = visible_keys(pb, i0, rows);
       for (int64_t j0 = 0; j0 < keys; j0 += BLOCK_N) {
         const int64_t cols = std::min(BLOCK_N, keys - j0);
-        const scalar_t* k_rows = pb.k + b * pb.k_s[0] + hk * pb.k_s[1] + j0 * pb.k_s[2];
-        load_tile_transposed(k_rows, cols, D, pb.k_s[2], pb.k_s[3], kt_tile.data());
-        load_tile(k_rows, cols, D, pb.k_s[2], pb.k_s[3], k_tile.data());
-        load_tile_transposed(pb.v + b * pb.v_s[0] + hk * pb.v_s[1] + j0 * pb.v_s[2], cols, Dv, pb.v_s[2],
-                             pb.v_s[3], vt_tile.data());
-        backward_tile(pb, b, h, i0, rows, j0, cols, q_tile.data(), do_tile.data(), lse + row0, delta.data() + row0,
-                      kt_tile.data(), vt_tile.data(), p.data(), z.data(), ds.data(), static_cast<float*>(nullptr));
-        gemm_acc(rows, D, cols, ds.data(), cols, 1, k_tile.data(), D, dq_acc.data(), D);  // dQ += dS K
+        const auto* kt = Tiles::load_b(k_rows(b, hk, j0), D, cols, pb.k_s[3], pb.k_s[2], kt_buf.data());
+        const auto* k_b = Tiles::load_b(k_rows(b, hk, j0), cols, D, pb.k_s[2], pb.k_s[3], k_buf.data());
+        const auto* vt = Tiles::load_b(v_rows(b, hk, j0), Dv, cols, pb.v_s[3], pb.v_s[2], vt_buf.data());
+        backward_tile<scalar_t, Tiles>(pb, b, h, i0, rows, j0, cols, q_a, do_a, lse + row0, delta.data() + row0, kt,
+                                       vt, p.data(), z.data(), ds.data(), pz.data());
+        Tiles::gemm(rows, D, cols, Tiles::rows_a(ds.data(), rows, cols, ds_buf.data()), k_b, dq_acc.data(),
+                    D);  // dQ += dS K
       }
       scalar_t* dq_rows = dq + row0 * D;
       for (int64_t e = 0; e < rows * D; ++e) dq_rows[e] = static_cast<scalar_t>(dq_acc[e] * scale);
@@ -507,7 +823,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   FASTGPT_DISPATCH_ATTENTION_TYPES(q.scalar_type(), "attention_fwd", [&] {
     const auto pb = make_problem<scalar_t>(q, k, v, attn_mask, is_causal, scale, dropout_p, seed);
-    attention_fwd_kernel<scalar_t>(pb, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+    with_tiles<scalar_t>([&](auto tiles) {
+      attention_fwd_kernel<scalar_t, decltype(tiles)>(pb, out.mutable_data_ptr<scalar_t>(),
+                                                      lse.mutable_data_ptr<float>());
+    });
   });
   return {out, lse};
 }
@@ -536,9 +855,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   FASTGPT_DISPATCH_ATTENTION_TYPES(q.scalar_type(), "attention_bwd", [&] {
     const auto pb = make_problem<scalar_t>(q, k, v, attn_mask, is_causal, scale, dropout_p, seed);
     const int64_t go_s[4] = {grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3)};
-    attention_bwd_kernel<scalar_t>(pb, grad_out.const_data_ptr<scalar_t>(), go_s, out_c.const_data_ptr<scalar_t>(),
-                                   lse_c.const_data_ptr<float>(), dq.mutable_data_ptr<scalar_t>(),
-                                   dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+    with_tiles<scalar_t>([&](auto tiles) {
+      attention_bwd_kernel<scalar_t, decltype(tiles)>(
+          pb, grad_out.const_data_ptr<scalar_t>(), go_s, out_c.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<float>(),
+          dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+    });
   });
   return {dq, dk, dv};
 }
