@@ -176,14 +176,14 @@ def main(argv=None) -> None:
     compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
-    ceiling = matmul_tflops(device)
-    info["matmul_tflops"] = ceiling
-    print(f"measured dense matmul rate: {ceiling:.1f} TFLOP/s")
+    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
+    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
+    print(f"measured dense matmul rates (TFLOP/s): {info['matmul_tflops']}")
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:
         for B, H, L, D, causal in grid:
-            rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceiling)
+            rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceilings[dtype])
     finish("attention", rows, info, args.out)
     if not args.quick:
         finish("attention_memory", memory_sweep(dtypes[0], device, impls), info, args.out)

@@ -9,7 +9,8 @@ tokens, model width d and hidden width f:
     forward   2 products of 2 M d f                                = 4 M d f
     backward  4 products (dh, dW2, dx, dW1) of 2 M d f             = 8 M d f
     fwd+bwd                                                        = 12 M d f
-"of ceil" is the fraction of the measured dense matrix-product rate (8192^3 bf16 on a GPU, 1024^3 fp32 on a CPU).
+"of ceil" is the fraction of the measured dense matrix-product rate in the row's dtype (n^3 products: n = 8192 on a
+GPU, 2048 on a CPU).
 The activation is GELU's tanh form (GPT-1's), dropout off: the comparison is of the fused epilogues.
 """
 
@@ -112,14 +113,14 @@ def main(argv=None) -> None:
     compile_modes = chosen_compile_modes(args, ["default", "max-autotune"] if cuda and not args.quick else ["default"])
 
     info = environment(device)
-    ceiling = matmul_tflops(device)
-    info["matmul_tflops"] = ceiling
-    print(f"measured matrix-product rate: {ceiling:.1f} TFLOP/s")
+    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
+    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
+    print(f"measured matrix-product rates (TFLOP/s): {info['matmul_tflops']}")
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:
         for tokens, d_model, d_ff in grid:
-            rows += bench_shape(tokens, d_model, d_ff, dtype, device, impls, ceiling)
+            rows += bench_shape(tokens, d_model, d_ff, dtype, device, impls, ceilings[dtype])
     finish("linear_gelu", rows, info, args.out)
 
 

@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
-    ceiling = matmul_tflops(device)
+    ceiling = matmul_tflops(device, amp_dtype or torch.float32)
     info["matmul_tflops"] = ceiling
     datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if cuda and k in info["device"]), None)
     ours, impls = implementations(config, device, args.include_interpreter, compile_modes)

@@ -278,7 +278,8 @@ FASTGPT_TARGET_BF16 inline void dot_block(int64_t K2, const at::BFloat16* a, int
                                           const at::BFloat16* b, int64_t ldb, float* c, int64_t ldc,
                                           __mmask16 last) {
   // Fully unrolled, so that the MR x NV accumulators live in registers: 16 of the 32 zmm at MR = 4, NV = 4, which
-  // measured faster than 8 x 2 (fewer loads per vdpbf16ps: 4 broadcasts and 4 vectors of B for 16) and level with 6 x 4.
+  // measured faster than 8 x 2 (fewer loads per vdpbf16ps: 4 broadcasts and 4 vectors of B for 16 of them) and
+  // level with 6 x 4.
   __m512 acc[MR][NV];
   const char* a_row[MR];  // pair (r, kk) at a_row[r] + kk * a_step
   const int64_t a_step = 4 * a_cs, b_step = 4 * ldb;
@@ -335,6 +336,17 @@ FASTGPT_TARGET_BF16 inline __m512i bf16_of(const float* x, int64_t count) {
   return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + 16), _mm512_maskz_loadu_ps(lo, x));
 }
 
+// Sixteen bfloat16 (nearest even) of the floats x[l] (lanes in mask, else 0), each in the low half of its 32-bit lane.
+FASTGPT_TARGET_BF16 inline __m512i bf16_lanes(const float* x, __mmask16 mask) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x)));
+}
+
+// Pairs (even, odd) of bfloat16 held in the low halves of 32-bit lanes: the even one stays low (k), the odd one
+// goes high (k + 1).
+FASTGPT_TARGET_BF16 inline __m512i pairs_of(__m512i even, __m512i odd) {
+  return _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
+}
+
 struct Bf16Tiles {
   using T = at::BFloat16;
   using A = ATile<at::BFloat16>;
@@ -373,7 +385,7 @@ struct Bf16Tiles {
         const __m512i even = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + k * ks + n));
         const __m512i odd = k + 1 < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + (k + 1) * ks + n))
                                       : _mm512_setzero_si512();
-        _mm512_mask_storeu_epi32(buf + 2 * ((k / 2) * N + n), mask, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        _mm512_mask_storeu_epi32(buf + 2 * ((k / 2) * N + n), mask, pairs_of(even, odd));
       }
   }
   // B[k][n] = src[k + n * ns]: source row n holds the pairs of column n, contiguous; 16 x 16 blocks of pairs are
@@ -402,7 +414,8 @@ struct Bf16Tiles {
         const __mmask16 n_mask = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
 #pragma GCC unroll 4
         for (int64_t c = 0; c < 4; ++c) {
-          const __m512i x0 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0xEE);
+          const __m512i x0 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0x44);
+          const __m512i x1 = _mm512_shuffle_i32x4(t[c], t[4 + c], 0xEE);
           const __m512i y0 = _mm512_shuffle_i32x4(t[8 + c], t[12 + c], 0x44);
           const __m512i y1 = _mm512_shuffle_i32x4(t[8 + c], t[12 + c], 0xEE);
           const __m512i pairs[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
@@ -436,11 +449,9 @@ struct Bf16Tiles {
       for (int64_t c = 0; c < cols; c += 16) {
         const int64_t n = std::min<int64_t>(16, cols - c);
         const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-        const __m512i even = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + i * cols + c)));
-        const __m512i odd = i + 1 < rows
-            ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + (i + 1) * cols + c)))
-            : _mm512_setzero_si512();
-        _mm512_mask_storeu_epi32(buf + 2 * ((i / 2) * cols + c), mask, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        const __m512i even = bf16_lanes(x + i * cols + c, mask);
+        const __m512i odd = i + 1 < rows ? bf16_lanes(x + (i + 1) * cols + c, mask) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(buf + 2 * ((i / 2) * cols + c), mask, pairs_of(even, odd));
       }
     return {buf, 1, cols};
   }
@@ -875,9 +886,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const auto pb = make_problem<scalar_t>(q, k, v, attn_mask, is_causal, scale, dropout_p, seed);
     const int64_t go_s[4] = {grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3)};
     with_tiles<scalar_t>([&](auto tiles) {
-      attention_bwd_kernel<scalar_t, decltype(tiles)>(
-          pb, grad_out.const_data_ptr<scalar_t>(), go_s, out_c.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<float>(),
-          dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+      attention_bwd_kernel<scalar_t, decltype(tiles)>(pb, grad_out.const_data_ptr<scalar_t>(), go_s,
+                                                      out_c.const_data_ptr<scalar_t>(), lse_c.const_data_ptr<float>(),
+                                                      dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                                                      dv.mutable_data_ptr<scalar_t>());
     });
   });
   return {dq, dk, dv};
