@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastgpt-installed
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 CUDA_ARCHS ?= 80 90a
 
-.PHONY: setup run test bench cuda-check clean
+.PHONY: setup run test bench cuda-check cpu-isa-check clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,20 @@ cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 	  $$nvcc -c $$f -o /dev/null --threads 0 -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror \
 	    $$includes -Icsrc -I.cache/cublas/include $$gencode; \
+	done
+
+# The C++ CPU kernels built for the instruction sets this machine's build does not use (setup.py picks the best one
+# the CPU has, so CI builds only that), each in a scratch copy, with their tests run there: the code paths of
+# other CPUs cannot rot unseen.
+CPU_ISAS ?= AVX2 DEFAULT
+cpu-isa-check: $(STAMP)
+	@set -e; for isa in $(CPU_ISAS); do \
+	  dir=$$(mktemp -d); cp -r csrc fastgpt kernels tests setup.py pyproject.toml $$dir/; \
+	  echo "CPU kernels built for $$isa in $$dir"; \
+	  (cd $$dir && FASTGPT_CPU_CAPABILITY=$$isa $(abspath $(PY)) setup.py -q build_ext --inplace >/dev/null && \
+	   $(abspath $(PY)) -m pytest -q -p no:cacheprovider -k csrc tests/test_attention_csrc.py tests/test_attention.py \
+	     tests/test_layer_norm.py tests/test_linear_gelu.py tests/test_backends.py); \
+	  rm -rf $$dir; \
 	done
 
 clean:

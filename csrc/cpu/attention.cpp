@@ -40,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "philox.h"
@@ -65,26 +66,36 @@ constexpr int64_t BLOCK_N = 64;  // keys per tile
 // ------------------------------------------------------------------------------------------------------------
 // Hot loops on float buffers.
 
-// Sixteen floats as one value: GCC/Clang lower arithmetic on it to whatever vector width the target has
-// (one zmm, two ymm or four xmm). aligned(4) makes dereferencing an unaligned float pointer through it legal.
-typedef float vec16f __attribute__((vector_size(64), aligned(4), may_alias));
+// One vector register of floats for the instruction set setup.py builds for: 16 lanes (AVX-512), 8 (AVX2) or 4
+// (SSE2, the x86-64 baseline). A vector wider than the registers is not split into registers by GCC but goes
+// through the stack: an AVX2 build on 16-lane vectors ran 7 to 8x slower. aligned(4) makes dereferencing an unaligned
+// float pointer through it legal.
+#if defined(__AVX512F__)
+constexpr int64_t LANES = 16;
+#elif defined(__AVX2__)
+constexpr int64_t LANES = 8;
+#else
+constexpr int64_t LANES = 4;
+#endif
+typedef float vecf __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+typedef int32_t veci __attribute__((vector_size(4 * LANES)));
 
 // C[i, n] += sum_k A(i, k) B[k, n] for i < M, n < N, with A(i, k) = a[i * a_rs + k * a_cs] (so A may be a
-// transposed view) and B, C row-major. Register block: MR rows of C times NV pieces of 16 columns; B's row
+// transposed view) and B, C row-major. Register block: MR rows of C times NV vectors of columns; B's row
 // pieces are loaded once per k and multiplied by MR broadcast elements of A. Every element of C is the same chain
 // of multiply-adds over k in order, whatever block or tail it falls in.
 template <int64_t MR, int64_t NV>
 inline __attribute__((always_inline)) void gemm_acc_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
                                                           const float* b, int64_t ldb, float* c, int64_t ldc) {
-  vec16f acc[MR][NV];
+  vecf acc[MR][NV];
 #pragma GCC unroll 8
   for (int64_t r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int64_t v = 0; v < NV; ++v) acc[r][v] = *reinterpret_cast<const vec16f*>(c + r * ldc + 16 * v);
+    for (int64_t v = 0; v < NV; ++v) acc[r][v] = *reinterpret_cast<const vecf*>(c + r * ldc + LANES * v);
   for (int64_t k = 0; k < K; ++k) {
-    vec16f b_row[NV];
+    vecf b_row[NV];
 #pragma GCC unroll 4
-    for (int64_t v = 0; v < NV; ++v) b_row[v] = *reinterpret_cast<const vec16f*>(b + k * ldb + 16 * v);
+    for (int64_t v = 0; v < NV; ++v) b_row[v] = *reinterpret_cast<const vecf*>(b + k * ldb + LANES * v);
 #pragma GCC unroll 8
     for (int64_t r = 0; r < MR; ++r) {
       const float a_rk = a[r * a_rs + k * a_cs];
@@ -95,7 +106,7 @@ inline __attribute__((always_inline)) void gemm_acc_block(int64_t K, const float
 #pragma GCC unroll 8
   for (int64_t r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int64_t v = 0; v < NV; ++v) *reinterpret_cast<vec16f*>(c + r * ldc + 16 * v) = acc[r][v];
+    for (int64_t v = 0; v < NV; ++v) *reinterpret_cast<vecf*>(c + r * ldc + LANES * v) = acc[r][v];
 }
 
 template <int64_t MR, int64_t NV>
@@ -103,8 +114,8 @@ inline __attribute__((always_inline)) void gemm_acc_rows(int64_t N, int64_t K, c
                                                          int64_t a_cs, const float* b, int64_t ldb, float* c,
                                                          int64_t ldc) {
   int64_t n0 = 0;
-  for (; n0 + 16 * NV <= N; n0 += 16 * NV) gemm_acc_block<MR, NV>(K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc);
-  for (; n0 + 16 <= N; n0 += 16) gemm_acc_block<MR, 1>(K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc);
+  for (; n0 + LANES * NV <= N; n0 += LANES * NV) gemm_acc_block<MR, NV>(K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc);
+  for (; n0 + LANES <= N; n0 += LANES) gemm_acc_block<MR, 1>(K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc);
   if (n0 < N) {
     for (int64_t r = 0; r < MR; ++r)
       for (int64_t k = 0; k < K; ++k) {
@@ -115,12 +126,12 @@ inline __attribute__((always_inline)) void gemm_acc_rows(int64_t N, int64_t K, c
 }
 
 // The register block: independent FMA chains enough to cover the FMA latency on two ports, few loads per FMA,
-// within the register file. AVX-512: 4 rows x 4 zmm (16 accumulators, 4 broadcasts and 4 loads of B for 16
-// FMAs), measured faster than 8 rows x 1 zmm. AVX2 or narrower: a vec16f is two or more registers, 4 x 1.
+// within the register file. AVX-512: 4 rows x 4 zmm (16 of the 32 registers accumulate; 4 broadcasts and 4 loads
+// of B for 16 FMAs), measured faster than 8 rows x 1 zmm. 16 registers (AVX2, SSE2): 4 x 2, 8 accumulators.
 #if defined(__AVX512F__)
 constexpr int64_t GEMM_MR = 4, GEMM_NV = 4;
 #else
-constexpr int64_t GEMM_MR = 4, GEMM_NV = 1;
+constexpr int64_t GEMM_MR = 4, GEMM_NV = 2;
 #endif
 
 void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
@@ -131,58 +142,63 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int
   for (; i < M; ++i) gemm_acc_rows<1, GEMM_NV>(N, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
 }
 
-typedef int32_t vec16i __attribute__((vector_size(64)));
-
-// exp(x) on sixteen lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for
+// exp(x) lane by lane: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for
 // e^r (about 1 ulp), 2^n built in the exponent bits. n is rounded to nearest by adding and subtracting 1.5 * 2^23
 // (exact for |n| < 2^22), which vectorises where nearbyint would not. x below -87.3 (including -inf) gives exactly
 // 0, which masked entries rely on.
-inline vec16f exp16(vec16f x) {
-  const vec16f lo = vec16f{} - 87.3f, hi = vec16f{} + 88.7f, round = vec16f{} + 12582912.0f;
-  const vec16f clamped = x < lo ? lo : (x > hi ? hi : x);
-  const vec16f n = (clamped * 1.44269504088896341f + round) - round;
-  vec16f r = clamped - n * 0.693359375f;
+inline vecf exp_lanes(vecf x) {
+  const vecf lo = vecf{} - 87.3f, hi = vecf{} + 88.7f, round = vecf{} + 12582912.0f;
+  const vecf clamped = x < lo ? lo : (x > hi ? hi : x);
+  const vecf n = (clamped * 1.44269504088896341f + round) - round;
+  vecf r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  vec16f p = vec16f{} + 1.9875691500e-4f;
+  vecf p = vecf{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vec16i bits = (__builtin_convertvector(n, vec16i) + 127) << 23;
-  return x < lo ? vec16f{} : p * reinterpret_cast<const vec16f&>(bits);
+  const veci bits = (__builtin_convertvector(n, veci) + 127) << 23;
+  return x < lo ? vecf{} : p * reinterpret_cast<const vecf&>(bits);
 }
 
-// op over the sixteen lanes of v, as a tree: four lane-wise ops of v with its halves, quarters, ... swapped (a
-// chain of sixteen scalar ops per call would cost more than the row's exponentials).
+// v with lane i moved to lane i ^ W.
+template <int64_t W, size_t... I>
+inline vecf swap_lanes(vecf v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I ^ W)...);
+}
+
+// op over the lanes of v, as a tree: lane-wise ops of v with its halves, quarters, ... swapped (a chain of one
+// scalar op per lane would cost more than the row's exponentials).
 template <typename Op>
-inline float lane_reduce(vec16f v, Op op) {
-  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+inline float lane_reduce(vecf v, Op op) {
+  constexpr auto lanes = std::make_index_sequence<LANES>{};
+  if constexpr (LANES >= 16) v = op(v, swap_lanes<8>(v, lanes));
+  if constexpr (LANES >= 8) v = op(v, swap_lanes<4>(v, lanes));
+  v = op(v, swap_lanes<2>(v, lanes));
+  v = op(v, swap_lanes<1>(v, lanes));
   return v[0];
 }
 
-inline float lane_sum(vec16f v) {
-  return lane_reduce(v, [](vec16f a, vec16f b) { return a + b; });
+inline float lane_sum(vecf v) {
+  return lane_reduce(v, [](vecf a, vecf b) { return a + b; });
 }
 
-// x[n] = exp(x[n] - shift) for n < N; returns their sum, lane by lane (x[n] in lane n % 16), for the caller to
+// x[n] = exp(x[n] - shift) for n < N; returns their sum, lane by lane (x[n] in lane n % LANES), for the caller to
 // carry across tiles and reduce once. The tail goes through a padded vector (exp(-inf) = 0).
-vec16f exp_shifted(float* x, int64_t N, float shift) {
-  vec16f sum{};
+vecf exp_shifted(float* x, int64_t N, float shift) {
+  vecf sum{};
   int64_t n = 0;
-  for (; n + 16 <= N; n += 16) {
-    vec16f& chunk = *reinterpret_cast<vec16f*>(x + n);
-    chunk = exp16(chunk - shift);
+  for (; n + LANES <= N; n += LANES) {
+    vecf& chunk = *reinterpret_cast<vecf*>(x + n);
+    chunk = exp_lanes(chunk - shift);
     sum += chunk;
   }
   if (n < N) {
-    vec16f tail = vec16f{} - std::numeric_limits<float>::infinity();
+    vecf tail = vecf{} - std::numeric_limits<float>::infinity();
     std::memcpy(&tail, x + n, (N - n) * sizeof(float));
-    tail = exp16(tail - shift);
+    tail = exp_lanes(tail - shift);
     std::memcpy(x + n, &tail, (N - n) * sizeof(float));
     sum += tail;
   }
@@ -191,13 +207,13 @@ vec16f exp_shifted(float* x, int64_t N, float shift) {
 
 // max(x[0], ..., x[N - 1]) (-inf for N = 0).
 float max_of(const float* x, int64_t N) {
-  vec16f best = vec16f{} - std::numeric_limits<float>::infinity();
+  vecf best = vecf{} - std::numeric_limits<float>::infinity();
   int64_t n = 0;
-  for (; n + 16 <= N; n += 16) {
-    const vec16f chunk = *reinterpret_cast<const vec16f*>(x + n);
+  for (; n + LANES <= N; n += LANES) {
+    const vecf chunk = *reinterpret_cast<const vecf*>(x + n);
     best = chunk > best ? chunk : best;
   }
-  float result = lane_reduce(best, [](vec16f a, vec16f b) { return a > b ? a : b; });
+  float result = lane_reduce(best, [](vecf a, vecf b) { return a > b ? a : b; });
   for (; n < N; ++n) result = std::max(result, x[n]);
   return result;
 }
@@ -590,7 +606,7 @@ void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse
     auto v_buf = operand_buffer<Tiles>(BLOCK_N, Dv), p_buf = operand_buffer<Tiles>(BLOCK_N, BLOCK_M);
     std::vector<float> s_tile(BLOCK_M * BLOCK_N), z_tile(BLOCK_M * BLOCK_N), acc(BLOCK_M * Dv);
     std::vector<float> row_max(BLOCK_M);
-    vec16f row_sum[BLOCK_M];  // lane by lane, reduced at the end
+    vecf row_sum[BLOCK_M];  // lane by lane, reduced at the end
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks, bh = task / q_blocks, b = bh / pb.H, h = bh % pb.H;
       const int64_t hk = h / pb.group;
@@ -599,7 +615,7 @@ void attention_fwd_kernel(const Problem<scalar_t>& pb, scalar_t* out, float* lse
                                      pb.q_s[3], q_buf.data());
       std::fill(acc.begin(), acc.end(), float(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
-      std::fill(row_sum, row_sum + BLOCK_M, vec16f{});
+      std::fill(row_sum, row_sum + BLOCK_M, vecf{});
       const int64_t keys = visible_keys(pb, i0, rows);
       for (int64_t j0 = 0; j0 < keys; j0 += BLOCK_N) {
         const int64_t cols = std::min(BLOCK_N, keys - j0);
