@@ -43,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "float_rows.h"
 #include "philox.h"
 
 // AVX512-BF16 dot products for bfloat16 inputs: compiled into AVX-512 builds, used where the CPU has them.
@@ -250,11 +251,15 @@ std::vector<typename Tiles::T> operand_buffer(int64_t K, int64_t other) {
   return std::vector<typename Tiles::T>((K + Tiles::KP - 1) / Tiles::KP * Tiles::KP * other);
 }
 
-// dst[r * cols + c] = src[r * rs + c * cs]
+// dst[r * cols + c] = src[r * rs + c * cs]; contiguous rows are converted a vector at a time (float_rows.h).
 template <typename scalar_t>
 void load_tile(const scalar_t* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * rs + c * cs]);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (cs == 1)
+      to_float(src + r * rs, dst + r * cols, cols);
+    else
+      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<float>(src[r * rs + c * cs]);
+  }
 }
 
 struct FloatTiles {
