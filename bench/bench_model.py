@@ -1,7 +1,8 @@
 """The whole GPT-1 training step (forward + backward): fastgpt's GPT1 with each backend against the same
 architecture in plain PyTorch (eager and torch.compile) and Hugging Face's OpenAIGPTLMHeadModel.
 
-    python -m bench.bench_model              # GPT-1 117M, batch x 512 tokens (CUDA: bf16 autocast)
+    python -m bench.bench_model              # GPT-1 117M, batch x 512 tokens (CUDA: bf16 autocast, CPU: float32)
+    python -m bench.bench_model --dtypes float32,bfloat16   # float32, then bf16 autocast
     python -m bench.bench_model --quick      # a tiny config (CPU-sized smoke run)
 
 FLOPs per token (PaLM appendix B, as fastgpt.train reports): 6 N + 12 n_layer n_embd T, N the parameters without
@@ -24,8 +25,8 @@ from torch import nn
 import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
-from .common import (Row, chosen_compile_modes, environment, fastgpt_backends, finish, matmul_tflops, skip,
-                     standard_parser, time_calls)
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_tflops,
+                     skip, standard_parser, time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -103,12 +104,13 @@ def main(argv=None) -> None:
     else:
         config = GPT1Config(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
     batch = args.batch or (8 if cuda else 2)
-    amp_dtype = torch.bfloat16 if cuda else None
+    # float32, or autocast to a 16-bit dtype (the products and attention in it; LayerNorm and the loss in float32)
+    dtypes = chosen_dtypes(args, [torch.bfloat16] if cuda else [torch.float32])
     compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
-    ceiling = matmul_tflops(device, amp_dtype or torch.float32)
-    info["matmul_tflops"] = ceiling
+    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
+    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
     datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if cuda and k in info["device"]), None)
     ours, impls = implementations(config, device, args.include_interpreter, compile_modes)
     flops = flops_per_token(ours)
@@ -116,10 +118,7 @@ def main(argv=None) -> None:
     tokens = batch * length
     ids = [torch.randint(0, config.vocab_size, (batch, length), device=device) for _ in range(4)]
     print(f"GPT-1 {ours.num_parameters() / 1e6:.1f}M parameters, {batch} x {length} tokens, "
-          f"{flops * tokens / 1e12:.2f} TFLOP per step, {'bf16 autocast' if amp_dtype else 'float32'}")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+          f"{flops * tokens / 1e12:.2f} TFLOP per step")
 
     with torch.no_grad():  # validate before timing: same weights, dropout off, float32
         expected = None
@@ -132,27 +131,32 @@ def main(argv=None) -> None:
             module.train()
 
     rows = []
-    for name, (module, loss_fn, ctx) in impls.items():
-        def step(module=module, loss_fn=loss_fn, ctx=ctx, x=None):
-            with ctx(), autocast():
-                loss = loss_fn(module, x)
-            loss.backward()
-            module.zero_grad(set_to_none=True)
+    for dtype in dtypes:
+        def autocast(dtype=dtype):
+            return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-        fns = [lambda x=x: step(x=x) for x in ids]
-        median, p20, p80 = time_calls(fns, device, warmup=3, repeats=10 if cuda else 3, min_seconds=0.5)
-        rate = tokens / (median * 1e-3)
-        tflops = rate * flops / 1e12
-        extra = {"tokens_per_s": rate, "tflops": tflops, "batch": batch, "seq_len": length,
-                 "params": ours.num_parameters()}
-        if datasheet:
-            extra["mfu_datasheet"] = tflops / datasheet
-        rows.append(Row("model", f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}",
-                        "bf16-autocast" if amp_dtype else "float32", "fwd+bwd", name, median, p20, p80, rate,
-                        "tokens/s", tflops / ceiling, None, extra=extra))
+        label = "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')}-autocast"
+        for name, (module, loss_fn, ctx) in impls.items():
+            def step(module=module, loss_fn=loss_fn, ctx=ctx, x=None):
+                with ctx(), autocast():
+                    loss = loss_fn(module, x)
+                loss.backward()
+                module.zero_grad(set_to_none=True)
+
+            fns = [lambda x=x: step(x=x) for x in ids]
+            median, p20, p80 = time_calls(fns, device, warmup=3, repeats=10 if cuda else 3, min_seconds=0.5)
+            rate = tokens / (median * 1e-3)
+            tflops = rate * flops / 1e12
+            extra = {"tokens_per_s": rate, "tflops": tflops, "batch": batch, "seq_len": length,
+                     "params": ours.num_parameters()}
+            if datasheet:
+                extra["mfu_datasheet"] = tflops / datasheet
+            rows.append(Row("model", f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}", label, "fwd+bwd",
+                            name, median, p20, p80, rate, "tokens/s", tflops / ceilings[dtype], None, extra=extra))
     finish("model", rows, info, args.out)
-    print(f"'of ceil' = MFU against the measured {ceiling:.3g} TFLOP/s matrix-product rate"
-          + (f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""))
+    sheet = f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""
+    print(f"'of ceil' = MFU against the measured matrix-product rate in the row's dtype "
+          f"({info['matmul_tflops']} TFLOP/s){sheet}")
 
 
 if __name__ == "__main__":

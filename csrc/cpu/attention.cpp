@@ -14,8 +14,9 @@
 // threads), or in a second pass parallel over (b, h, query block).
 //
 // Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides (tiles are gathered through the
-// strides into the operand layout of the tile products); grad_out likewise. attn_mask is broadcast to (B, H, Lq, Lk) by strides (a key
-// padding mask (B, 1, 1, Lk) is read in place, no copy), bool (true = attend) or additive in q's dtype.
+// strides into the operand layout of the tile products); grad_out likewise. attn_mask is broadcast to
+// (B, H, Lq, Lk) by strides (a key padding mask (B, 1, 1, Lk) is read in place, no copy), bool (true = attend) or
+// additive in q's dtype.
 // Results are contiguous: out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32, dq/dk/dv like q/k/v.
 // A query row with no visible key gets out = 0, lse = -inf and zero gradients.
 // Dropout draws u = philox(seed; c0 = j, c1 = i, c2 = b * H + h, c3 = 0) and keeps P[b, h, i, j] iff u >= p, the
@@ -69,8 +70,8 @@ constexpr int64_t BLOCK_N = 64;  // keys per tile
 
 // One vector register of floats for the instruction set setup.py builds for: 16 lanes (AVX-512), 8 (AVX2) or 4
 // (SSE2, the x86-64 baseline). A vector wider than the registers is not split into registers by GCC but goes
-// through the stack: an AVX2 build on 16-lane vectors ran 7 to 8x slower. aligned(4) makes dereferencing an unaligned
-// float pointer through it legal.
+// through the stack: an AVX2 build on 16-lane vectors ran 7 to 8x slower. aligned(4) makes dereferencing an
+// unaligned float pointer through it legal.
 #if defined(__AVX512F__)
 constexpr int64_t LANES = 16;
 #elif defined(__AVX2__)
