@@ -28,6 +28,23 @@ inline void for_each_vec(int64_t n, F&& f) {
 
 inline Vec load(const float* p, Full) { return Vec::loadu(p); }
 inline Vec load(const float* p, int64_t count) { return Vec::loadu(p, count); }  // lanes past count read as 0
+// The same from a row of another dtype, converted to float32 in registers (float16 and bfloat16 a Vec at a time).
+template <typename scalar_t, std::enable_if_t<!std::is_same_v<scalar_t, float>, int> = 0>
+inline Vec load(const scalar_t* p, int64_t count) {
+  float lanes[Vec::size()] = {};
+  for (int64_t k = 0; k < count; ++k) lanes[k] = static_cast<float>(p[k]);
+  return Vec::loadu(lanes);
+}
+template <typename scalar_t, std::enable_if_t<!std::is_same_v<scalar_t, float>, int> = 0>
+inline Vec load(const scalar_t* p, Full) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  } else {
+    return load(p, Vec::size());
+  }
+}
 inline void store(const Vec& v, float* p, Full) { v.store(p); }
 inline void store(const Vec& v, float* p, int64_t count) { v.store(p, count); }
 inline Vec zero_tail(const Vec& v, Full) { return v; }

@@ -110,9 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     float* rstd_p = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
       std::vector<float> z_scratch(cols), r_scratch(cols);
-      for (int64_t row = begin; row < end; ++row) {
-        const float* z = load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                                  r_scratch.data());
+      // z: a row of x, or of dropout(x) + residual formed in float32 scratch.
+      auto normalize = [&](int64_t row, const auto* z) {
         Vec acc(0.f);
         for_each_vec(cols, [&](int64_t j, auto c) { acc += load(z + j, c); });
         const float mu = reduce(acc) / cols;
@@ -129,6 +128,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
         });
         mean_p[row] = mu;
         rstd_p[row] = inv_std;
+      };
+      for (int64_t row = begin; row < end; ++row) {
+        // A plain row is read where it is, float16 / bfloat16 converted in registers at each pass: a float32 copy
+        // of a wide row would push the row, the copy and the parameters out of L1 (bf16 8192x4096: 6.5 -> 4.8 ms).
+        if (dropout.p == 0.f && r == nullptr)
+          normalize(row, x + row * cols);
+        else
+          normalize(row, load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                                  r_scratch.data()));
       }
     });
   });
@@ -173,10 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
       std::vector<float> z_scratch(cols), r_scratch(cols), dy_scratch(cols), dx_scratch(cols);
-      for (int64_t row = begin; row < end; ++row) {
-        const float* z = load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                                  r_scratch.data());
-        const float* d = float_row(dy + row * cols, dy_scratch.data(), cols);
+      // z: a row of x, or of dropout(x) + residual formed in float32 scratch; d: the row of dy.
+      auto backward_row = [&](int64_t row, const auto* z, const auto* d) {
         const Vec mu(mean_p[row]), inv_std(rstd_p[row]);
         // Tail lanes: z, dy and weight load as 0, so g = 0 there and the sums take nothing from them.
         Vec sum_g(0.f), sum_gx(0.f);
@@ -196,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
         };
         if (dropout.p == 0.f) {  // dx = dz (and dresidual is dx)
           store_results(dx + row * cols, cols, dz_lanes);
-          continue;
+          return;
         }
         // dx = dropout(dz): dz formed in float32 first; dresidual = dz when there is a residual.
         float* out = dx_scratch.data();
@@ -204,6 +210,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
         if (dz != nullptr) from_float(out, dz + row * cols, cols);
         dropout.apply(out, row, cols);
         from_float(out, dx + row * cols, cols);
+      };
+      for (int64_t row = begin; row < end; ++row) {
+        // Plain rows are read where they are, converted in registers at each pass (as in the forward).
+        if (dropout.p == 0.f && r == nullptr)
+          backward_row(row, x + row * cols, dy + row * cols);
+        else
+          backward_row(row,
+                       load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                                r_scratch.data()),
+                       float_row(dy + row * cols, dy_scratch.data(), cols));
       }
     };
     if (compute_affine_grads) {
