@@ -1,7 +1,8 @@
 // LayerNorm (optionally fused with dropout and a residual add) on CPU: forward and backward over contiguous (M, N)
-// rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads. A float32 row is read and
-// written in place; any other row (or one with dropout or a residual to add) is formed once in a float32 scratch
-// row. Every pass over a row runs on Vectorized<float> (AVX-512 / AVX2, as setup.py built for).
+// rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads. A plain row is read where it is
+// (float16 / bfloat16 converted in registers at each pass); a row with dropout or a residual to add is formed once
+// in a float32 scratch row. Every pass over a row runs on Vectorized<float> (AVX-512 / AVX2, as setup.py built
+// for).
 // Dropout keeps x[row, col] iff philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws
 // (csrc/philox.h).
 #include <ATen/ATen.h>
