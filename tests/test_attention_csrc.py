@@ -5,6 +5,7 @@ strides, masks broadcast by zero strides), causal masking together with a mask, 
 drew (recovered exactly from its output), deterministic gradients, and the C++ argument checks.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -64,14 +65,22 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
     return out, lse, (dq, dk, dv)
 
 
+@contextlib.contextmanager
+def _dq_pass(name):
+    """The backward computes dQ inside the dK/dV pass when there are at least 4 (b, kv head) pairs a thread, else in
+    a pass of its own: for B * Hk = 4, 1 thread picks the first ("fused"), 8 the second ("separate")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads({"fused": 1, "separate": 8}[name])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["fused", "separate"])
 def dq_pass(request):
-    """The backward computes dQ inside the dK/dV pass when there are at least 4 (b, kv head) pairs a thread, else in
-    a pass of its own: 1 thread or 8 picks one or the other for B * Hk = 4."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if request.param == "fused" else 8)
-    yield request.param
-    torch.set_num_threads(threads)
+    with _dq_pass(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -153,14 +162,10 @@ def test_dq_in_the_dk_dv_pass_equals_its_own_pass(dtype):
     fwd, bwd = _ops()
     seed = torch.tensor(9)
     out, lse = fwd(q, k, v, None, True, 0.2, 0.1, seed)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # 4 (b, kv head) pairs for 1 thread: dQ in the dK/dV pass
+    with _dq_pass("fused"):
         fused = bwd(do, q, k, v, out, lse, None, True, 0.2, 0.1, seed)
-        torch.set_num_threads(8)  # too few pairs for 8 threads: dQ in its own pass
+    with _dq_pass("separate"):
         separate = bwd(do, q, k, v, out, lse, None, True, 0.2, 0.1, seed)
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(fused, separate):
         assert torch.equal(a, b)
 
