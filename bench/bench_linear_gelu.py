@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_tflops,
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
                      peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
@@ -113,8 +113,7 @@ def main(argv=None) -> None:
     compile_modes = chosen_compile_modes(args, ["default", "max-autotune"] if cuda and not args.quick else ["default"])
 
     info = environment(device)
-    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
-    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
+    ceilings = matmul_ceilings(device, dtypes, info)
     print(f"measured matrix-product rates (TFLOP/s): {info['matmul_tflops']}")
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []

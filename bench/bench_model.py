@@ -25,7 +25,7 @@ from torch import nn
 import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_tflops,
+from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
                      skip, standard_parser, time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
@@ -109,8 +109,7 @@ def main(argv=None) -> None:
     compile_modes = chosen_compile_modes(args, ["default"])
 
     info = environment(device)
-    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
-    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
+    ceilings = matmul_ceilings(device, dtypes, info)
     datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if cuda and k in info["device"]), None)
     ours, impls = implementations(config, device, args.include_interpreter, compile_modes)
     flops = flops_per_token(ours)

@@ -205,6 +205,13 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> 
     return 2 * n**3 / (median * 1e-3) / 1e12
 
 
+def matmul_ceilings(device: torch.device, dtypes, info: dict) -> dict:
+    """matmul_tflops for each dtype ({dtype: TFLOP/s}), recorded in the result file's environment `info` too."""
+    ceilings = {dtype: matmul_tflops(device, dtype) for dtype in dtypes}
+    info["matmul_tflops"] = {str(dtype).removeprefix("torch."): rate for dtype, rate in ceilings.items()}
+    return ceilings
+
+
 def cost(row) -> float:
     """What a row minimises: its peak memory for a memory measurement (unit MiB), else its time. `row` is a Row or
     its dict in a result file."""
