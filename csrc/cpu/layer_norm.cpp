@@ -1,8 +1,8 @@
 // LayerNorm (optionally fused with dropout and a residual add) on CPU: forward and backward over contiguous (M, N)
-// rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads. A plain row is read where it is
-// (float16 / bfloat16 converted in registers at each pass); a row with dropout or a residual to add is formed once
-// in a float32 scratch row. Every pass over a row runs on Vectorized<float> (AVX-512 / AVX2, as setup.py built
-// for).
+// rows. The maths is in fastgpt/ops/layer_norm.py. Rows are split across threads. Rows are read where they are
+// (float16 / bfloat16 converted in registers at each pass), except a row with dropout or a residual to add, which is
+// formed once in a float32 scratch row (with_z_row). Every pass over a row runs on Vectorized<float> (AVX-512 /
+// AVX2, as setup.py built for).
 // Dropout keeps x[row, col] iff philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws
 // (csrc/philox.h).
 #include <ATen/ATen.h>
@@ -44,30 +44,21 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   return {static_cast<float>(p), static_cast<uint64_t>(seed->item<int64_t>())};
 }
 
-// A row of `values` as float32: the row itself when scalar_t is float, else converted into `scratch`.
-template <typename scalar_t>
-const float* float_row(const scalar_t* values, float* scratch, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return values;
-  } else {
-    to_float(values, scratch, n);
-    return scratch;
-  }
-}
-
-// The row z = dropout(float(x)) (+ float(residual)), formed in float32 and never rounded to the input dtype: x
-// itself when it is float32 and nothing is added, else built in z_scratch (r_scratch holds a converted residual).
-template <typename scalar_t>
-const float* load_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
-                      float* z_scratch, float* r_scratch) {
-  if (dropout.p == 0.f && residual == nullptr) return float_row(x, z_scratch, n);
+// f(z) for z the row dropout(x) (+ residual), summed in float32 and never rounded to the input dtype. With neither
+// dropout nor a residual, z is x's row itself, read where it is (float16 / bfloat16 converted in registers at each
+// pass: a float32 copy of a wide row would push the row, the copy and the parameters out of L1; bf16 8192x4096
+// forward 6.5 -> 4.8 ms); else it is formed in z_scratch.
+template <typename scalar_t, typename F>
+void with_z_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
+                float* z_scratch, F&& f) {
+  if (dropout.p == 0.f && residual == nullptr) return f(x);
   to_float(x, z_scratch, n);
   if (dropout.p > 0.f) dropout.apply(z_scratch, row, n);
-  if (residual != nullptr) {
-    const float* r = float_row(residual, r_scratch, n);
-    for_each_vec(n, [&](int64_t j, auto c) { store(load(z_scratch + j, c) + load(r + j, c), z_scratch + j, c); });
-  }
-  return z_scratch;
+  if (residual != nullptr)
+    for_each_vec(n, [&](int64_t j, auto c) {
+      store(load(z_scratch + j, c) + load(residual + j, c), z_scratch + j, c);
+    });
+  f(static_cast<const float*>(z_scratch));
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& input) {
@@ -110,8 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     float* mean_p = mean.mutable_data_ptr<float>();
     float* rstd_p = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> z_scratch(cols), r_scratch(cols);
-      // z: a row of x, or of dropout(x) + residual formed in float32 scratch.
+      std::vector<float> z_scratch(cols);
       auto normalize = [&](int64_t row, const auto* z) {
         Vec acc(0.f);
         for_each_vec(cols, [&](int64_t j, auto c) { acc += load(z + j, c); });
@@ -130,15 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
         mean_p[row] = mu;
         rstd_p[row] = inv_std;
       };
-      for (int64_t row = begin; row < end; ++row) {
-        // A plain row is read where it is, float16 / bfloat16 converted in registers at each pass: a float32 copy
-        // of a wide row would push the row, the copy and the parameters out of L1 (bf16 8192x4096: 6.5 -> 4.8 ms).
-        if (dropout.p == 0.f && r == nullptr)
-          normalize(row, x + row * cols);
-        else
-          normalize(row, load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                                  r_scratch.data()));
-      }
+      for (int64_t row = begin; row < end; ++row)
+        with_z_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                   [&](const auto* z) { normalize(row, z); });
     });
   });
   return {output, mean, rstd};
@@ -181,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     float* dw_partial = partial.mutable_data_ptr<float>();
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
-      std::vector<float> z_scratch(cols), r_scratch(cols), dy_scratch(cols), dx_scratch(cols);
-      // z: a row of x, or of dropout(x) + residual formed in float32 scratch; d: the row of dy.
-      auto backward_row = [&](int64_t row, const auto* z, const auto* d) {
+      std::vector<float> z_scratch(cols), dx_scratch(cols);
+      // z as with_z_row gives it; d: the row of dy, read where it is.
+      auto backward_row = [&](int64_t row, const auto* z, const scalar_t* d) {
         const Vec mu(mean_p[row]), inv_std(rstd_p[row]);
         // Tail lanes: z, dy and weight load as 0, so g = 0 there and the sums take nothing from them.
         Vec sum_g(0.f), sum_gx(0.f);
@@ -212,16 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
         dropout.apply(out, row, cols);
         from_float(out, dx + row * cols, cols);
       };
-      for (int64_t row = begin; row < end; ++row) {
-        // Plain rows are read where they are, converted in registers at each pass (as in the forward).
-        if (dropout.p == 0.f && r == nullptr)
-          backward_row(row, x + row * cols, dy + row * cols);
-        else
-          backward_row(row,
-                       load_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                                r_scratch.data()),
-                       float_row(dy + row * cols, dy_scratch.data(), cols));
-      }
+      for (int64_t row = begin; row < end; ++row)
+        with_z_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
+                   [&](const auto* z) { backward_row(row, z, dy + row * cols); });
     };
     if (compute_affine_grads) {
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

@@ -4,7 +4,8 @@
 //   forward : pre = x W^T + b (ATen's addmm: the bias added before the one rounding, as F.linear does)
 //             -> out = dropout(act(pre)) in one pass (in place in pre's buffer when pre is not kept)
 //   backward: dPre = grad * dropout * act'(pre) with the bias gradient (column sums) in the same pass.
-// Rows are converted once into float32 scratch, the activation maths runs on Vectorized<float>.
+// Rows are converted to float32 in registers (or once into float32 scratch where dropout or the bias gradient needs
+// a float row); the activation maths runs on Vectorized<float>.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../linear_gelu.h"
@@ -52,37 +52,31 @@ Vec activation_grad(Vec x) {
   }
 }
 
-// dst[j] = f(src[j]) for j < n, a Vec at a time; dst may be src.
-template <typename F>
-void map_row(const float* src, float* dst, int64_t n, F&& f) {
-  for_each_vec(n, [&](int64_t j, auto c) { store(f(load(src + j, c)), dst + j, c); });
-}
-
 // v[j] *= dropout factor of element (row, col0 + j).
 void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed, float p, float scale) {
   for (int64_t j = 0; j < n; ++j) v[j] *= dropout_factor(seed, row, col0 + j, p, scale);
 }
 
 // Forward epilogue over the rows of pre = x W^T + b (M, N): out = dropout(act(pre)). out may alias pre (when
-// pre is not kept). float32 rows are mapped straight from pre to out; other dtypes go through a float32 row.
+// pre is not kept). Without dropout a row is mapped straight from pre to out, converted in registers; dropout
+// (a factor per element) goes through a float32 row.
 template <typename scalar_t, Activation A>
 void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p, uint64_t seed) {
   const float scale = 1.f / (1.f - p);
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kFloat ? 0 : cols);
+    std::vector<float> v(p > 0.f ? cols : 0);
     for (int64_t row = begin; row < end; ++row) {
-      float* v;
-      if constexpr (kFloat) {
-        v = out + row * cols;
-        map_row(pre + row * cols, v, cols, [](Vec x) { return activation_forward<A>(x); });
-      } else {
-        v = scratch.data();
-        to_float(pre + row * cols, v, cols);
-        map_row(v, v, cols, [](Vec x) { return activation_forward<A>(x); });
+      const scalar_t* pre_row = pre + row * cols;
+      if (p == 0.f) {
+        store_results(out + row * cols, cols,
+                      [&](int64_t j, auto c) { return activation_forward<A>(load(pre_row + j, c)); });
+        continue;
       }
-      if (p > 0.f) apply_dropout(v, cols, row, 0, seed, p, scale);
-      if constexpr (!kFloat) from_float(v, out + row * cols, cols);
+      to_float(pre_row, v.data(), cols);
+      float* v_row = v.data();
+      for_each_vec(cols, [&](int64_t j, auto c) { store(activation_forward<A>(load(v_row + j, c)), v_row + j, c); });
+      apply_dropout(v.data(), cols, row, 0, seed, p, scale);
+      from_float(v.data(), out + row * cols, cols);
     }
   });
 }
