@@ -33,6 +33,8 @@ from fastgpt.kernels.common import benchmark_candidates, tuned_candidates
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The floor of finite additive-mask entries: far below any score, and still finite (-2.9e38) once scaled by log2(e).
+MASK_FLOOR = tl.constexpr(-2.0e38)
 LOG2E = 1.4426950408889634
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
@@ -151,7 +153,11 @@ def _scores(qk, offs_m, offs_n, Lq, Lk, mask_base, stride_mm, stride_mn, qk_scal
         if MASK_KIND == 1:
             s = tl.where(mask != 0, s, float("-inf"))
         else:
-            s = s + mask.to(tl.float32) * 1.4426950408889634
+            # Finite entries are floored at MASK_FLOOR so that the log2 scaling stays finite: Hugging Face masks
+            # hold torch.finfo(dtype).min, which times log2(e) overflows, and a row hidden that way would turn
+            # into a fully masked one (output 0) where PyTorch averages the values. -inf entries stay -inf.
+            mask = mask.to(tl.float32)
+            s = tl.where(mask == float("-inf"), float("-inf"), s + tl.maximum(mask, MASK_FLOOR) * 1.4426950408889634)
     if CHECK_CAUSAL:
         s = tl.where(offs_n <= offs_m, s, float("-inf"))
     if CHECK_KEYS:

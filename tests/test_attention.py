@@ -147,6 +147,29 @@ def test_fully_masked_rows(device, backend, kind):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_additive_mask_at_dtype_min(device, backend, dtype):
+    """Hugging Face's masks hold torch.finfo(dtype).min, not -inf, where a key is hidden. A query row hidden
+    entirely that way averages every value (its scores all round to the same number), as PyTorch computes: the
+    kernels' scaling of the mask to the log2 domain must not overflow to -inf and make it a fully masked row.
+
+    Such a row's gradient is exact when its output gradient is 0, as for the padding positions these masks hide
+    (the loss ignores them). Otherwise it is what PyTorch's own fused kernels give, not its math path: the row's
+    log-sum-exp, m + log(Lk) with m near -3.4e38, rounds to m, so the backward pass sees probabilities of 1, not
+    1/Lk (documented in fastgpt.ops.attention)."""
+    B, H, Lq, Lk = 2, 2, 40, 50
+    q, k, v, grad_out = _inputs(device, dtype, B, H, H, Lq, Lk, 32, 32)
+    mask = torch.zeros(B, 1, Lq, Lk, dtype=dtype, device=device)
+    mask[1, ..., 23:] = torch.finfo(dtype).min  # sequence 1 is 23 keys long
+    mask[0, 0, 7] = torch.finfo(dtype).min      # query 7 of sequence 0 sees no key: a padding position
+    grad_out[0, :, 7] = 0
+    with fastgpt.use_backend(backend):
+        out = scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(out[0, :, 7].float(), v[0].float().mean(-2), atol=2e-2, rtol=0)
+    _check(device, backend, q, k, v, grad_out, mask)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("is_causal,kind", [(False, None), (False, "key_padding"), (True, None)], ids=str)
 def test_dropout(device, backend, is_causal, kind):
     B, H, Hk, Lq, Lk, p = 2, 2, 1, 64, 64, 0.3

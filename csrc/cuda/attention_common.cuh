@@ -29,6 +29,10 @@ namespace attention {
 constexpr int kWarps = 4;  // every kernel: 4 warps, each owning 16 rows of the block's tile
 constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
+// The floor of finite additive-mask entries: far below any score, and still finite (-2.9e38) once scaled by
+// log2(e). Hugging Face masks hold the dtype's minimum, which times log2(e) overflows to -inf: a row hidden that way
+// would become a fully masked one (output 0) where PyTorch averages the values. -inf entries stay -inf.
+constexpr float kMaskFloor = -2.0e38f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Causal and an explicit mask are exclusive in the op (fastgpt/ops/attention.py rejects both at once).
@@ -297,10 +301,12 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NT][4], const Params& 
         // read the same Lk bytes, which stay in L1.
         if (visible) {
           const int64_t off = i * m.stride_i + j * m.stride_j;
-          if (m.is_bool)
+          if (m.is_bool) {
             visible = reinterpret_cast<const uint8_t*>(mask_bh)[off] != 0;
-          else
-            v += to_float(reinterpret_cast<const T*>(mask_bh)[off]) * kLog2e;  // -inf entries mask too
+          } else {
+            const float a = to_float(reinterpret_cast<const T*>(mask_bh)[off]);
+            v = a == -INFINITY ? -INFINITY : v + fmaxf(a, kMaskFloor) * kLog2e;
+          }
         }
       }
       s[nt][e] = visible ? v : -INFINITY;

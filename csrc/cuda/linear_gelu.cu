@@ -169,13 +169,26 @@ bool lt_epilogue_fits(int64_t cols, std::initializer_list<const at::Tensor*> ten
   return true;
 }
 
-// bias (N,) in input's dtype, contiguous, or undefined when absent.
+// weight (N, K) of x's dtype and device, where `dim` of weight must have `size` (the product's inner dimension).
+void check_weight(const at::Tensor& weight, int64_t dim, int64_t size, const at::Tensor& like) {
+  check_matrix(weight, "weight");
+  TORCH_CHECK(weight.size(dim) == size && weight.scalar_type() == like.scalar_type() &&
+                  weight.device() == like.device(),
+              "linear_gelu: expected weight with ", size, dim == 0 ? " rows" : " columns", ", dtype ",
+              like.scalar_type(), " and device ", like.device(), ", got ", weight.sizes(), " ", weight.scalar_type(),
+              " on ", weight.device());
+}
+
+// bias (N,) in input's dtype and device, contiguous and 16-byte aligned (cuBLASLt's bias epilogues read it with
+// vector loads: a view at an odd offset gets an aligned copy), or undefined when absent.
 at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t cols) {
   if (!bias.has_value()) return at::Tensor();
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols && bias->scalar_type() == input.scalar_type(),
-              "linear_gelu: expected bias of shape (", cols, ") and dtype ", input.scalar_type(), ", got ",
-              bias->sizes(), " ", bias->scalar_type());
-  return bias->contiguous();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols && bias->scalar_type() == input.scalar_type() &&
+                  bias->device() == input.device(),
+              "linear_gelu: expected bias of shape (", cols, "), dtype ", input.scalar_type(), " and device ",
+              input.device(), ", got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  const at::Tensor contiguous = bias->contiguous();
+  return reinterpret_cast<uintptr_t>(contiguous.const_data_ptr()) % 16 == 0 ? contiguous : contiguous.clone();
 }
 
 Epilogue bias_epilogue(const at::Tensor& bias) {
@@ -266,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, con
   const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
+  const int64_t row_blocks =
+      std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / std::max<int64_t>(col_blocks, 1) + 1));
   const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
   const int64_t used_row_blocks = rows_per_block > 0 ? (rows + rows_per_block - 1) / rows_per_block : 1;
   at::Tensor partial = at::empty({bias_grad ? used_row_blocks : 0, cols}, grad.options().dtype(at::kFloat));
@@ -293,10 +307,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
                                                    const std::optional<at::Tensor>& bias, c10::string_view activation,
                                                    bool store_pre, double dropout_p, const at::Tensor& seed) {
   check_matrix(input, "input");
-  check_matrix(weight, "weight");
-  TORCH_CHECK(weight.size(1) == input.size(1) && weight.scalar_type() == input.scalar_type(),
-              "linear_gelu: expected weight of shape (N, ", input.size(1), ") and dtype ", input.scalar_type(),
-              ", got ", weight.sizes(), " ", weight.scalar_type());
+  check_weight(weight, 1, input.size(1), input);
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation act = parse_activation(activation);
   const int64_t rows = input.size(0), cols = weight.size(0);
@@ -305,7 +316,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& input, cons
   at::Tensor pre = store_pre ? at::empty_like(out) : at::empty({0}, input.options());
   const bool lt_fused = dropout_p == 0.0 && (act == Activation::kGeluTanh || act == Activation::kNone) &&
                         lt_epilogue_fits(cols, {&input, &weight, &bias_t, &out, &pre});
-  if (rows == 0) return {out, pre};
+  if (rows == 0 || cols == 0) return {out, pre};
+  TORCH_CHECK(input.size(1) > 0, "linear_gelu: expected input with at least one column, got ", input.sizes());
   bool fused_ran = false;
   if (lt_fused) {
     Epilogue epilogue;
@@ -349,11 +361,13 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_recompute(const at::Tensor& g
                                                              c10::string_view activation, bool bias_grad) {
   check_matrix(grad, "grad");
   check_matrix(input, "input");
-  check_matrix(weight, "weight");
+  check_weight(weight, 1, input.size(1), input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor pre = at::empty({input.size(0), weight.size(0)}, input.options());
   check_same_shape(grad, "grad", pre);
   const at::Tensor bias_t = checked_bias(bias, input, weight.size(0));
+  TORCH_CHECK(input.size(1) > 0 || pre.numel() == 0, "linear_gelu: expected input with at least one column, got ",
+              input.sizes());
   if (pre.numel() > 0) check_ran(linear(input, weight, pre, bias_epilogue(bias_t)));
   return backward_epilogue(grad, pre, pre, parse_activation(activation), 0.0, 0, bias_grad);
 }
@@ -362,14 +376,15 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_dact(const at::Tensor& grad, cons
                                                     const at::Tensor& pre, c10::string_view activation,
                                                     bool bias_grad) {
   check_matrix(grad, "grad");
-  check_matrix(weight, "weight");
+  check_weight(weight, 0, grad.size(1), grad);
   check_matrix(pre, "pre");
   const c10::cuda::CUDAGuard guard(grad.device());
   const Activation act = parse_activation(activation);
   const int64_t rows = grad.size(0), cols = weight.size(1);
   at::Tensor dpre = at::empty({rows, cols}, grad.options());
   check_same_shape(pre, "pre", dpre);
-  if (rows == 0) return {dpre, at::zeros({bias_grad ? cols : 0}, grad.options().dtype(at::kFloat))};
+  if (rows == 0 || cols == 0 || grad.size(1) == 0)  // nothing to multiply: the gradient is 0
+    return {dpre.zero_(), at::zeros({bias_grad ? cols : 0}, grad.options().dtype(at::kFloat))};
   if (act == Activation::kGeluTanh && lt_epilogue_fits(cols, {&grad, &weight, &pre, &dpre})) {
     // cuBLASLt writes the bias gradient in the output dtype; it sums in float32 internally.
     at::Tensor grad_bias = at::empty({bias_grad ? cols : 0}, grad.options());

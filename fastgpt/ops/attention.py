@@ -7,6 +7,12 @@ query head h reads key/value head h // (H // Hk). is_causal is aligned top-left,
 j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or additive float, broadcastable to
 (..., H, Lq, Lk). A query row whose keys are all masked gives 0, and 0 gradients.
 
+An additive mask may hide keys with a large finite value, as Hugging Face's masks do with torch.finfo(dtype).min.
+A row hidden entirely that way is not a masked row to PyTorch: its scores all round to the same number, and it
+averages every value; the kernels give that average too. Its gradients are exact when its output gradient is 0 (a
+padding position, whose output the loss ignores); otherwise they are those of PyTorch's fused kernels rather than
+its math path (the row's log-sum-exp, near -3.4e38, cannot hold the log(Lk) that makes each probability 1/Lk).
+
 Kernels (flash-style: online softmax, a float32 log-sum-exp lse (B, H, Lq) kept per query row, the backward pass
 recomputing the probabilities and regenerating the dropout mask from the seed; nothing Lq x Lk is ever stored):
     reference  _reference below, by the definition, in the inputs' dtype
