@@ -308,18 +308,49 @@ def test_nn_feed_forward_rejects_unknown_activation():
 @pytest.mark.parametrize("backend", [b for b in fastgpt.available_backends("cpu") if b != "reference"])
 def test_float64_falls_back_to_reference(backend):
     x, w, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
-    assert not _kernel_supports(backend, x)
-    assert backends.select(x.device, lambda name: _kernel_supports(name, x), preference=(backend,)) == "reference"
+    assert not _kernel_supports(backend, x, w)
+    assert backends.select(x.device, lambda name: _kernel_supports(name, x, w), preference=(backend,)) == "reference"
     with fastgpt.use_backend(backend):
         torch.testing.assert_close(linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
 
 
-def test_empty_input():
-    w, b = torch.randn(16, 8), torch.randn(16)
-    for backend in fastgpt.available_backends("cpu"):
-        with fastgpt.use_backend(backend):
-            assert linear_gelu(torch.randn(0, 8), w, b).shape == (0, 16)
-            assert gelu_ffn(torch.randn(2, 0, 8), w, b, w.t().contiguous(), None).shape == (2, 0, 8)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_empty_input(device, backend):
+    """No rows, or no output features: empty results, and zero gradients where there is something to differentiate."""
+    w, b = torch.randn(16, 8, device=device), torch.randn(16, device=device)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w0, b0 = (torch.randn(0, 8, device=device, requires_grad=True), torch.randn(0, device=device, requires_grad=True))
+    with fastgpt.use_backend(backend):
+        assert linear_gelu(torch.randn(0, 8, device=device), w, b).shape == (0, 16)
+        assert gelu_ffn(torch.randn(2, 0, 8, device=device), w, b, w.t().contiguous(), None).shape == (2, 0, 8)
+        out = linear_gelu(x, w0, b0, approximate="tanh")
+        assert out.shape == (4, 0)
+        out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w0.grad.shape == (0, 8) and b0.grad.shape == (0,)
+    if backend == "csrc":  # the op layer sends empty products to reference; the kernels take them too
+        seed = torch.zeros((), dtype=torch.int64)
+        out, pre = torch.ops.fastgpt.linear_gelu_fwd(x.detach(), w0.detach(), b0.detach(), "gelu_tanh", True, 0.0, seed)
+        assert out.shape == pre.shape == (4, 0)
+        dpre, dbias = torch.ops.fastgpt.linear_gelu_bwd(out, pre, "gelu_tanh", 0.0, seed, True)
+        assert dpre.shape == (4, 0) and dbias.shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_bias_at_an_odd_offset(device, backend):
+    """A bias viewed 2 bytes past an aligned address: cuBLASLt's bias epilogue reads it in 16-byte vectors, so the
+    CUDA kernel must copy it rather than hand it over."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    x = _leaf(64, 64, dtype=dtype, device=device)
+    w = _leaf(40, 64, dtype=dtype, device=device, scale=0.125)
+    b = torch.randn(41, device=device).to(dtype)[1:].requires_grad_()  # a view 1 element into its storage
+    grad = torch.randn(64, 40, device=device).to(dtype)
+
+    def eager(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    with fastgpt.use_backend(backend):
+        result = _run(lambda x, w, b: linear_gelu(x, w, b, approximate="tanh"), [x, w, b], grad)
+    _compare(("dx", "dweight", "dbias"), result, _run(eager, _double([x, w, b]), grad.double()), _run(eager, [x, w, b], grad))
 
 
 # --- bad input: the same clear error from every backend ----------------------------------------------------------

@@ -63,7 +63,8 @@ void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed
 template <typename scalar_t, Activation A>
 void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p, uint64_t seed) {
   const float scale = 1.f / (1.f - p);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));  // rows of about 16K elements
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> v(p > 0.f ? cols : 0);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* pre_row = pre + row * cols;

@@ -215,7 +215,7 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _check_linear("linear_gelu", input, weight, bias)
     _check_approximate("linear_gelu", approximate)
     activation = "gelu_tanh" if approximate == "tanh" else "gelu"
-    backend = backends.select(input.device, lambda name: _kernel_supports(name, input))
+    backend = backends.select(input.device, lambda name: _kernel_supports(name, input, weight))
     if backend == "reference":
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
     device_type = input.device.type
@@ -265,8 +265,10 @@ def _check_approximate(op, approximate):
         raise ValueError(f"{op}: expected approximate to be 'none' or 'tanh', got {approximate!r}")
 
 
-def _kernel_supports(backend: str, input: torch.Tensor) -> bool:
-    return input.dtype in _KERNEL_DTYPES and input.numel() > 0
+def _kernel_supports(backend: str, input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernels take float32/16-bit products with something in them: no rows, no inner or no output features
+    (an empty result, or bias and zeros) go to reference."""
+    return input.dtype in _KERNEL_DTYPES and input.numel() > 0 and weight.numel() > 0
 
 
 def _NO_SEED() -> torch.Tensor:
@@ -282,7 +284,7 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
         raise ValueError(f"{op}: expected dropout_p in [0, 1), got {dropout_p!r}")
     p = float(dropout_p) if training else 0.0
     seed = draw_seed() if p > 0.0 else _NO_SEED()
-    backend = backends.select(x.device, lambda name: _kernel_supports(name, x))
+    backend = backends.select(x.device, lambda name: _kernel_supports(name, x, w1) and w2.numel() > 0)
     x2d = x.reshape(-1, x.shape[-1])
     if backend == "reference":
         act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[activation]
