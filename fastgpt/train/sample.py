@@ -15,6 +15,7 @@ def load_model(path: str, device: torch.device):
     """(model in eval mode, tokenizer, checkpoint meta) from a checkpoint, run, or checkpoints directory."""
     ckpt = ckpt_io.find_checkpoint(path)
     meta, weights, _ = ckpt_io.load_checkpoint(ckpt, with_trainer_state=False)
+    ckpt_io.require_kind(meta, ckpt, ckpt_io.LANGUAGE_MODEL)
     config = PretrainConfig(**meta["config"])
     model, model_config = build_model(config, meta["data"]["vocab_size"])
     ckpt_io.check_model_config(meta["model_config"], model_config, ckpt)

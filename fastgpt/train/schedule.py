@@ -6,7 +6,8 @@ The rule is by shape: parameters with two or more dimensions decay, vectors do n
 embedding and the output head) is one parameter and appears once.
 
 The learning rate rises linearly from lr/warmup to lr over the first `warmup` updates, then follows half a cosine
-down to `min_lr` at update `total` (GPT-1: lr 2.5e-4, 2,000 warm-up updates, cosine to 0).
+down to `min_lr` at update `total` (GPT-1: lr 2.5e-4, 2,000 warm-up updates, cosine to 0), or a straight line
+(GPT-1's fine-tuning: warm-up over 0.2% of the updates, linear decay to 0).
 """
 
 from __future__ import annotations
@@ -47,15 +48,21 @@ def make_optimizer(model, lr, weight_decay, betas, eps, fused: bool, dims=None) 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier on the peak lr for update number `step` (0-based): linear warm-up, then cosine to min_ratio."""
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float, decay: str = "cosine") -> float:
+    """Multiplier on the peak lr for update number `step` (0-based): linear warm-up, then `decay` ("cosine" or
+    "linear") to min_ratio."""
     if step < warmup:
         return (step + 1) / warmup
     if step >= total:
         return min_ratio
     progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    falling = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * falling
 
 
-def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, total, min_ratio))
+def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float,
+                   decay: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: lr_multiplier(step, warmup, total, min_ratio, decay))
