@@ -82,7 +82,7 @@ template <typename T, int D, MaskMode kMode, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
   using Tile = BwdDqTile<D>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* q_tile = reinterpret_cast<T*>(smem);  // kBlockM x D
   T* do_tile = q_tile + kBlockM * D;       // kBlockM x D
   T* k_tiles = do_tile + kBlockM * D;      // 2 x kBlockN x D
@@ -176,7 +176,7 @@ template <typename T, int D, MaskMode kMode, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
   using Tile = BwdDkvTile<D>;
   constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* k_tile = reinterpret_cast<T*>(smem);    // kBlockN x D
   T* v_tile = k_tile + kBlockN * D;          // kBlockN x D
   T* q_tiles = v_tile + kBlockN * D;         // 2 x kBlockM x D

@@ -31,7 +31,7 @@ template <typename T, int D, MaskMode kMode, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
   using Tile = FwdTile<D>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* q_tile = reinterpret_cast<T*>(smem);  // kBlockM x D
   T* k_tiles = q_tile + kBlockM * D;       // 2 x kBlockN x D
   T* v_tiles = k_tiles + 2 * kBlockN * D;  // 2 x kBlockN x D

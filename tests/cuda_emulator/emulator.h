@@ -1,0 +1,501 @@
+// A host (CPU) emulation of the part of the CUDA execution model that fastgpt's attention kernels use, so that
+// the unmodified kernels (csrc/cuda/attention_*.cuh) compile with g++ and run one thread block at a time.
+//
+// What it models:
+//   * a block of 128 threads as cooperative user-level threads (ucontext), each with its own stack; threadIdx,
+//     blockIdx and gridDim; __syncthreads (all 128 threads) and the implicit warp barrier of the .sync.aligned
+//     collectives (all 32 lanes of a warp, which must be executing the same collective);
+//   * dynamic shared memory, filled with 0xff bytes (a NaN in fp16 and bf16) before each block, so that reading
+//     something never written shows up in the results;
+//   * cp.async with the latest landing the PTX memory model allows: the 16 bytes are copied only when the issuing
+//     thread's cp.async.wait_group retires its group. Until then the bytes are marked pending;
+//   * ldmatrix (.x4, with and without .trans), mma.sync m16n8k16 (f16/bf16 inputs, f32 accumulators) and
+//     shfl.sync.bfly, with the register layouts of the PTX ISA tables;
+//   * fp16 and bf16 with round-to-nearest-even conversions.
+// What it checks, reporting each violation through EMU_ERROR (counted in cuda_emu::errors()):
+//   * shared-memory races between warps: a location written by one warp and read or written by another within
+//     one barrier interval ("epoch", the code between two __syncthreads) is a race, and so is a cp.async whose
+//     target another warp read in the epoch of the issue or later, up to its landing; reads of pending cp.async
+//     bytes; shared-memory accesses out of the allocation, misaligned ldmatrix rows and cp.async addresses;
+//     cp.async sources outside the registered global buffers; threads exiting with copies in flight;
+//   * deadlocks and divergence at barriers (a warp collective not reached by all 32 lanes, lanes of one warp in
+//     different collectives, a __syncthreads not reached by all threads).
+// What it cannot see: timing, occupancy and bank conflicts; the real (weaker) ordering of memory operations, other
+// than through the cp.async landing rule above; races through plain C++ loads and stores to shared memory (only
+// cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse / delta rows are not); out-of-bounds plain
+// global loads (the harness detects stray global stores with guard zones); the accumulation order and rounding of
+// the hardware mma (emulated here as a float32 sum in k order, exact products) and the approximations of the
+// hardware exp2 / log2; anything between blocks (blocks run one after the other).
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------------------------
+// CUDA keywords and built-ins, as the kernels spell them.
+// ---------------------------------------------------------------------------------------------------------------
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __align__(bytes) alignas(bytes)
+
+using std::isfinite;
+using std::max;
+using std::min;
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+// 16-bit floating-point types: just the bits, converted with round-to-nearest-even.
+struct __half {
+  uint16_t x;
+};
+struct __half2 {
+  __half x, y;  // x: the low 16 bits of the register
+};
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+namespace cuda_emu {
+
+inline float half_bits_to_float(uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+inline uint16_t float_to_half_bits(float x) {
+  const _Float16 h = static_cast<_Float16>(x);  // IEEE binary16, round to nearest even
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16_bits(float x) {
+  if (std::isnan(x)) return 0x7fc0;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even on the 16 bits dropped (overflow gives inf)
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace cuda_emu
+
+inline float __half2float(__half h) { return cuda_emu::half_bits_to_float(h.x); }
+inline float __bfloat162float(__nv_bfloat16 h) { return cuda_emu::bf16_bits_to_float(h.x); }
+inline __half2 __floats2half2_rn(float lo, float hi) {
+  return {{cuda_emu::float_to_half_bits(lo)}, {cuda_emu::float_to_half_bits(hi)}};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {{cuda_emu::float_to_bf16_bits(lo)}, {cuda_emu::float_to_bf16_bits(hi)}};
+}
+
+namespace cuda_emu {
+
+constexpr int kBlockThreads = 128;  // the attention kernels' block size (kThreads)
+constexpr int kWarpSize = 32;
+constexpr int kBlockWarps = kBlockThreads / kWarpSize;
+
+struct Dim3 {
+  unsigned x, y, z;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Emulator state: one block runs at a time.
+// ---------------------------------------------------------------------------------------------------------------
+enum class ThreadState { kRunnable, kAtWarpBarrier, kAtBlockBarrier, kDone };
+
+struct Thread {
+  ucontext_t context;
+  ThreadState state = ThreadState::kRunnable;
+  std::vector<char> stack;
+};
+
+// A cp.async in flight: 16 bytes from src to shared-memory offset dst (zeros when !valid), issued in `epoch`.
+struct Copy {
+  size_t dst;
+  const void* src;
+  bool valid;
+  long epoch;
+};
+
+struct AsyncCopies {
+  std::vector<Copy> uncommitted;          // issued since the last commit_group
+  std::deque<std::vector<Copy>> groups;   // committed groups, oldest first
+};
+
+// Per 2-byte word of shared memory: who wrote and read it in which epoch, and whether a copy is in flight to it.
+struct Shadow {
+  long write_epoch = -1;
+  int write_warp = -1;
+  long read_epoch = -1;
+  unsigned read_warps = 0;  // bit w: warp w read the word in read_epoch
+  bool pending = false;
+};
+
+struct GlobalRange {
+  const void* ptr;
+  size_t bytes;
+};
+
+struct State {
+  Thread threads[kBlockThreads];
+  ucontext_t scheduler;
+  std::function<void()> kernel;
+  int current = 0;  // the running thread, -1 in the scheduler
+  Dim3 block_idx{}, grid_dim{};
+  long epoch = 0;   // number of __syncthreads completed in this block
+  int errors = 0;
+  std::vector<unsigned char> smem;
+  size_t smem_bytes = 0;
+  std::vector<Shadow> shadow;
+  AsyncCopies copies[kBlockThreads];
+  std::vector<GlobalRange> global_ranges;  // where cp.async may read
+  // Warp collectives exchange operands through these, one slot per lane.
+  int op[kBlockWarps][kWarpSize];
+  const void* ptr[kBlockWarps][kWarpSize];
+  uint32_t a[kBlockWarps][kWarpSize][4], b[kBlockWarps][kWarpSize][2];
+  float f[kBlockWarps][kWarpSize];
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline int errors() { return state().errors; }
+inline void reset_errors() { state().errors = 0; }
+// The global buffers that cp.async may read from (the harness registers its input tensors).
+inline void set_global_ranges(std::vector<GlobalRange> ranges) { state().global_ranges = std::move(ranges); }
+
+#define EMU_ERROR(...)                                                                                          \
+  do {                                                                                                          \
+    auto& emu_s = ::cuda_emu::state();                                                                          \
+    if (emu_s.errors++ < 10) {                                                                                  \
+      std::fprintf(stderr, "EMU ERROR block (%u, %u, %u) thread %d epoch %ld: ", emu_s.block_idx.x,            \
+                   emu_s.block_idx.y, emu_s.block_idx.z, emu_s.current, emu_s.epoch);                           \
+      std::fprintf(stderr, __VA_ARGS__);                                                                        \
+      std::fprintf(stderr, "\n");                                                                               \
+    }                                                                                                           \
+  } while (0)
+
+inline int lane() { return state().current % kWarpSize; }
+inline int warp() { return state().current / kWarpSize; }
+
+// Suspends the running thread in `s` and returns to the scheduler; resumes when the barrier is released.
+inline void suspend(ThreadState s) {
+  State& st = state();
+  Thread& t = st.threads[st.current];
+  t.state = s;
+  swapcontext(&t.context, &st.scheduler);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared memory accounting.
+// ---------------------------------------------------------------------------------------------------------------
+inline size_t smem_offset(const void* p, size_t bytes) {
+  State& st = state();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (c < st.smem.data() || c + bytes > st.smem.data() + st.smem_bytes) {
+    EMU_ERROR("shared memory access out of bounds: offset %ld, %zu bytes, allocation %zu bytes",
+              static_cast<long>(c - st.smem.data()), bytes, st.smem_bytes);
+    return 0;
+  }
+  return static_cast<size_t>(c - st.smem.data());
+}
+
+inline void note_read(size_t off) {
+  State& st = state();
+  Shadow& s = st.shadow[off / 2];
+  const int w = warp();
+  if (s.pending) EMU_ERROR("read of shared byte %zu while a cp.async to it is in flight", off);
+  if (s.write_epoch == st.epoch && s.write_warp != w)
+    EMU_ERROR("race: shared byte %zu written by warp %d and read by warp %d without a barrier", off, s.write_warp, w);
+  if (s.read_epoch != st.epoch) {
+    s.read_epoch = st.epoch;
+    s.read_warps = 0;
+  }
+  s.read_warps |= 1u << w;
+}
+
+// A write by the running warp that may take effect anywhere from epoch `since` to now (a cp.async's lifetime).
+inline void note_write(size_t off, long since) {
+  State& st = state();
+  Shadow& s = st.shadow[off / 2];
+  const int w = warp();
+  if (s.read_epoch >= since && (s.read_warps & ~(1u << w)))
+    EMU_ERROR("race: shared byte %zu read by warps 0x%x (epoch %ld) and written by warp %d (issued in epoch %ld)",
+              off, s.read_warps, s.read_epoch, w, since);
+  if (s.write_epoch >= since && s.write_warp != w)
+    EMU_ERROR("race: shared byte %zu written by warps %d and %d without a barrier", off, s.write_warp, w);
+  s.write_epoch = st.epoch;
+  s.write_warp = w;
+}
+
+inline uint16_t smem_load16(const void* p) {
+  const size_t off = smem_offset(p, 2);
+  note_read(off);
+  uint16_t v;
+  std::memcpy(&v, state().smem.data() + off, 2);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// cp.async: issue, commit_group, wait_group.
+// ---------------------------------------------------------------------------------------------------------------
+inline bool in_global_ranges(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (const GlobalRange& r : state().global_ranges) {
+    const char* base = static_cast<const char*>(r.ptr);
+    if (c >= base && c + bytes <= base + r.bytes) return true;
+  }
+  return false;
+}
+
+inline void cp_async_issue(void* dst, const void* src, bool valid) {
+  State& st = state();
+  const size_t off = smem_offset(dst, 16);
+  if (off % 16) EMU_ERROR("cp.async destination not 16-byte aligned (offset %zu)", off);
+  // With src-size 0 nothing is read, so only a real source must be aligned and inside a tensor.
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16) EMU_ERROR("cp.async source %p not 16-byte aligned", src);
+  if (valid && !in_global_ranges(src, 16)) EMU_ERROR("cp.async source %p outside the input tensors", src);
+  for (size_t i = 0; i < 16; i += 2) {
+    note_write(off + i, st.epoch);
+    st.shadow[(off + i) / 2].pending = true;
+  }
+  st.copies[st.current].uncommitted.push_back({off, src, valid, st.epoch});
+}
+
+inline void cp_async_commit_group() {
+  AsyncCopies& c = state().copies[state().current];
+  c.groups.push_back(std::move(c.uncommitted));
+  c.uncommitted.clear();
+}
+
+// wait_group n: all but the newest n committed groups have landed. The bytes land here, as late as allowed; the
+// write is checked against every read by another warp since the copy was issued.
+inline void cp_async_wait_group(int n) {
+  State& st = state();
+  AsyncCopies& c = st.copies[st.current];
+  while (static_cast<int>(c.groups.size()) > n) {
+    for (const Copy& copy : c.groups.front()) {
+      for (size_t i = 0; i < 16; i += 2) {
+        st.shadow[(copy.dst + i) / 2].pending = false;
+        note_write(copy.dst + i, copy.epoch);
+      }
+      if (copy.valid)
+        std::memcpy(st.smem.data() + copy.dst, copy.src, 16);
+      else
+        std::memset(st.smem.data() + copy.dst, 0, 16);
+    }
+    c.groups.pop_front();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp collectives. Each lane deposits its operands, waits for the whole warp, computes its own result from all
+// lanes' operands, and waits again before the slots can be reused.
+// ---------------------------------------------------------------------------------------------------------------
+enum Op { kOpLdmatrix = 1, kOpLdmatrixTrans, kOpMmaF16, kOpMmaBf16, kOpShfl };
+
+inline void warp_barrier(int op) {
+  State& st = state();
+  const int w = warp(), l = lane();
+  st.op[w][l] = op;
+  suspend(ThreadState::kAtWarpBarrier);
+  for (int i = 0; i < kWarpSize; ++i)
+    if (st.op[w][i] != op) {
+      EMU_ERROR("lanes %d and %d of warp %d are in different warp collectives (%d, %d)", l, i, w, op, st.op[w][i]);
+      break;
+    }
+}
+inline void warp_release() { suspend(ThreadState::kAtWarpBarrier); }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l supplies the address of row l % 8 of matrix l / 8 (16
+// contiguous bytes). Without .trans, lane l receives in r[i] row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of
+// matrix i (low half = lower column). With .trans it receives the same positions of the transposed matrix: rows
+// 2 (l % 4) and 2 (l % 4) + 1 of column l / 4.
+inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
+  State& st = state();
+  const int w = warp(), l = lane();
+  if (smem_offset(p, 16) % 16) EMU_ERROR("ldmatrix row address not 16-byte aligned");
+  st.ptr[w][l] = p;
+  warp_barrier(trans ? kOpLdmatrixTrans : kOpLdmatrix);
+  const int g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint16_t* row = static_cast<const uint16_t*>(st.ptr[w][8 * i + g]);
+      lo = smem_load16(row + 2 * t);
+      hi = smem_load16(row + 2 * t + 1);
+    } else {
+      lo = smem_load16(static_cast<const uint16_t*>(st.ptr[w][8 * i + 2 * t]) + g);
+      hi = smem_load16(static_cast<const uint16_t*>(st.ptr[w][8 * i + 2 * t + 1]) + g);
+    }
+    r[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+  }
+  warp_release();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: C (16 x 8) += A (16 x 16) B (16 x 8), per the PTX ISA tables
+// (g = lane / 4, t = lane % 4; each 32-bit register holds two 16-bit elements, the lower index in the low half):
+//   A: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
+//   B: b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   C: c[0], c[1] = C[g][2t, 2t+1], c[2], c[3] = C[g+8][2t, 2t+1]
+// Each product is exact in float; they are summed in k order onto c in float (the hardware's internal order and
+// precision differ slightly).
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool is_f16) {
+  State& st = state();
+  const int w = warp(), l = lane();
+  for (int i = 0; i < 4; ++i) st.a[w][l][i] = a[i];
+  for (int i = 0; i < 2; ++i) st.b[w][l][i] = b[i];
+  warp_barrier(is_f16 ? kOpMmaF16 : kOpMmaBf16);
+  const auto element = [&](uint32_t reg, int k) {
+    const uint16_t bits = k % 2 ? reg >> 16 : reg & 0xffffu;
+    return is_f16 ? half_bits_to_float(bits) : bf16_bits_to_float(bits);
+  };
+  // The lane and register holding A[row][k] and B[k][n], inverting the tables above.
+  const auto A = [&](int row, int k) {
+    return element(st.a[w][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k);
+  };
+  const auto B = [&](int k, int n) { return element(st.b[w][n * 4 + (k % 8) / 2][k / 8], k); };
+  const int g = l / 4, t = l % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    c[e] = acc;
+  }
+  warp_release();
+}
+
+// shfl.sync.bfly: lane l receives x from lane l ^ lane_mask (full mask only, as the kernels use it).
+inline float shfl_xor(unsigned member_mask, float x, int lane_mask) {
+  State& st = state();
+  const int w = warp(), l = lane();
+  if (member_mask != 0xffffffffu) EMU_ERROR("__shfl_xor_sync with a partial member mask is not emulated");
+  st.f[w][l] = x;
+  warp_barrier(kOpShfl);
+  const float y = st.f[w][(l ^ lane_mask) % kWarpSize];
+  warp_release();
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Running a grid: blocks one after the other; within a block, threads run round-robin until they block.
+// ---------------------------------------------------------------------------------------------------------------
+inline void thread_entry() {
+  State& st = state();
+  st.kernel();
+  st.threads[st.current].state = ThreadState::kDone;
+  swapcontext(&st.threads[st.current].context, &st.scheduler);
+}
+
+// Releases whatever barrier is complete; false if none is (a deadlock: every live thread waits on something
+// that will never complete).
+inline bool release_barriers() {
+  State& st = state();
+  bool released = false;
+  int at_block = 0;
+  for (const Thread& t : st.threads) at_block += t.state == ThreadState::kAtBlockBarrier;
+  for (int w = 0; w < kBlockWarps; ++w) {
+    int at_warp = 0;
+    for (int l = 0; l < kWarpSize; ++l) at_warp += st.threads[w * kWarpSize + l].state == ThreadState::kAtWarpBarrier;
+    if (at_warp == kWarpSize) {
+      for (int l = 0; l < kWarpSize; ++l) st.threads[w * kWarpSize + l].state = ThreadState::kRunnable;
+      released = true;
+    }
+  }
+  if (!released && at_block == kBlockThreads) {
+    for (Thread& t : st.threads) t.state = ThreadState::kRunnable;
+    ++st.epoch;
+    released = true;
+  }
+  return released;
+}
+
+// Runs `kernel` (a call of the __global__ function with its parameters) on every block of `grid`, with
+// `smem_bytes` of dynamic shared memory. Returns false after a deadlock (the grid is abandoned).
+inline bool launch(Dim3 grid, size_t smem_bytes, std::function<void()> kernel) {
+  State& st = state();
+  st.kernel = std::move(kernel);
+  st.grid_dim = grid;
+  st.smem_bytes = smem_bytes;
+  st.smem.assign(smem_bytes + 16, 0);
+  for (Thread& t : st.threads)
+    if (t.stack.empty()) t.stack.resize(1 << 18);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        st.block_idx = {x, y, z};
+        st.epoch = 0;
+        std::memset(st.smem.data(), 0xff, smem_bytes);  // NaN in fp16 and bf16
+        st.shadow.assign(smem_bytes / 2 + 8, Shadow{});
+        for (int i = 0; i < kBlockThreads; ++i) {
+          Thread& t = st.threads[i];
+          st.copies[i] = AsyncCopies{};
+          getcontext(&t.context);
+          t.context.uc_stack.ss_sp = t.stack.data();
+          t.context.uc_stack.ss_size = t.stack.size();
+          t.context.uc_link = nullptr;
+          makecontext(&t.context, thread_entry, 0);
+          t.state = ThreadState::kRunnable;
+        }
+        for (;;) {
+          for (int i = 0; i < kBlockThreads; ++i)
+            if (st.threads[i].state == ThreadState::kRunnable) {
+              st.current = i;
+              swapcontext(&st.scheduler, &st.threads[i].context);
+            }
+          st.current = -1;
+          int done = 0;
+          for (const Thread& t : st.threads) done += t.state == ThreadState::kDone;
+          if (done == kBlockThreads) break;
+          if (!release_barriers()) {
+            EMU_ERROR("deadlock or divergent barrier: %d threads done, the others wait on barriers never reached",
+                      done);
+            return false;
+          }
+        }
+        for (int i = 0; i < kBlockThreads; ++i)
+          if (!st.copies[i].uncommitted.empty() || !st.copies[i].groups.empty()) {
+            st.current = i;
+            EMU_ERROR("thread exits with cp.async copies not waited for");
+          }
+      }
+  return true;
+}
+
+struct ThreadIdx {
+  unsigned x, y, z;
+};
+inline ThreadIdx thread_idx() { return {static_cast<unsigned>(state().current), 0u, 0u}; }
+
+}  // namespace cuda_emu
+
+#define threadIdx (::cuda_emu::thread_idx())
+#define blockIdx (::cuda_emu::state().block_idx)
+#define gridDim (::cuda_emu::state().grid_dim)
+
+inline void __syncthreads() { cuda_emu::suspend(cuda_emu::ThreadState::kAtBlockBarrier); }
+inline float __shfl_xor_sync(unsigned mask, float x, int lane_mask) { return cuda_emu::shfl_xor(mask, x, lane_mask); }
