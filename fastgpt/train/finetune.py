@@ -149,7 +149,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
 
 def _finetune(c: FinetuneConfig, device: torch.device, log) -> dict:
     base_ckpt = ckpt_io.find_checkpoint(c.checkpoint)
-    lm, tokenizer, base_meta = load_model(str(base_ckpt), torch.device("cpu"))
+    lm, tokenizer, _ = load_model(str(base_ckpt), torch.device("cpu"))
     context = lm.config.n_positions
     max_length = c.max_length or context
     if max_length > context:
