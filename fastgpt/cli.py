@@ -55,23 +55,16 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FinetuneConfig field; every default None, so that only the flags given override the config's."""
+    from .train.config import add_field_flags
     from .train.finetune import FinetuneConfig
 
-    for field in dataclasses.fields(FinetuneConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "checkpoint":
-            parser.add_argument(flag, required=True, help="the pretrained model: a checkpoint or a pretraining run")
-        elif field.name in ("data", "val_data"):
-            parser.add_argument(flag, nargs="+", default=None, metavar="FILE",
-                                help="labelled examples: .jsonl ({\"text\", \"label\"} per line), .csv or .tsv "
-                                     "(text and label columns)" + (" (default: the Shakespeare genre task)"
-                                                                   if field.name == "data" else ""))
-        else:
-            default = field.default
-            kind = int if field.name == "max_length" else (type(default) if default is not None else str)
-            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
-                                help=f"default: {default}")
+    files = "labelled examples: .jsonl ({\"text\", \"label\"} per line), .csv or .tsv (text and label columns)"
+    parser.add_argument("--checkpoint", required=True, help="the pretrained model: a checkpoint or a pretraining run")
+    parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                        help=files + " (default: the Shakespeare genre task)")
+    parser.add_argument("--val-data", nargs="+", default=None, metavar="FILE", help=files)
+    add_field_flags(parser, FinetuneConfig, skip=("checkpoint", "data", "val_data"), types={"max_length": int},
+                    show_defaults=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

