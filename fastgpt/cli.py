@@ -1,5 +1,6 @@
 """The `fastgpt` command: `fastgpt pretrain ...`, `fastgpt sample ...`, `fastgpt finetune ...`,
-`fastgpt classify ...`, `fastgpt bench ...` (also `python -m fastgpt ...`)."""
+`fastgpt classify ...`, `fastgpt train-translator ...`, `fastgpt translate ...`, `fastgpt bench ...` (also
+`python -m fastgpt ...`)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,51 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_translator(args: argparse.Namespace) -> int:
+    from .train import checkpoint as ckpt_io
+    from .train.translation import TranslationConfig, make_config, train_translator
+
+    fields = {f.name for f in dataclasses.fields(TranslationConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and k != "preset" and v is not None}
+    if args.resume:
+        if args.preset:
+            raise ValueError("--preset and --resume cannot be combined: a resumed run keeps its own settings")
+        ckpt = ckpt_io.find_checkpoint(args.resume)
+        meta = ckpt_io.read_meta(ckpt)
+        ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
+        config = TranslationConfig(**{**meta["config"], **given})
+    else:
+        config = make_config(args.preset, **given)
+    train_translator(config, resume=args.resume, log=functools.partial(print, flush=True))
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from .train.translation import translate
+
+    texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
+    for text in translate(args.checkpoint, texts, args.beam_size, args.length_penalty, args.device, args.backend):
+        print(text, flush=True)
+    return 0
+
+
+def _add_translator_flags(parser: argparse.ArgumentParser) -> None:
+    from .train.config import add_field_flags
+    from .train.translation import PRESETS, TranslationConfig
+
+    files = "sentence pairs: .tsv (source TAB target), .csv (source,target) or .jsonl ({\"source\", \"target\"})"
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="settings to start from: tiny (default, for a CPU) or base (the paper's base model)")
+    parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                        help=files + " (default: Spanish -> English Bible verses, from Debian's SWORD packages)")
+    parser.add_argument("--val-data", nargs="+", default=None, metavar="FILE", help=files)
+    parser.add_argument("--test-data", nargs="+", default=None, metavar="FILE", help=files + " (for BLEU)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue from a checkpoint, or a run directory's latest one, with that run's settings")
+    add_field_flags(parser, TranslationConfig, skip=("preset", "data", "val_data", "test_data"),
+                    types={"test_limit": int})
+
+
 def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
     from .train.config import add_field_flags
     from .train.finetune import FinetuneConfig
@@ -100,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--device", default="auto")
     cls.add_argument("--backend", default=None)
     cls.set_defaults(run=_classify)
+
+    trn = commands.add_parser("train-translator", help="train the encoder-decoder Transformer on sentence pairs "
+                                                        "(default: Spanish -> English Bible verses)")
+    _add_translator_flags(trn)
+    trn.set_defaults(run=_train_translator)
+
+    trl = commands.add_parser("translate", help="translate text with a trained translator")
+    trl.add_argument("--checkpoint", required=True, help="a train-translator checkpoint or run directory")
+    trl.add_argument("--text", dest="texts", action="append", help="a text to translate (repeatable; default: "
+                                                                    "each non-empty line of standard input)")
+    trl.add_argument("--beam-size", type=int, default=4)
+    trl.add_argument("--length-penalty", type=float, default=0.6)
+    trl.add_argument("--device", default="auto")
+    trl.add_argument("--backend", default=None)
+    trl.set_defaults(run=_translate)
 
     # The benchmark suite parses its own flags (fastgpt bench --help lists them).
     bench = commands.add_parser("bench", help="benchmark every op and the model against the alternatives",

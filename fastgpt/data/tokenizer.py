@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -32,16 +32,18 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE with `vocab_size` entries: 256 bytes, END_OF_TEXT, and vocab_size - 257 merges."""
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be at least 258 (256 bytes + {END_OF_TEXT} + 1 merge), got {vocab_size}")
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (END_OF_TEXT,)) -> Tokenizer:
+    """A byte-level BPE with `vocab_size` entries: the special tokens (ids 0, 1, ... in order), 256 bytes, and
+    merges for the rest."""
+    if vocab_size < 257 + len(special_tokens):
+        raise ValueError(f"vocab_size must be at least {257 + len(special_tokens)} (256 bytes + "
+                         f"{len(special_tokens)} special tokens + 1 merge), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -139,7 +139,8 @@ def load_checkpoint(ckpt: Path, with_trainer_state: bool = True) -> tuple[dict, 
 # What a checkpoint holds, as its checkpoint.json says; pretraining checkpoints predate the field and say nothing.
 LANGUAGE_MODEL = "gpt1-lm"
 CLASSIFIER = "gpt1-classifier"
-_MADE_BY = {LANGUAGE_MODEL: "fastgpt pretrain", CLASSIFIER: "fastgpt finetune"}
+TRANSLATOR = "seq2seq-translator"
+_MADE_BY = {LANGUAGE_MODEL: "fastgpt pretrain", CLASSIFIER: "fastgpt finetune", TRANSLATOR: "fastgpt train-translator"}
 
 
 def require_kind(meta: dict, ckpt: Path, kind: str) -> None:
