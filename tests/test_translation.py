@@ -18,7 +18,8 @@ from fastgpt.data import parallel
 from fastgpt.data.parallel import Pair, clean_osis, read_pairs, read_ztext, split_by_chapter
 from fastgpt.train.bleu import corpus_bleu, tokenize_13a
 from fastgpt.train.checkpoint import CheckpointError
-from fastgpt.train.translation import (BOS, EOS, PAD, collate, make_batches, make_config, noam_multiplier,
+from fastgpt.data.tokenizer import load_tokenizer
+from fastgpt.train.translation import (BOS, EOS, PAD, SPECIAL_TOKENS, collate, make_batches, make_config, noam_multiplier,
                                        train_translator, translate)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +305,8 @@ def trained(task_dir):
 
 
 def test_training_learns_the_task(trained):
+    tokenizer = load_tokenizer(Path(trained["checkpoint"]) / "tokenizer.json")
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD, BOS, EOS]  # the model's pad/bos/eos ids
     assert trained["history"][-1]["val_loss"] < 0.25 * trained["history"][0]["val_loss"]
     assert trained["bleu"]["score"] > 50, trained["examples"]  # an untrained model scores 0
 
