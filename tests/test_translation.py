@@ -4,6 +4,7 @@ synthetic language pair (it learns, resumes exactly, and its checkpoint translat
 
 import json
 import math
+import os
 import random
 import struct
 import zlib
@@ -111,6 +112,12 @@ def test_read_ztext_rejects_what_is_not_a_module(tmp_path):
         (tmp_path / f"nt.{ext}").write_bytes(b"\0" * size)
     with pytest.raises(DataError, match="not whole entries"):
         read_ztext(tmp_path)
+    (tmp_path / "nt.bzv").write_bytes(struct.pack("<IIH", 5, 0, 3))
+    with pytest.raises(DataError, match="names block 5, but nt.bzs has 1"):
+        read_ztext(tmp_path)
+    (tmp_path / "nt.bzv").write_bytes(struct.pack("<IIH", 0, 0, 3))
+    with pytest.raises(DataError, match="block 0 of nt.bzz is corrupt"):
+        read_ztext(tmp_path)
 
 
 def test_clean_osis():
@@ -145,6 +152,32 @@ def test_split_by_chapter_holds_out_whole_chapters():
     assert len(chapters[1]) == len(chapters[2]) == 5  # 200 chapters, one of each 40 to val and one to test
     assert not (chapters[0] & chapters[1]) and not (chapters[0] & chapters[2]) and not (chapters[1] & chapters[2])
     assert sorted(train + val + test, key=pairs.index) == pairs
+
+
+def test_bible_module_fetched_with_apt_into_the_cache(tmp_path, monkeypatch):
+    # Stand-ins for apt-get (writes the .deb) and dpkg-deb (unpacks a prepared module tree).
+    payload = tmp_path / "payload"
+    write_ztext(parallel._module_dir(payload, "testMod"), "nt", [("Matt", [["one"]])])
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "apt-get").write_text('#!/bin/sh\n[ "$2" = sword-text-test ] || { echo "E: no $2" >&2; exit 100; }\n'
+                                   'touch "$2_1.0_all.deb"\n')
+    (tools / "dpkg-deb").write_text(f'#!/bin/sh\ncp -r "{payload}" "$3"\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    found = parallel.bible_module("sword-text-test", "testMod", tmp_path / "cache")
+    assert found == parallel._module_dir(tmp_path / "cache" / "debian" / "sword-text-test", "testMod")
+    assert read_ztext(found) == {("Matt", 1, 1): "one"}
+    assert not list((tmp_path / "cache" / "debian").glob(".tmp-*"))  # the download's scratch directory is gone
+    (tools / "apt-get").write_text("#!/bin/sh\nexit 1\n")
+    assert parallel.bible_module("sword-text-test", "testMod", tmp_path / "cache") == found  # from the cache now
+    with pytest.raises(DataError, match="apt-get download sword-text-other` failed: E: no sword-text-other"):
+        (tools / "apt-get").write_text('#!/bin/sh\necho "E: no $2" >&2; exit 100\n')
+        parallel.bible_module("sword-text-other", "otherMod", tmp_path / "cache")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="apt-get and dpkg-deb were not found"):
+        parallel.bible_module("sword-text-other", "otherMod", tmp_path / "cache")
 
 
 @pytest.mark.skipif(not any(parallel._module_dir(root, parallel.BIBLE_SOURCE[1]).is_dir()
@@ -309,6 +342,11 @@ def test_training_learns_the_task(trained):
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD, BOS, EOS]  # the model's pad/bos/eos ids
     assert trained["history"][-1]["val_loss"] < 0.25 * trained["history"][0]["val_loss"]
     assert trained["bleu"]["score"] > 50, trained["examples"]  # an untrained model scores 0
+
+
+def test_pairs_too_long_for_max_tokens(task_dir, tmp_path):
+    with pytest.raises(ValueError, match="no training pair fits --max-tokens 3"):
+        train_translator(small_config(task_dir, out_dir=str(tmp_path / "run"), max_tokens=3), log=lambda *_: None)
 
 
 def test_resume_continues_exactly(task_dir, trained, tmp_path):

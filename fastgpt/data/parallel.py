@@ -106,6 +106,9 @@ def read_ztext(module_dir: Path) -> dict[tuple[str, int, int], str]:
             if size == 0:
                 continue
             if block not in text_of_block:
+                if block >= len(blocks):
+                    raise DataError(f"{module_dir}: verse slot {slot} of {testament}.bzv names block {block}, but "
+                                    f"{testament}.bzs has {len(blocks)}")
                 start, length, _ = blocks[block]
                 try:
                     text_of_block[block] = zlib.decompress(bzz[start:start + length])
@@ -147,17 +150,20 @@ def bible_module(package: str, module: str, cache_dir: Path | None = None) -> Pa
         if fetched.returncode or not debs:
             raise DataError(f"`apt-get download {package}` failed: {fetched.stderr.strip()[-500:]} (pass --data with "
                             f"your own sentence pairs instead)")
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], check=True, capture_output=True)
-        if not _module_dir(work / "root", module).is_dir():
-            raise DataError(f"the Debian package {package} has no SWORD module {module}")
+        unpacked = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], capture_output=True,
+                                  text=True)
+        if unpacked.returncode or not _module_dir(work / "root", module).is_dir():
+            raise DataError(f"the Debian package {debs[0].name} holds no SWORD module {module} "
+                            f"{unpacked.stderr.strip()[-300:]}")
+        shutil.rmtree(root, ignore_errors=True)  # whatever an older, different download left there
         os.replace(work / "root", root)  # complete or absent: a killed download leaves only the .tmp directory
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _module_dir(root, module)
 
 
-# Where the two versifications disagree, one verse holds more than its namesake (Spanish Job 39:30 runs on into
-# 40:1-5 of the English; the English Romans 14:23 carries the doxology): word-count ratios beyond this drop the pair.
+# Where the two versifications disagree, one verse holds more than its namesake (Spanish Job 39:30 holds the English
+# 39:27-30 and 40:1-5; the English Romans 14:23 carries the doxology): word-count ratios beyond this drop the pair.
 MAX_LENGTH_RATIO = 2.5
 
 

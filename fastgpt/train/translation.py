@@ -277,12 +277,15 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         log(f"tokenizer: byte-level BPE of {tokenizer.get_vocab_size():,} over both languages "
             f"({time.perf_counter() - started:.1f} s)")
         out_dir = Path(c.out_dir or f"runs/translator-{time.strftime('%Y%m%d-%H%M%S')}")
+    def fits(row):
+        return len(row[0]) <= c.max_tokens and len(row[1]) <= c.max_tokens
+
     encoded = encode_pairs(tokenizer, task.train)
-    rows = [r for r in encoded if len(r[0]) <= c.max_tokens and len(r[1]) <= c.max_tokens]
-    val_rows = encode_pairs(tokenizer, task.val)
+    rows = [r for r in encoded if fits(r)]
+    val_rows = [r for r in encode_pairs(tokenizer, task.val) if fits(r)]
     test_pairs = task.test[:c.test_limit] if c.test_limit else task.test
-    if not rows:
-        raise ValueError(f"no training pair fits --max-tokens {c.max_tokens}")
+    if not rows or not val_rows:
+        raise ValueError(f"no {'training' if not rows else 'validation'} pair fits --max-tokens {c.max_tokens}")
 
     torch.manual_seed(c.seed)
     model = Seq2SeqTransformer(model_config(c, tokenizer.get_vocab_size()))
@@ -307,7 +310,7 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"fastgpt train-translator: {task.description}")
     log(f"{len(rows):,} training pairs ({len(encoded) - len(rows):,} longer than {c.max_tokens} tokens left out), "
-        f"{len(val_rows):,} validation, {len(test_pairs):,} test; model {c.num_encoder_layers}+"
+        f"{len(val_rows):,} validation (as long at most), {len(test_pairs):,} test (any length); model {c.num_encoder_layers}+"
         f"{c.num_decoder_layers} layers x {c.d_model} ({n_params / 1e6:.1f}M parameters); {c.max_steps} updates of "
         f"about {c.batch_tokens} tokens; precision {str(amp_dtype).removeprefix('torch.')} on {device}; run dir "
         f"{out_dir}" + (f"; resumed at update {step}" if state else ""))
