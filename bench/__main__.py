@@ -19,7 +19,7 @@ import torch
 
 from .common import RESULTS, device_slug, environment
 
-SUITE = ("layer_norm", "attention", "linear_gelu", "model")
+SUITE = ("layer_norm", "attention", "linear_gelu", "model", "seq2seq")
 
 
 def main(argv: list[str] | None = None) -> None:

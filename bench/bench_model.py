@@ -88,43 +88,31 @@ def implementations(config: GPT1Config, device: torch.device, include_interprete
     return ours, impls
 
 
-def main(argv=None) -> None:
-    parser = standard_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
-    parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
+def run_settings(args, device: torch.device) -> tuple[list, list[str], dict, dict, float | None]:
+    """(dtypes, torch.compile modes, environment, matrix-product ceilings, data-sheet peak or None) of a whole-model
+    run. The dtypes: float32, or autocast to a 16-bit dtype (the products and attention in it; LayerNorm and the
+    loss in float32); bf16 autocast on CUDA by default."""
     cuda = device.type == "cuda"
-    functorch_config.donated_buffer = False
-    d = args.dropout
-    if args.quick:
-        config = GPT1Config(vocab_size=1024, n_positions=128, n_embd=128, n_layer=2, n_head=4, n_inner=512,
-                            resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
-    else:
-        config = GPT1Config(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
-    batch = args.batch or (8 if cuda else 2)
-    # float32, or autocast to a 16-bit dtype (the products and attention in it; LayerNorm and the loss in float32)
     dtypes = chosen_dtypes(args, [torch.bfloat16] if cuda else [torch.float32])
-    compile_modes = chosen_compile_modes(args, ["default"])
-
     info = environment(device)
     ceilings = matmul_ceilings(device, dtypes, info)
     datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if cuda and k in info["device"]), None)
-    ours, impls = implementations(config, device, args.include_interpreter, compile_modes)
-    flops = flops_per_token(ours)
-    length = config.n_positions
-    tokens = batch * length
-    ids = [torch.randint(0, config.vocab_size, (batch, length), device=device) for _ in range(4)]
-    print(f"GPT-1 {ours.num_parameters() / 1e6:.1f}M parameters, {batch} x {length} tokens, "
-          f"{flops * tokens / 1e12:.2f} TFLOP per step")
+    return dtypes, chosen_compile_modes(args, ["default"]), info, ceilings, datasheet
 
-    with torch.no_grad():  # validate before timing: same weights, dropout off, float32
+
+def time_training_steps(impls: dict, batches: list, dtypes, device: torch.device, tokens: int, step_flops: float,
+                        ceilings: dict, datasheet: float | None, op: str, shape: str, extra: dict) -> list[Row]:
+    """Rows timing one training step (forward, backward, gradients cleared) of every implementation in `impls`
+    (name -> (module, loss function (module, batch) -> scalar, context manager factory)), rotating through
+    `batches`, for each dtype (float32, or autocast to a 16-bit dtype). Before timing, every implementation's loss
+    on batches[0] is checked against the first one's (dropout off, float32)."""
+    cuda = device.type == "cuda"
+    with torch.no_grad():
         expected = None
         for name, (module, loss_fn, ctx) in impls.items():
             module.eval()
             with ctx():
-                loss = loss_fn(module, ids[0]).float().item()
+                loss = loss_fn(module, batches[0]).float().item()
             expected = loss if expected is None else expected
             assert math.isclose(loss, expected, rel_tol=1e-3), f"{name}: loss {loss} != {expected}"
             module.train()
@@ -142,16 +130,46 @@ def main(argv=None) -> None:
                 loss.backward()
                 module.zero_grad(set_to_none=True)
 
-            fns = [lambda x=x: step(x=x) for x in ids]
+            fns = [lambda x=x: step(x=x) for x in batches]
             median, p20, p80 = time_calls(fns, device, warmup=3, repeats=10 if cuda else 3, min_seconds=0.5)
             rate = tokens / (median * 1e-3)
-            tflops = rate * flops / 1e12
-            extra = {"tokens_per_s": rate, "tflops": tflops, "batch": batch, "seq_len": length,
-                     "params": ours.num_parameters()}
+            tflops = step_flops / (median * 1e-3) / 1e12
+            row_extra = {**extra, "tokens_per_s": rate, "tflops": tflops}
             if datasheet:
-                extra["mfu_datasheet"] = tflops / datasheet
-            rows.append(Row("model", f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}", label, "fwd+bwd",
-                            name, median, p20, p80, rate, "tokens/s", tflops / ceilings[dtype], None, extra=extra))
+                row_extra["mfu_datasheet"] = tflops / datasheet
+            rows.append(Row(op, shape, label, "fwd+bwd", name, median, p20, p80, rate, "tokens/s",
+                            tflops / ceilings[dtype], None, extra=row_extra))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = standard_parser(__doc__)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    functorch_config.donated_buffer = False
+    d = args.dropout
+    if args.quick:
+        config = GPT1Config(vocab_size=1024, n_positions=128, n_embd=128, n_layer=2, n_head=4, n_inner=512,
+                            resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
+    else:
+        config = GPT1Config(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
+    batch = args.batch or (8 if cuda else 2)
+    dtypes, compile_modes, info, ceilings, datasheet = run_settings(args, device)
+    ours, impls = implementations(config, device, args.include_interpreter, compile_modes)
+    flops = flops_per_token(ours)
+    length = config.n_positions
+    tokens = batch * length
+    ids = [torch.randint(0, config.vocab_size, (batch, length), device=device) for _ in range(4)]
+    print(f"GPT-1 {ours.num_parameters() / 1e6:.1f}M parameters, {batch} x {length} tokens, "
+          f"{flops * tokens / 1e12:.2f} TFLOP per step")
+
+    extra = {"batch": batch, "seq_len": length, "params": ours.num_parameters()}
+    rows = time_training_steps(impls, ids, dtypes, device, tokens, flops * tokens, ceilings, datasheet, "model",
+                               f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}", extra)
     finish("model", rows, info, args.out)
     sheet = f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""
     print(f"'of ceil' = MFU against the measured matrix-product rate in the row's dtype "

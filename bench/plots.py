@@ -88,6 +88,8 @@ def draw_all(folder: Path) -> list[Path]:
         return []
     written = []
     for path in sorted(Path(folder).glob("*.json")):
+        if "environment" not in json.loads(path.read_text()):
+            continue  # a training run's record kept beside the benchmarks (finetune.json, translation.json)
         op = path.stem
         out = draw_line_plot(path, op) if op in LINE_PLOTS else draw_bar_plot(path, op)
         if out is not None:

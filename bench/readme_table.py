@@ -28,6 +28,8 @@ def render(results: Path = RESULTS) -> str:
         env = None
         for path in sorted(folder.glob("*.json")):
             data = json.loads(path.read_text())
+            if "environment" not in data:
+                continue  # a training run's record kept beside the benchmarks (finetune.json, translation.json)
             env = data["environment"]
             groups: dict[tuple, list[dict]] = {}
             for row in data["rows"]:
