@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,23 @@ def test_kill_during_checkpoint_write_keeps_previous(corpus, cache_dir, tmp_path
     # Resuming from the run directory picks step 2, finishes, and clears the debris.
     summary = pretrain(config, resume=str(tmp_path / "run"), log=quiet)
     assert summary["steps"] == 8 and not list(root.glob(".tmp-*"))
+
+
+def test_checkpoint_files_are_in_place_before_the_rename(tmp_path, monkeypatch):
+    # The tokenizer a checkpoint needs is written inside the temporary directory, so the rename that publishes the
+    # checkpoint publishes it too: a process killed just after the rename never leaves a checkpoint without it.
+    seen = []
+    real_rename = ckpt_io.os.rename
+
+    def rename(source, destination):
+        seen.append(sorted(p.name for p in Path(source).iterdir()))
+        real_rename(source, destination)
+
+    monkeypatch.setattr(ckpt_io.os, "rename", rename)
+    path = ckpt_io.save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"step": 3}, {"kind": "x"}, keep=1,
+                                   files={"tokenizer.json": '{"model": "é"}'})
+    assert seen == [["checkpoint.json", "model.safetensors", "tokenizer.json", "trainer.pt"]]
+    assert (path / "tokenizer.json").read_text(encoding="utf-8") == '{"model": "é"}'
 
 
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):

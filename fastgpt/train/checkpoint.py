@@ -4,6 +4,7 @@ A checkpoint is a directory `<run>/checkpoints/step_<NNNNNNN>/` holding
   model.safetensors  the weights (fp32), loadable without fastgpt (`safetensors.torch.load_file`)
   trainer.pt         optimizer, lr scheduler, gradient scaler, every rank's RNG states, the data sampler position
   checkpoint.json    step, the run's settings, the model config, and the sha256 of the two files above
+  tokenizer.json     (and any other file the caller passes) what it takes to use the weights
 It is written into a hidden temporary directory and renamed into place only when complete (the rename is atomic on
 POSIX filesystems), so a process killed mid-write leaves at most a `.tmp-*` directory, which loaders ignore and the
 next save deletes; the previous checkpoint stays intact. Older checkpoints beyond `keep` are removed after the rename.
@@ -45,8 +46,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict, meta: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its directory."""
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict, meta: dict, keep: int,
+                    files: dict[str, str] | None = None) -> Path:
+    """Write checkpoint `step` under `root` atomically, with `files` ({name: text}, e.g. the tokenizer's JSON) beside
+    the weights; keep the newest `keep`. Returns its directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
@@ -57,10 +60,12 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], tra
         unique, aliases = _split_aliases(weights)
         save_file(unique, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
-        files = {name: _sha256(tmp / name) for name in ("model.safetensors", "trainer.pt")}
+        hashes = {name: _sha256(tmp / name) for name in ("model.safetensors", "trainer.pt")}
         with open(tmp / "checkpoint.json", "w") as f:
-            json.dump({**meta, "step": step, "aliases": aliases, "sha256": files}, f, indent=2)
-        for name in (*files, "checkpoint.json"):
+            json.dump({**meta, "step": step, "aliases": aliases, "sha256": hashes}, f, indent=2)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for name in (*hashes, *(files or {}), "checkpoint.json"):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # the same step saved again (a resumed run): replace it

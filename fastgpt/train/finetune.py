@@ -211,8 +211,8 @@ def _finetune(c: FinetuneConfig, device: torch.device, log) -> dict:
     meta = {"kind": ckpt_io.CLASSIFIER, "labels": task.labels, "model_config": dataclasses.asdict(model.config),
             "max_length": max_length, "base_checkpoint": str(base_ckpt), "task": task.description,
             "config": dataclasses.asdict(c), "val": {k: final[k] for k in ("accuracy", "majority_baseline", "loss")}}
-    path = ckpt_io.save_checkpoint(out_dir / "checkpoints", step, model.state_dict(), {"step": step}, meta, keep=1)
-    tokenizer.save(str(path / "tokenizer.json"))
+    path = ckpt_io.save_checkpoint(out_dir / "checkpoints", step, model.state_dict(), {"step": step}, meta, keep=1,
+                                   files={"tokenizer.json": tokenizer.to_str()})
     summary = {"run_dir": str(out_dir), "checkpoint": str(path), "labels": task.labels,
                "train_seconds": round(time.perf_counter() - start, 1), "history": history}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

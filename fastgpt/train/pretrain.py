@@ -266,9 +266,9 @@ class Run:
         if self.info.is_main:
             meta = {"config": dataclasses.asdict(self.config), "model_config": self.model_config,
                     "data": {k: self.data.meta[k] for k in ("sources", "vocab_size", "unigram_val_loss")}}
+            tokenizer = Path(self.data.tokenizer_path).read_text(encoding="utf-8")
             path = ckpt_io.save_checkpoint(self.out_dir / "checkpoints", self.step, weights, state, meta,
-                                           self.config.keep_checkpoints)
-            shutil.copyfile(self.data.tokenizer_path, path / "tokenizer.json")
+                                           self.config.keep_checkpoints, files={"tokenizer.json": tokenizer})
             self.log(f"checkpoint {path}")
         dist_utils.barrier(self.info)
 

@@ -322,10 +322,8 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
                          "position": position, "history": history}
         meta = {"kind": ckpt_io.TRANSLATOR, "config": dataclasses.asdict(c),
                 "model_config": dataclasses.asdict(model.config), "task": task.description}
-        path = ckpt_io.save_checkpoint(out_dir / "checkpoints", step, model.state_dict(), trainer_state, meta,
-                                       keep=2)
-        tokenizer.save(str(path / "tokenizer.json"))  # after the rename: a loader checks for it
-        return path
+        return ckpt_io.save_checkpoint(out_dir / "checkpoints", step, model.state_dict(), trainer_state, meta,
+                                       keep=2, files={"tokenizer.json": tokenizer.to_str()})
 
     lengths = [(len(s), len(t)) for s, t in rows]
     batches = make_batches(lengths, c.batch_tokens, c.seed + epoch)
