@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -376,5 +377,10 @@ def test_translate_refuses_other_checkpoints(trained, tmp_path, capsys):
     assert meta["kind"] == "seq2seq-translator"
     assert cli_main(["translate", "--checkpoint", str(tmp_path / "nothing"), "--text", "uno"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained["checkpoint"], damaged)
+    (damaged / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="has no tokenizer.json"):
+        translate(str(damaged), ["uno"], device="cpu")
     with pytest.raises(ValueError, match="--beam-size must be >= 1"):
         translate(trained["run_dir"], ["uno"], beam_size=0, device="cpu")

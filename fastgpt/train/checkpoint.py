@@ -155,6 +155,26 @@ def require_kind(meta: dict, ckpt: Path, kind: str) -> None:
                               f"as `{_MADE_BY[kind]}` writes")
 
 
+def checkpoint_tokenizer(ckpt: Path):
+    """The tokenizer saved with a checkpoint."""
+    from ..data.tokenizer import load_tokenizer
+
+    if not (Path(ckpt) / "tokenizer.json").is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
+    return load_tokenizer(Path(ckpt) / "tokenizer.json")
+
+
+def load_trained(path: str | os.PathLike, kind: str, build, device: torch.device):
+    """(model in eval mode on `device`, tokenizer, checkpoint meta) from a checkpoint of `kind`, a run's
+    checkpoints directory or a run directory; `build(meta, ckpt)` makes the empty model the weights go into."""
+    ckpt = find_checkpoint(path)
+    meta, weights, _ = load_checkpoint(ckpt, with_trainer_state=False)
+    require_kind(meta, ckpt, kind)
+    model = build(meta, ckpt)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), checkpoint_tokenizer(ckpt), meta
+
+
 def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
     """A clear error when a checkpoint's model does not match the one this run builds."""
     diffs = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}

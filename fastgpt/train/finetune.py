@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classification import ClassificationData, classification_task
-from ..data.tokenizer import load_tokenizer
 from . import checkpoint as ckpt_io
 from .distributed import resolve_device
 from .pretrain import autocast, autocast_dtype, backend_context
@@ -229,14 +228,8 @@ def load_classifier(path: str, device: torch.device):
     """(classifier in eval mode, tokenizer, checkpoint meta) from a fine-tuned checkpoint or run directory."""
     from ..models import GPT1, GPT1Config
 
-    ckpt = ckpt_io.find_checkpoint(path)
-    meta, weights, _ = ckpt_io.load_checkpoint(ckpt, with_trainer_state=False)
-    ckpt_io.require_kind(meta, ckpt, ckpt_io.CLASSIFIER)
-    model = GPT1(GPT1Config(**meta["model_config"]))
-    model.load_state_dict(weights)
-    if not (ckpt / "tokenizer.json").is_file():
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
-    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), meta
+    return ckpt_io.load_trained(path, ckpt_io.CLASSIFIER, lambda meta, _: GPT1(GPT1Config(**meta["model_config"])),
+                                device)
 
 
 def classify(checkpoint: str, texts: list[str], device: str = "auto", backend: str | None = None) -> list[dict]:

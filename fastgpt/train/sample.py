@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..data.tokenizer import load_tokenizer
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 from .distributed import resolve_device
@@ -13,16 +12,12 @@ from .pretrain import autocast, autocast_dtype, backend_context, build_model
 
 def load_model(path: str, device: torch.device):
     """(model in eval mode, tokenizer, checkpoint meta) from a checkpoint, run, or checkpoints directory."""
-    ckpt = ckpt_io.find_checkpoint(path)
-    meta, weights, _ = ckpt_io.load_checkpoint(ckpt, with_trainer_state=False)
-    ckpt_io.require_kind(meta, ckpt, ckpt_io.LANGUAGE_MODEL)
-    config = PretrainConfig(**meta["config"])
-    model, model_config = build_model(config, meta["data"]["vocab_size"])
-    ckpt_io.check_model_config(meta["model_config"], model_config, ckpt)
-    model.load_state_dict(weights)
-    if not (ckpt / "tokenizer.json").is_file():
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
-    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), meta
+    def build(meta, ckpt):
+        model, model_config = build_model(PretrainConfig(**meta["config"]), meta["data"]["vocab_size"])
+        ckpt_io.check_model_config(meta["model_config"], model_config, ckpt)
+        return model
+
+    return ckpt_io.load_trained(path, ckpt_io.LANGUAGE_MODEL, build, device)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..data.parallel import Pair, ParallelData, parallel_task
-from ..data.tokenizer import load_tokenizer, train_tokenizer
+from ..data.tokenizer import train_tokenizer
 from . import checkpoint as ckpt_io
 from .bleu import corpus_bleu
 from .distributed import resolve_device
@@ -268,7 +268,7 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         ckpt = ckpt_io.find_checkpoint(resume)
         meta, weights, state = ckpt_io.load_checkpoint(ckpt)
         ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
-        tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+        tokenizer = ckpt_io.checkpoint_tokenizer(ckpt)
         out_dir = ckpt.parent.parent
     else:
         started = time.perf_counter()
@@ -332,7 +332,8 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         if position == len(batches):
             epoch, position = epoch + 1, 0
             batches = make_batches(lengths, c.batch_tokens, c.seed + epoch)
-        src, tgt, labels = collate([rows[i] for i in batches[position]], device)
+        batch = [rows[i] for i in batches[position]]
+        src, tgt, labels = collate(batch, device)
         position += 1
         with autocast(device, amp_dtype):
             loss = model(src, tgt, labels).loss
@@ -345,12 +346,13 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += int((labels != PAD).sum()) + int((src != PAD).sum())
-        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+        # Counted on the host and summed on the device: no synchronisation but at the log lines.
+        tokens_seen += sum(len(s) + len(t) for s, t in batch)
+        window_loss, window_steps = window_loss + loss.detach(), window_steps + 1
         if step % c.log_interval == 0 or step == c.max_steps:
             elapsed = time.perf_counter() - start
             log(f"step {step:>6}/{c.max_steps} | epoch {epoch + position / len(batches):.2f} | loss "
-                f"{window_loss / window_steps:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | "
+                f"{window_loss.item() / window_steps:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | "
                 f"{tokens_seen / elapsed:,.0f} tok/s | {elapsed:.0f} s")
             window_loss, window_steps = 0.0, 0
         if step % c.eval_interval == 0 or step == c.max_steps:
@@ -389,14 +391,8 @@ def load_translator(path: str, device: torch.device):
     """(model in eval mode, tokenizer, checkpoint meta) from a checkpoint or a train-translator run directory."""
     from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
-    ckpt = ckpt_io.find_checkpoint(path)
-    meta, weights, _ = ckpt_io.load_checkpoint(ckpt, with_trainer_state=False)
-    ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
-    model = Seq2SeqTransformer(Seq2SeqConfig(**meta["model_config"]))
-    model.load_state_dict(weights)
-    if not (ckpt / "tokenizer.json").is_file():
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
-    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), meta
+    return ckpt_io.load_trained(path, ckpt_io.TRANSLATOR,
+                                lambda meta, _: Seq2SeqTransformer(Seq2SeqConfig(**meta["model_config"])), device)
 
 
 def translate(checkpoint: str, texts: list[str], beam_size: int = 4, length_penalty: float = 0.6,
