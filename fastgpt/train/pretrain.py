@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -281,7 +282,20 @@ class Run:
             finally:
                 if self.info.is_main and hasattr(self, "metrics"):
                     self.metrics.close()
-                dist_utils.teardown(self.info)
+                self._close_process_group()
+
+    def _close_process_group(self) -> None:
+        """Free DDP's reducer before destroying the process group, not after.
+
+        The reducer's C++ destructor runs holding the GIL. Were it to drop the last reference to a gloo group, the
+        group's destructor would join the worker threads, one of which may be freeing a finished collective whose
+        tensors need the GIL to release their Python objects: a deadlock, seen under load as a run that printed
+        "done" and never exited. Freed first, the group's last reference goes in destroy_process_group, whose
+        binding releases the GIL.
+        """
+        self.__dict__.pop("wrapped", None)
+        gc.collect()  # the wrapper may sit in a reference cycle
+        dist_utils.teardown(self.info)
 
     def _full_weights(self):
         """Under FSDP each rank holds a shard: gather the whole model on every rank for evaluation and sampling."""
