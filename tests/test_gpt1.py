@@ -250,6 +250,25 @@ def test_bad_token_ids():
         model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
 
 
+
+def test_bad_generate_arguments(monkeypatch):
+    model = _small().eval()
+    prompt = torch.tensor([[3, 5]])
+    with pytest.raises(ValueError, match=r"input_ids holds token ids outside the vocabulary \[0, 61\)"):
+        model.generate(torch.tensor([[3, 61]]), 2)
+    with pytest.raises(ValueError, match=r"eos_token_id in \[0, 61\)"):
+        model.generate(prompt, 2, eos_token_id=61)
+    with pytest.raises(ValueError, match="max_new_tokens >= 0"):
+        model.generate(prompt, -1)
+    with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
+        model.generate(prompt, 2, top_p=0.0)
+    # The prompt's range check is the only one: the steps feed back the model's own picks without a device sync.
+    calls = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or aminmax(t))
+    model.generate(prompt, 5, temperature=0)
+    assert calls == [prompt.shape]
+
 def test_bad_checkpoint():
     model = _small()
     state = model.state_dict()

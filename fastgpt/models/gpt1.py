@@ -231,15 +231,18 @@ class GPT1(nn.Module):
         if ids.device != weight.device:
             raise ValueError(f"GPT1: expected {name} on the model's device ({weight.device}), got {ids.device}")
         if self.check_token_ids and not torch.compiler.is_compiling():
-            low, high = ids.min().item(), ids.max().item()
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"GPT1: {name} holds token ids outside the vocabulary [0, {self.config.vocab_size}): "
                                  f"min {low}, max {high}")
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The last block's output (B, T, C)."""
+        self._check_ids("input_ids", input_ids, 0 if cache is None else cache.length)
+        return self._hidden_states(input_ids, cache)
+
+    def _hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         past = 0 if cache is None else cache.length
-        self._check_ids("input_ids", input_ids, past)
         positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(positions))  # (B, T, C)
         for layer, block in enumerate(self.h):
@@ -323,6 +326,9 @@ class GPT1(nn.Module):
             raise ValueError(f"GPT1.generate: expected top_k >= 1, got {top_k}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"GPT1.generate: expected top_p in (0, 1], got {top_p}")
+        if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
+            raise ValueError(f"GPT1.generate: expected eos_token_id in [0, {self.config.vocab_size}) (the "
+                             f"vocabulary), got {eos_token_id}")
         context = self.config.n_positions
         tokens = input_ids
         window = tokens[:, -context:]
@@ -337,11 +343,13 @@ class GPT1(nn.Module):
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
+            # The prompt was checked; the sampled ids are below the vocabulary size by construction and the
+            # window stays within the context, so the steps skip the check and its device sync.
             if cache is not None and cache.length < cache.capacity:
-                hidden = self.hidden_states(next_token[:, None], cache)
+                hidden = self._hidden_states(next_token[:, None], cache)
             else:
                 cache = None
-                hidden = self.hidden_states(tokens[:, -context:])
+                hidden = self._hidden_states(tokens[:, -context:], None)
             logits = self._logits(hidden[:, -1])
         return tokens
 
