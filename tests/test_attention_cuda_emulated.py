@@ -1,6 +1,6 @@
 """The CUDA attention kernels (csrc/cuda/attention_fwd.cuh, attention_bwd.cuh), run on the CPU without a GPU.
 
-tests/cuda_emulator/harness.cpp compiles the unmodified kernel sources with the system g++ against a host emulator
+tests/cuda_emulator/attention.cpp compiles the unmodified kernel sources with the system g++ against a host emulator
 of the CUDA primitives they use (FASTGPT_PTX_EMULATION: csrc/cuda/attention_common.cuh then includes
 tests/cuda_emulator/ptx_emulated.h instead of csrc/cuda/ptx.cuh). The emulator runs each thread block as 128
 cooperative threads with the PTX register layouts of ldmatrix, mma.m16n8k16 and shfl, cp.async copies that land as
@@ -15,46 +15,13 @@ hardware mma's accumulation order and the approximate exp2 / log2 of the GPU. Th
 on a GPU.
 """
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EMULATOR = ROOT / "tests" / "cuda_emulator"
-CXX_FLAGS = ["-std=c++20", "-O2", "-fno-strict-aliasing", "-DFASTGPT_PTX_EMULATION",
-             f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{EMULATOR}"]
-
-# The emulator needs <ucontext.h> (POSIX, absent on Windows and deprecated on macOS) and the _Float16 type.
-PROBE = """
-#include <ucontext.h>
-int main() { ucontext_t c; getcontext(&c); _Float16 h = static_cast<_Float16>(1.5f); return h == 1.5f ? 0 : 1; }
-"""
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: the CUDA kernel emulator is built with the system g++")
-    if not sys.platform.startswith("linux"):
-        pytest.skip(f"the CUDA kernel emulator needs ucontext, which {sys.platform} lacks or deprecates")
-    build = tmp_path_factory.mktemp("cuda_emulator")
-    probe = build / "probe.cpp"
-    probe.write_text(PROBE)
-    res = subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(build / "probe")], capture_output=True, text=True)
-    if res.returncode != 0 or subprocess.run([str(build / "probe")]).returncode != 0:
-        pytest.skip(f"g++ here lacks ucontext or _Float16, which the CUDA kernel emulator needs:\n{res.stderr}")
-    exe = build / "harness"
-    res = subprocess.run([cxx, *CXX_FLAGS, str(EMULATOR / "harness.cpp"), "-o", str(exe)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, f"compiling the emulator harness failed:\n{res.stdout}\n{res.stderr}"
-    return exe
-
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_attention_kernel_emulated(harness, kernel):
+def test_attention_kernel_emulated(emulated_kernels, kernel):
+    harness = emulated_kernels("attention")
     res = subprocess.run([str(harness), kernel], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"harness {kernel} failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"

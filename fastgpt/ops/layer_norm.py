@@ -38,7 +38,7 @@ from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Widest row each kernel keeps on chip (one pass over the row); wider rows go to reference.
 MAX_N = {"triton": 65536, "csrc": {"cpu": None, "cuda": 16384}}
-# The CUDA kernel reads rows wider than this (kWideRow in csrc/cuda/layer_norm.cu) only in 16-byte vectors, so
+# The CUDA kernel reads rows wider than this (kWideRow in csrc/cuda/layer_norm.cuh) only in 16-byte vectors, so
 # their length must be a multiple of the vector; other lengths go to reference.
 CUDA_VECTOR_ONLY_N = 4096
 

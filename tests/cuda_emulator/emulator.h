@@ -1,10 +1,16 @@
-// A host (CPU) emulation of the part of the CUDA execution model that fastgpt's attention kernels use, so that
-// the unmodified kernels (csrc/cuda/attention_*.cuh) compile with g++ and run one thread block at a time.
+// A host (CPU) emulation of the part of the CUDA execution model that fastgpt's attention and LayerNorm kernels use,
+// so that the unmodified kernels (csrc/cuda/attention_*.cuh, layer_norm.cuh) compile with g++ and run one thread
+// block at a time.
 //
 // What it models:
-//   * a block of 128 threads as cooperative user-level threads (ucontext), each with its own stack; threadIdx,
-//     blockIdx and gridDim; __syncthreads (all 128 threads) and the implicit warp barrier of the .sync.aligned
-//     collectives (all 32 lanes of a warp, which must be executing the same collective);
+//   * a block of up to 1024 threads (a whole number of warps; 128 unless the launch says otherwise) as cooperative
+//     user-level threads (ucontext), each with its own stack; threadIdx (x fastest, then y, z: warps are runs of 32
+//     consecutive threads in that order), blockDim, blockIdx and gridDim; __syncthreads (all threads of the block)
+//     and the implicit warp barrier of the .sync.aligned collectives (all 32 lanes of a warp, which must be
+//     executing the same collective);
+//   * a skewed schedule: between two __syncthreads one warp at a time runs as far as it can, ascending in even
+//     blocks and descending in odd ones, so that a warp overwriting shared data another has yet to read shows;
+//   * static __shared__ arrays as function-local statics: one block runs at a time, so they are the block's;
 //   * dynamic shared memory, filled with 0xff bytes (a NaN in fp16 and bf16) before each block, so that reading
 //     something never written shows up in the results;
 //   * cp.async with the latest landing the PTX memory model allows: the 16 bytes are copied only when the issuing
@@ -22,7 +28,8 @@
 //     different collectives, a __syncthreads not reached by all threads).
 // What it cannot see: timing, occupancy and bank conflicts; the real (weaker) ordering of memory operations, other
 // than through the cp.async landing rule above; races through plain C++ loads and stores to shared memory (only
-// cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse / delta rows are not); out-of-bounds plain
+// cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse / delta rows and the static __shared__ arrays
+// are not; nor are the statics filled with NaN before each block); the approximation of rsqrtf; out-of-bounds plain
 // global loads (the harness detects stray global stores with guard zones); the accumulation order and rounding of
 // the hardware mma (emulated here as a float32 sum in k order, exact products) and the approximations of the
 // hardware exp2 / log2; anything between blocks (blocks run one after the other).
@@ -38,6 +45,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -47,8 +55,11 @@
 #define __host__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __align__(bytes) alignas(bytes)
+#define __shared__ static
+
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 using std::isfinite;
 using std::max;
@@ -112,13 +123,21 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 
 namespace cuda_emu {
 
-constexpr int kBlockThreads = 128;  // the attention kernels' block size (kThreads)
+constexpr int kDefaultBlockThreads = 128;  // the attention kernels' block size (kThreads)
+constexpr int kMaxBlockThreads = 1024;
 constexpr int kWarpSize = 32;
-constexpr int kBlockWarps = kBlockThreads / kWarpSize;
+constexpr int kMaxWarps = kMaxBlockThreads / kWarpSize;
 
-struct Dim3 {
+}  // namespace cuda_emu
+
+struct dim3 {
   unsigned x, y, z;
+  dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
 };
+
+namespace cuda_emu {
+
+using Dim3 = dim3;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Emulator state: one block runs at a time.
@@ -126,9 +145,10 @@ struct Dim3 {
 enum class ThreadState { kRunnable, kAtWarpBarrier, kAtBlockBarrier, kDone };
 
 struct Thread {
+  static constexpr size_t kStackBytes = 1 << 18;
   ucontext_t context;
   ThreadState state = ThreadState::kRunnable;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // left uninitialised: only the pages a thread touches are ever mapped
 };
 
 // A cp.async in flight: 16 bytes from src to shared-memory offset dst (zeros when !valid), issued in `epoch`.
@@ -149,7 +169,7 @@ struct Shadow {
   long write_epoch = -1;
   int write_warp = -1;
   long read_epoch = -1;
-  unsigned read_warps = 0;  // bit w: warp w read the word in read_epoch
+  unsigned read_warps = 0;  // bit w: warp w read the word in read_epoch (32 warps at most)
   bool pending = false;
 };
 
@@ -159,23 +179,24 @@ struct GlobalRange {
 };
 
 struct State {
-  Thread threads[kBlockThreads];
+  Thread threads[kMaxBlockThreads];
+  int block_threads = kDefaultBlockThreads;  // threads of the running launch's blocks
   ucontext_t scheduler;
   std::function<void()> kernel;
   int current = 0;  // the running thread, -1 in the scheduler
-  Dim3 block_idx{}, grid_dim{};
+  Dim3 block_idx{0, 0, 0}, grid_dim{}, block_dim{kDefaultBlockThreads};
   long epoch = 0;   // number of __syncthreads completed in this block
   int errors = 0;
   std::vector<unsigned char> smem;
   size_t smem_bytes = 0;
   std::vector<Shadow> shadow;
-  AsyncCopies copies[kBlockThreads];
+  AsyncCopies copies[kMaxBlockThreads];
   std::vector<GlobalRange> global_ranges;  // where cp.async may read
   // Warp collectives exchange operands through these, one slot per lane.
-  int op[kBlockWarps][kWarpSize];
-  const void* ptr[kBlockWarps][kWarpSize];
-  uint32_t a[kBlockWarps][kWarpSize][4], b[kBlockWarps][kWarpSize][2];
-  float f[kBlockWarps][kWarpSize];
+  int op[kMaxWarps][kWarpSize];
+  const void* ptr[kMaxWarps][kWarpSize];
+  uint32_t a[kMaxWarps][kWarpSize][4], b[kMaxWarps][kWarpSize][2];
+  float f[kMaxWarps][kWarpSize];
 };
 
 inline State& state() {
@@ -402,7 +423,7 @@ inline float shfl_xor(unsigned member_mask, float x, int lane_mask) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Running a grid: blocks one after the other; within a block, threads run round-robin until they block.
+// Running a grid: blocks one after the other; within a block, warps one at a time (see launch).
 // ---------------------------------------------------------------------------------------------------------------
 inline void thread_entry() {
   State& st = state();
@@ -411,39 +432,62 @@ inline void thread_entry() {
   swapcontext(&st.threads[st.current].context, &st.scheduler);
 }
 
-// Releases whatever barrier is complete; false if none is (a deadlock: every live thread waits on something
-// that will never complete).
-inline bool release_barriers() {
+// Releases warp w's lanes if all 32 wait at a warp collective.
+inline bool release_warp(int w) {
   State& st = state();
-  bool released = false;
-  int at_block = 0;
-  for (const Thread& t : st.threads) at_block += t.state == ThreadState::kAtBlockBarrier;
-  for (int w = 0; w < kBlockWarps; ++w) {
-    int at_warp = 0;
-    for (int l = 0; l < kWarpSize; ++l) at_warp += st.threads[w * kWarpSize + l].state == ThreadState::kAtWarpBarrier;
-    if (at_warp == kWarpSize) {
-      for (int l = 0; l < kWarpSize; ++l) st.threads[w * kWarpSize + l].state = ThreadState::kRunnable;
-      released = true;
-    }
-  }
-  if (!released && at_block == kBlockThreads) {
-    for (Thread& t : st.threads) t.state = ThreadState::kRunnable;
-    ++st.epoch;
-    released = true;
-  }
-  return released;
+  for (int l = 0; l < kWarpSize; ++l)
+    if (st.threads[w * kWarpSize + l].state != ThreadState::kAtWarpBarrier) return false;
+  for (int l = 0; l < kWarpSize; ++l) st.threads[w * kWarpSize + l].state = ThreadState::kRunnable;
+  return true;
 }
 
-// Runs `kernel` (a call of the __global__ function with its parameters) on every block of `grid`, with
-// `smem_bytes` of dynamic shared memory. Returns false after a deadlock (the grid is abandoned).
-inline bool launch(Dim3 grid, size_t smem_bytes, std::function<void()> kernel) {
+// Runs warp w as far as it goes: its lanes in turn, through every warp collective, until each is done or waits at
+// a __syncthreads.
+inline void run_warp(int w) {
   State& st = state();
+  for (;;) {
+    bool ran = false;
+    for (int i = w * kWarpSize; i < (w + 1) * kWarpSize; ++i)
+      if (st.threads[i].state == ThreadState::kRunnable) {
+        st.current = i;
+        swapcontext(&st.scheduler, &st.threads[i].context);
+        ran = true;
+      }
+    if (!ran && !release_warp(w)) break;
+  }
+  st.current = -1;
+}
+
+// Releases the __syncthreads that every thread of the block waits at; false if they do not all (a deadlock: the
+// live threads wait on something that will never complete).
+inline bool release_block_barrier() {
+  State& st = state();
+  for (int i = 0; i < st.block_threads; ++i)
+    if (st.threads[i].state != ThreadState::kAtBlockBarrier) return false;
+  for (int i = 0; i < st.block_threads; ++i) st.threads[i].state = ThreadState::kRunnable;
+  ++st.epoch;
+  return true;
+}
+
+// Runs `kernel` (a call of the __global__ function with its parameters) on every block of `grid`, blocks of
+// `block` threads, with `smem_bytes` of dynamic shared memory. Returns false after a deadlock or a block shape the
+// emulator cannot run (the grid is abandoned).
+inline bool launch(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void()> kernel) {
+  State& st = state();
+  const long threads = long{block.x} * block.y * block.z;
+  if (threads < 1 || threads > kMaxBlockThreads || threads % kWarpSize != 0) {
+    EMU_ERROR("block of %u x %u x %u threads: the emulator runs 32 to %d threads, whole warps", block.x, block.y,
+              block.z, kMaxBlockThreads);
+    return false;
+  }
+  st.block_threads = static_cast<int>(threads);
+  st.block_dim = block;
   st.kernel = std::move(kernel);
   st.grid_dim = grid;
   st.smem_bytes = smem_bytes;
   st.smem.assign(smem_bytes + 16, 0);
-  for (Thread& t : st.threads)
-    if (t.stack.empty()) t.stack.resize(1 << 18);
+  for (int i = 0; i < st.block_threads; ++i)
+    if (!st.threads[i].stack) st.threads[i].stack.reset(new char[Thread::kStackBytes]);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -451,33 +495,33 @@ inline bool launch(Dim3 grid, size_t smem_bytes, std::function<void()> kernel) {
         st.epoch = 0;
         std::memset(st.smem.data(), 0xff, smem_bytes);  // NaN in fp16 and bf16
         st.shadow.assign(smem_bytes / 2 + 8, Shadow{});
-        for (int i = 0; i < kBlockThreads; ++i) {
+        for (int i = 0; i < st.block_threads; ++i) {
           Thread& t = st.threads[i];
           st.copies[i] = AsyncCopies{};
           getcontext(&t.context);
-          t.context.uc_stack.ss_sp = t.stack.data();
-          t.context.uc_stack.ss_size = t.stack.size();
+          t.context.uc_stack.ss_sp = t.stack.get();
+          t.context.uc_stack.ss_size = Thread::kStackBytes;
           t.context.uc_link = nullptr;
           makecontext(&t.context, thread_entry, 0);
           t.state = ThreadState::kRunnable;
         }
+        // Between two __syncthreads, one warp at a time runs as far as it can, in ascending warp order in even
+        // blocks and descending in odd ones: the most skewed schedules the hardware allows, so that a warp that
+        // overwrites shared data another warp has yet to read (a missing barrier) changes the results.
+        const int warps = st.block_threads / kWarpSize;
+        const bool descending = (x + y + z) % 2 == 1;
         for (;;) {
-          for (int i = 0; i < kBlockThreads; ++i)
-            if (st.threads[i].state == ThreadState::kRunnable) {
-              st.current = i;
-              swapcontext(&st.scheduler, &st.threads[i].context);
-            }
-          st.current = -1;
+          for (int k = 0; k < warps; ++k) run_warp(descending ? warps - 1 - k : k);
           int done = 0;
-          for (const Thread& t : st.threads) done += t.state == ThreadState::kDone;
-          if (done == kBlockThreads) break;
-          if (!release_barriers()) {
+          for (int i = 0; i < st.block_threads; ++i) done += st.threads[i].state == ThreadState::kDone;
+          if (done == st.block_threads) break;
+          if (!release_block_barrier()) {
             EMU_ERROR("deadlock or divergent barrier: %d threads done, the others wait on barriers never reached",
                       done);
             return false;
           }
         }
-        for (int i = 0; i < kBlockThreads; ++i)
+        for (int i = 0; i < st.block_threads; ++i)
           if (!st.copies[i].uncommitted.empty() || !st.copies[i].groups.empty()) {
             st.current = i;
             EMU_ERROR("thread exits with cp.async copies not waited for");
@@ -486,15 +530,22 @@ inline bool launch(Dim3 grid, size_t smem_bytes, std::function<void()> kernel) {
   return true;
 }
 
-struct ThreadIdx {
-  unsigned x, y, z;
-};
-inline ThreadIdx thread_idx() { return {static_cast<unsigned>(state().current), 0u, 0u}; }
+// The attention kernels' launches: blocks of 128 threads.
+inline bool launch(Dim3 grid, size_t smem_bytes, std::function<void()> kernel) {
+  return launch(grid, Dim3(kDefaultBlockThreads), smem_bytes, std::move(kernel));
+}
+
+inline Dim3 thread_idx() {
+  const State& st = state();
+  const unsigned i = static_cast<unsigned>(st.current), bx = st.block_dim.x, by = st.block_dim.y;
+  return {i % bx, i / bx % by, i / (bx * by)};
+}
 
 }  // namespace cuda_emu
 
 #define threadIdx (::cuda_emu::thread_idx())
 #define blockIdx (::cuda_emu::state().block_idx)
+#define blockDim (::cuda_emu::state().block_dim)
 #define gridDim (::cuda_emu::state().grid_dim)
 
 inline void __syncthreads() { cuda_emu::suspend(cuda_emu::ThreadState::kAtBlockBarrier); }

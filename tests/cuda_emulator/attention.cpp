@@ -1,8 +1,8 @@
 // Runs the real CUDA attention kernels (csrc/cuda/attention_fwd.cuh, attention_bwd.cuh) on the host emulator
 // (emulator.h) over a list of cases, and compares them with a float64 reference. Build (from the repository root):
 //   g++ -std=c++20 -O2 -fno-strict-aliasing -DFASTGPT_PTX_EMULATION -Icsrc -Icsrc/cuda -Itests/cuda_emulator
-//       tests/cuda_emulator/harness.cpp -o harness
-// Usage: harness fwd|bwd [case index]. "bwd" runs the forward kernel first and feeds its out and lse to the three
+//       tests/cuda_emulator/attention.cpp -o attention
+// Usage: attention fwd|bwd [case index]. "bwd" runs the forward kernel first and feeds its out and lse to the three
 // backward kernels, as the op does. One line per case; exit status 1 if any case fails.
 //
 // Tolerance. The reference works in float64 on the same 16-bit inputs, so the kernels' error comes from the
@@ -24,6 +24,7 @@
 
 #include "attention_bwd.cuh"
 #include "attention_fwd.cuh"
+#include "report.h"
 
 using namespace fastgpt::attention;
 using cuda_emu::Dim3;
@@ -268,14 +269,7 @@ bool run_case(int index, const Case& c, bool backward) {
   bool ran = cuda_emu::launch({cdiv(Lq, FwdTile<D>::kBlockM), unsigned(H), unsigned(B)}, FwdTile<D>::kSmemBytes,
                               [&] { attention_fwd_kernel<T, D, kMode, kDropout>(p); });
 
-  bool ok = true;
-  std::string report;
-  const auto add = [&](const Check& ch) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, " %s %.2f%s", ch.name, ch.worst, ch.ok ? "" : "(FAIL)");
-    report += buf;
-    ok = ok && ch.ok;
-  };
+  Report report;
   const auto check16 = [&](const char* name, Tensor16& t, const std::vector<double>& ref,
                            const std::vector<double>& mag, int heads, int len) {
     Check ch{name};
@@ -287,7 +281,7 @@ bool run_case(int index, const Case& c, bool backward) {
             ch.element(val(t, b, h, i, d), ref[x], mag[x], u);
           }
     if (!t.guard_intact()) ch.ok = false, ch.worst = INFINITY;
-    add(ch);
+    report.add(ch);
   };
 
   if (!backward) {
@@ -302,7 +296,7 @@ bool run_case(int index, const Case& c, bool backward) {
       else if (!same) ch.worst = INFINITY;
     }
     if (lse[size_t(B) * H * Lq] == lse[size_t(B) * H * Lq]) ch.ok = false;  // guard still NaN
-    add(ch);
+    report.add(ch);
   } else {
     ran = ran && cuda_emu::launch({cdiv(int64_t{B} * H * Lq, kDeltaRowsPerBlock), 1, 1}, 0,
                                   [&] { attention_bwd_preprocess_kernel<T, D>(p); });
@@ -323,17 +317,17 @@ bool run_case(int index, const Case& c, bool backward) {
           }
           ch.element(delta[(size_t(b) * H + h) * Lq + i], ref, mag, kFp32Sum);
         }
-    add(ch);
+    report.add(ch);
     check16("dq", dq, r_dq, m_dq, H, Lq);
     check16("dk", dk, r_dk, m_dk, Hk, Lk);
     check16("dv", dv, r_dv, m_dv, Hk, Lk);
   }
   const int emu_errors = cuda_emu::errors();
-  ok = ok && ran && emu_errors == 0;
+  const bool ok = report.ok && ran && emu_errors == 0;
   const char* verdict = ok ? "ok" : "FAIL";
   std::printf("%-5s case %2d %s %s D%-3d %-8s drop %.2f B%d H%d Hk%d Lq%d Lk%d%s |%s | emu errors %d\n",
               verdict, index, backward ? "bwd" : "fwd", kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask),
-              c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.c_str(), emu_errors);
+              c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.text.c_str(), emu_errors);
   std::fflush(stdout);
   return ok;
 }

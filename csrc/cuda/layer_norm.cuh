@@ -1,0 +1,328 @@
+// LayerNorm (optionally fused with dropout and a residual add) on CUDA: forward and backward over contiguous (M, N)
+// rows. The maths is in fastgpt/ops/layer_norm.py. Dropout keeps x[row, col] iff
+// philox_uniform(seed; col, row, 0, 1) >= p (csrc/philox.h), drawn again in the backward pass.
+//
+// Layout: a block holds ROWS rows of THREADS_PER_ROW threads each (blockDim = (THREADS_PER_ROW, ROWS)). Thread t of
+// a row owns the vectors t, t + THREADS_PER_ROW, ... of VEC elements (16-byte loads when the row length allows), at
+// most kCache floats, which stay in registers between the statistics and the output: the row is read once.
+// Reductions: warp shuffles, then one shared-memory slot per warp when a row spans several warps.
+// Backward: the grid (one wave of resident blocks) strides over rows; each thread keeps its columns' partial sums of
+// dy * xhat and dy in registers across the rows it visits, and writes them once, as one row of a
+// (gridDim.x * ROWS, N) float32 buffer that is summed afterwards: deterministic, no atomics. Rows wider than
+// kWideRow need up to kMaxThreads threads, which leaves 64 registers a thread: too few for those sums besides the
+// row, so there a column kernel (layer_norm_bwd_affine_kernel) forms them instead, from one more read of the rows.
+//
+// This header holds the kernels and their launch geometry, and nothing of ATen: layer_norm.cu launches them, and
+// tests/cuda_emulator/layer_norm.cpp runs them on the CPU (FASTGPT_PTX_EMULATION, against tests/cuda_emulator).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#ifdef FASTGPT_PTX_EMULATION
+#include "emulator.h"
+#endif
+
+#include "philox.h"
+
+namespace fastgpt {
+namespace layer_norm {
+
+constexpr int kCache = 16;       // floats of the row each thread keeps in registers
+constexpr int kMaxThreads = 1024;  // so the widest row is kCache * kMaxThreads = 16384 (MAX_N in the op)
+constexpr int kBlockThreads = 256;
+constexpr int kWideRow = kCache * kBlockThreads;  // rows up to this width take one block of <= kBlockThreads threads
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
+  Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pack.v[k]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pack.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+struct Dropout {
+  float p;      // 0: no dropout
+  float scale;  // 1 / (1 - p)
+  uint64_t seed;
+  // Applies dropout to the VEC elements of `row` starting at column `col`.
+  template <int VEC>
+  __device__ __forceinline__ void apply(int64_t row, int col, float (&v)[VEC]) const {
+    if (p <= 0.f) return;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      v[k] = philox_uniform(seed, static_cast<uint32_t>(col + k), static_cast<uint32_t>(row), 0u, 1u) >= p
+                 ? v[k] * scale
+                 : 0.f;
+  }
+};
+
+// Sum over the threads of one row (threadIdx.x), for every row of the block at once. `shared` holds one float per
+// warp of the block; all threads of the block must call this.
+__device__ __forceinline__ float row_sum(float value, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  const int warps_per_row = blockDim.x / 32;
+  if (warps_per_row == 1) return value;
+  const int warp = threadIdx.x / 32, first = threadIdx.y * warps_per_row;
+  __syncthreads();  // the previous call's readers are done with `shared`
+  if (threadIdx.x % 32 == 0) shared[first + warp] = value;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps_per_row; ++w) total += shared[first + w];
+  return total;
+}
+
+// MAX_THREADS: the block size it is launched with at most (kBlockThreads, or kMaxThreads for rows wider than
+// kWideRow, which leaves 64 registers a thread).
+template <typename T, typename W, int VEC, int MAX_THREADS>
+__global__ void __launch_bounds__(MAX_THREADS, 1)
+    layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                      const W* __restrict__ weight, const W* __restrict__ bias, T* __restrict__ y,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
+                                      int cols, float inv_cols, float eps, Dropout dropout) {
+  constexpr int kItems = kCache / VEC;
+  __shared__ float shared[kMaxThreads / 32];  // one per warp
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < rows;
+  const int64_t base = valid ? row * cols : 0;
+  const T* x_row = x + base;
+  const T* residual_row = residual != nullptr ? residual + base : nullptr;
+  float z[kItems][VEC];
+  float local = 0.f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < cols) {
+      load<VEC>(x_row + col, z[i]);
+      dropout.apply<VEC>(row, col, z[i]);
+      if (residual_row != nullptr) {
+        float r[VEC];
+        load<VEC>(residual_row + col, r);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) z[i][k] += r[k];
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) local += z[i][k];
+    }
+  }
+  const float mean = row_sum(local, shared) * inv_cols;
+  local = 0.f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < cols) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        z[i][k] -= mean;
+        local += z[i][k] * z[i][k];
+      }
+    }
+  }
+  const float rstd = rsqrtf(row_sum(local, shared) * inv_cols + eps);
+  if (!valid) return;
+  T* y_row = y + base;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < cols) {
+      float out[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        out[k] = z[i][k] * rstd;
+        if (weight != nullptr) out[k] *= static_cast<float>(weight[col + k]);
+        if (bias != nullptr) out[k] += static_cast<float>(bias[col + k]);
+      }
+      store<VEC>(y_row + col, out);
+    }
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// MAX_THREADS as in layer_norm_fwd_kernel; above kBlockThreads it does not form dweight and dbias (dw_partial must
+// be null).
+template <typename T, typename W, int VEC, int MAX_THREADS>
+__global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                      const T* __restrict__ residual, const W* __restrict__ weight,
+                                      const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                                      T* __restrict__ dx, T* __restrict__ dz, float* __restrict__ dw_partial,
+                                      float* __restrict__ db_partial, int64_t rows, int cols, float inv_cols,
+                                      Dropout dropout) {
+  constexpr int kItems = kCache / VEC;
+  // Narrow rows keep g = dy * weight and the dweight, dbias partial sums in registers; wide rows (64 registers a
+  // thread) read dy again for g and leave dweight, dbias to layer_norm_bwd_affine_kernel.
+  constexpr bool kAffine = MAX_THREADS <= kBlockThreads;
+  constexpr int kKept = kAffine ? kItems : 1;
+  __shared__ float shared[kMaxThreads / 32];  // one per warp
+  float dw[kKept][VEC] = {}, db[kKept][VEC] = {};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  // Every thread of the block runs the same number of iterations, so that row_sum's barriers line up.
+  const int64_t iterations = (rows + stride - 1) / stride;
+  for (int64_t it = 0; it < iterations; ++it) {
+    const int64_t row = first_row + it * stride;
+    const bool valid = row < rows;
+    const int64_t base = valid ? row * cols : 0;
+    const T* x_row = x + base;
+    const T* dy_row = dy + base;
+    const float mean = valid ? mean_in[row] : 0.f, rstd = valid ? rstd_in[row] : 0.f;
+    float xhat[kItems][VEC], g[kKept][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (i * blockDim.x + threadIdx.x) * VEC;
+      if (valid && col < cols) {
+        float d[VEC];
+        load<VEC>(x_row + col, xhat[i]);
+        dropout.apply<VEC>(row, col, xhat[i]);
+        if (residual != nullptr) {
+          float r[VEC];
+          load<VEC>(residual + base + col, r);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) xhat[i][k] += r[k];
+        }
+        load<VEC>(dy_row + col, d);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          xhat[i][k] = (xhat[i][k] - mean) * rstd;
+          const float gk = weight != nullptr ? d[k] * static_cast<float>(weight[col + k]) : d[k];
+          sum_g += gk;
+          sum_gx += gk * xhat[i][k];
+          if constexpr (kAffine) {
+            g[i][k] = gk;
+            dw[i][k] += d[k] * xhat[i][k];
+            db[i][k] += d[k];
+          }
+        }
+      }
+    }
+    const float mean_g = row_sum(sum_g, shared) * inv_cols;
+    const float mean_gx = row_sum(sum_gx, shared) * inv_cols;
+    if (!valid) continue;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (i * blockDim.x + threadIdx.x) * VEC;
+      if (col < cols) {
+        float out[VEC];
+        if constexpr (kAffine) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) out[k] = g[i][k];
+        } else {
+          load<VEC>(dy_row + col, out);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k)
+            if (weight != nullptr) out[k] *= static_cast<float>(weight[col + k]);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = (out[k] - mean_g - xhat[i][k] * mean_gx) * rstd;
+        if (dz != nullptr) store<VEC>(dz + base + col, out);  // dresidual, kept apart only under dropout
+        dropout.apply<VEC>(row, col, out);
+        store<VEC>(dx + base + col, out);
+      }
+    }
+  }
+  if constexpr (kAffine) {
+    if (dw_partial == nullptr) return;
+    const int64_t partial_row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = (i * blockDim.x + threadIdx.x) * VEC;
+      if (col < cols) {
+        store<VEC>(dw_partial + partial_row * cols + col, dw[i]);
+        store<VEC>(db_partial + partial_row * cols + col, db[i]);
+      }
+    }
+  }
+}
+
+// dweight and dbias partial sums for rows wider than kWideRow: block (x, y) covers columns [32 x, 32 x + 32) and
+// rows [y rows_per_block, (y + 1) rows_per_block); each of its 8 warps walks every 8th row, then the warps' sums are
+// added in a fixed order into row y of the (gridDim.y, N) partial buffers: deterministic, no atomics. z and xhat
+// are formed exactly as in layer_norm_bwd_kernel.
+constexpr int kColsPerBlock = 32, kRowWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kColsPerBlock * kRowWarps)
+    layer_norm_bwd_affine_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+                                 const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                                 float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows,
+                                 int cols, int64_t rows_per_block, Dropout dropout) {
+  __shared__ float sums[2][kRowWarps][kColsPerBlock];
+  const int col = blockIdx.x * kColsPerBlock + threadIdx.x;
+  const int64_t row_begin = blockIdx.y * rows_per_block;
+  const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;
+  float dw = 0.f, db = 0.f;
+  if (col < cols) {
+    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowWarps) {
+      const int64_t i = row * cols + col;
+      float z[1] = {static_cast<float>(x[i])};
+      dropout.apply<1>(row, col, z);
+      if (residual != nullptr) z[0] += static_cast<float>(residual[i]);
+      const float d = static_cast<float>(dy[i]);
+      dw += d * ((z[0] - mean_in[row]) * rstd_in[row]);
+      db += d;
+    }
+  }
+  sums[0][threadIdx.y][threadIdx.x] = dw;
+  sums[1][threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float dw_total = 0.f, db_total = 0.f;
+    for (int w = 0; w < kRowWarps; ++w) {
+      dw_total += sums[0][w][threadIdx.x];
+      db_total += sums[1][w][threadIdx.x];
+    }
+    dw_partial[static_cast<int64_t>(blockIdx.y) * cols + col] = dw_total;
+    db_partial[static_cast<int64_t>(blockIdx.y) * cols + col] = db_total;
+  }
+}
+
+struct Launch {
+  dim3 block;
+  int64_t row_blocks;
+};
+
+// Threads per row: enough that each holds at most kCache floats, a multiple of a warp; rows per block fill
+// kBlockThreads.
+inline Launch launch_shape(int64_t rows, int cols) {
+  const int per_row = std::min(kMaxThreads, std::max(32, ((cols + kCache - 1) / kCache + 31) / 32 * 32));
+  const int rows_per_block = std::max(1, kBlockThreads / per_row);
+  return {dim3(per_row, rows_per_block), (rows + rows_per_block - 1) / rows_per_block};
+}
+
+// The column kernel's grid for rows wider than kWideRow: blocks of kColsPerBlock columns by rows_per_block rows,
+// about 4 blocks per SM, each covering a whole number of kRowWarps-row steps. grid.y rows of partial sums.
+struct AffineLaunch {
+  dim3 grid;
+  int64_t rows_per_block;
+};
+
+inline AffineLaunch affine_launch_shape(int64_t rows, int cols, int sms) {
+  const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
+  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
+  const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
+  const int64_t used_row_blocks = (rows + rows_per_block - 1) / rows_per_block;
+  return {dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used_row_blocks)), rows_per_block};
+}
+
+// 1 / N, rounded once: the kernels take means as products with it, since an IEEE division's slow-path call
+// would cost them registers and a stack frame.
+inline float inv_cols(int cols) { return 1.f / static_cast<float>(cols); }
+
+}  // namespace layer_norm
+}  // namespace fastgpt
