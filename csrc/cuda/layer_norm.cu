@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(c
                  }
                  launch_rows(layer_norm_bwd_kernel<T, W, VEC, kMaxThreads>, false);
                  if (!compute_affine_grads) return;
-                 const AffineLaunch affine = affine_launch_shape(rows, cols, sms);
+                 const ColumnSumsLaunch affine = column_sums_launch(rows, cols, sms);
                  partial = at::empty({2, affine.grid.y, cols}, input.options().dtype(at::kFloat));
                  layer_norm_bwd_affine_kernel<T><<<affine.grid, dim3(kColsPerBlock, kRowWarps), 0, stream>>>(
                      grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),

@@ -23,6 +23,7 @@
 #include "emulator.h"
 #endif
 
+#include "column_sums.cuh"
 #include "philox.h"
 
 namespace fastgpt {
@@ -250,12 +251,8 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
   }
 }
 
-// dweight and dbias partial sums for rows wider than kWideRow: block (x, y) covers columns [32 x, 32 x + 32) and
-// rows [y rows_per_block, (y + 1) rows_per_block); each of its 8 warps walks every 8th row, then the warps' sums are
-// added in a fixed order into row y of the (gridDim.y, N) partial buffers: deterministic, no atomics. z and xhat
-// are formed exactly as in layer_norm_bwd_kernel.
-constexpr int kColsPerBlock = 32, kRowWarps = 8;
-
+// dweight and dbias partial sums for rows wider than kWideRow, over the grid of column_sums.cuh: row y of the
+// (gridDim.y, N) buffers holds block row y's sums. z and xhat are formed exactly as in layer_norm_bwd_kernel.
 template <typename T>
 __global__ void __launch_bounds__(kColsPerBlock * kRowWarps)
     layer_norm_bwd_affine_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
@@ -303,21 +300,6 @@ inline Launch launch_shape(int64_t rows, int cols) {
   const int per_row = std::min(kMaxThreads, std::max(32, ((cols + kCache - 1) / kCache + 31) / 32 * 32));
   const int rows_per_block = std::max(1, kBlockThreads / per_row);
   return {dim3(per_row, rows_per_block), (rows + rows_per_block - 1) / rows_per_block};
-}
-
-// The column kernel's grid for rows wider than kWideRow: blocks of kColsPerBlock columns by rows_per_block rows,
-// about 4 blocks per SM, each covering a whole number of kRowWarps-row steps. grid.y rows of partial sums.
-struct AffineLaunch {
-  dim3 grid;
-  int64_t rows_per_block;
-};
-
-inline AffineLaunch affine_launch_shape(int64_t rows, int cols, int sms) {
-  const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
-  const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));
-  const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
-  const int64_t used_row_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  return {dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used_row_blocks)), rows_per_block};
 }
 
 // 1 / N, rounded once: the kernels take means as products with it, since an IEEE division's slow-path call

@@ -6,7 +6,8 @@
 //   forward, no activation/dropout  : CUBLASLT_EPILOGUE_BIAS
 // (cuBLASLt's GELU is the tanh form.) Everything else -- the exact erf GELU, relu, the output dropout, and the
 // element-wise backward of a gradient that arrives from outside -- is a cuBLASLt product (with the bias in its
-// epilogue) followed by one of our kernels below, which does all the element-wise work in a single pass over the product's output.
+// epilogue) followed by one of our kernels (linear_gelu.cuh), which does all the element-wise work in one pass over
+// the product's output.
 //
 // Layout: our tensors are row-major; cuBLASLt is column-major. A row-major (M, N) matrix is the column-major
 // (N, M) matrix with leading dimension N, so Y = X W^T (row-major) is computed as Y^T = W X^T (column-major):
@@ -22,9 +23,12 @@
 #include <torch/library.h>
 
 #include "../linear_gelu.h"
+#include "linear_gelu.cuh"
 
 namespace fastgpt {
 namespace {
+
+using namespace linear_gelu;
 
 #define FASTGPT_CUBLAS_CHECK(expr)                                                                   \
   do {                                                                                               \
@@ -200,61 +204,6 @@ Epilogue bias_epilogue(const at::Tensor& bias) {
   return epilogue;
 }
 
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8));
-}
-
-// out = dropout(act(pre)) over (M, N), pre = x W^T + b; out may alias pre (when pre is not kept).
-template <typename scalar_t, Activation A>
-__global__ void forward_epilogue_kernel(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p,
-                                        float scale, uint64_t seed) {
-  const int64_t total = rows * cols;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / cols, col = i - row * cols;
-    float y = activation_forward<A>(static_cast<float>(pre[i]));
-    if (p > 0.f) y *= dropout_factor(seed, row, col, p, scale);
-    out[i] = static_cast<scalar_t>(y);
-  }
-}
-
-// dpre = grad * dropout * act'(pre) over (M, N), and partial column sums of dpre: block (x, y) covers
-// columns [32 x, 32 x + 32) and rows [y rows_per_block, (y + 1) rows_per_block); each of its 8 warps walks every
-// 8th row, then the warps' sums are added in a fixed order: deterministic, no atomics. dpre may alias grad or pre.
-constexpr int kColsPerBlock = 32, kRowWarps = 8;
-
-template <typename scalar_t, Activation A>
-__global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre, float* partial, int64_t rows, int64_t cols,
-                                         int64_t rows_per_block, float p, float scale, uint64_t seed) {
-  __shared__ float sums[kRowWarps][kColsPerBlock];
-  const int64_t col = blockIdx.x * static_cast<int64_t>(kColsPerBlock) + threadIdx.x;
-  const int64_t row_begin = blockIdx.y * rows_per_block;
-  const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;
-  float sum = 0.f;
-  if (col < cols) {
-    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowWarps) {
-      const int64_t i = row * cols + col;
-      float g = static_cast<float>(grad[i]);
-      if (p > 0.f) g *= dropout_factor(seed, row, col, p, scale);
-      if constexpr (A != Activation::kNone) {
-        g *= activation_grad<A>(static_cast<float>(pre[i]));
-      }
-      dpre[i] = static_cast<scalar_t>(g);
-      sum += g;
-    }
-  }
-  if (partial == nullptr) return;
-  sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int w = 0; w < kRowWarps; ++w) total += sums[w][threadIdx.x];
-    partial[blockIdx.y * cols + col] = total;
-  }
-}
-
 void forward_epilogue(const at::Tensor& pre, at::Tensor& out, Activation activation, double dropout_p,
                       uint64_t seed) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
@@ -275,25 +224,20 @@ std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, con
                                                      Activation activation, double dropout_p, uint64_t seed,
                                                      bool bias_grad) {
   const int64_t rows = grad.size(0), cols = grad.size(1);
-  // About 4 blocks per SM in all; every block covers a whole number of 8-row steps.
-  const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t row_blocks =
-      std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / std::max<int64_t>(col_blocks, 1) + 1));
-  const int64_t rows_per_block = ((rows + row_blocks - 1) / row_blocks + kRowWarps - 1) / kRowWarps * kRowWarps;
-  const int64_t used_row_blocks = rows_per_block > 0 ? (rows + rows_per_block - 1) / rows_per_block : 1;
-  at::Tensor partial = at::empty({bias_grad ? used_row_blocks : 0, cols}, grad.options().dtype(at::kFloat));
+  const ColumnSumsLaunch launch = column_sums_launch(rows, cols, sms);
+  at::Tensor partial =
+      at::empty({bias_grad ? static_cast<int64_t>(launch.grid.y) : 0, cols}, grad.options().dtype(at::kFloat));
   const float p = static_cast<float>(dropout_p);
   if (rows * cols > 0) {
     FASTGPT_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "linear_gelu_bwd", [&] {
       dispatch_activation(activation, [&](auto a) {
         backward_epilogue_kernel<scalar_t, decltype(a)::value>
-            <<<dim3(col_blocks, used_row_blocks), dim3(kColsPerBlock, kRowWarps), 0,
-               c10::cuda::getCurrentCUDAStream()>>>(
+            <<<launch.grid, dim3(kColsPerBlock, kRowWarps), 0, c10::cuda::getCurrentCUDAStream()>>>(
                 grad.const_data_ptr<scalar_t>(), pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
                 dpre.mutable_data_ptr<scalar_t>(),
-                bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows, cols, rows_per_block, p,
+                bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows, cols, launch.rows_per_block, p,
                 1.f / (1.f - p), seed);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

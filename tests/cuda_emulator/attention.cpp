@@ -24,7 +24,7 @@
 
 #include "attention_bwd.cuh"
 #include "attention_fwd.cuh"
-#include "report.h"
+#include "harness.h"
 
 using namespace fastgpt::attention;
 using cuda_emu::Dim3;

@@ -1,6 +1,6 @@
-// A host (CPU) emulation of the part of the CUDA execution model that fastgpt's attention and LayerNorm kernels use,
-// so that the unmodified kernels (csrc/cuda/attention_*.cuh, layer_norm.cuh) compile with g++ and run one thread
-// block at a time.
+// A host (CPU) emulation of the part of the CUDA execution model that fastgpt's CUDA kernels use, so that the
+// unmodified kernels (csrc/cuda/attention_*.cuh, layer_norm.cuh, linear_gelu.cuh) compile with g++ and run one
+// thread block at a time.
 //
 // What it models:
 //   * a block of up to 1024 threads (a whole number of warps; 128 unless the launch says otherwise) as cooperative

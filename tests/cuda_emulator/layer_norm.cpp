@@ -6,7 +6,7 @@
 // Usage: layer_norm [case index]. One line per case; exit status 1 if any case fails.
 //
 // The launches are layer_norm.cu's: the same kernel instantiations (input dtype T, parameter dtype W, vector width
-// VEC, block bound), launch_shape and affine_launch_shape for the geometry. Only the backward grid is chosen here:
+// VEC, block bound), launch_shape and column_sums_launch for the geometry. Only the backward grid is chosen here:
 // the op sizes it to one wave of resident blocks, here min(row blocks, 3), so that blocks stride over rows and the
 // last stride has rows past the end.
 //
@@ -24,40 +24,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "harness.h"
 #include "layer_norm.cuh"
-#include "report.h"
 
+using namespace fastgpt;
 using namespace fastgpt::layer_norm;
 
 namespace {
 
 constexpr double kTolerance = 4.0;
 constexpr int kBackwardBlocks = 3;  // the backward grid's cap (the op's: resident blocks per SM x SMs)
-constexpr int kSms = 2;             // for affine_launch_shape: a small GPU, so that the column kernel's grid has rows
-
-// 16-bit storage types converting as the device's c10::Half and c10::BFloat16 do (round to nearest even).
-struct Half {
-  uint16_t bits;
-  Half() = default;
-  Half(float f) : bits(cuda_emu::float_to_half_bits(f)) {}
-  operator float() const { return cuda_emu::half_bits_to_float(bits); }
-};
-struct BFloat16 {
-  uint16_t bits;
-  BFloat16() = default;
-  BFloat16(float f) : bits(cuda_emu::float_to_bf16_bits(f)) {}
-  operator float() const { return cuda_emu::bf16_bits_to_float(bits); }
-};
-
-template <typename T>
-const char* dtype_name() {
-  return std::is_same_v<T, float> ? "fp32" : std::is_same_v<T, Half> ? "fp16" : "bf16";
-}
-template <typename T>
-double unit_roundoff() {
-  return std::is_same_v<T, float> ? std::ldexp(1.0, -24) : std::is_same_v<T, Half> ? std::ldexp(1.0, -11)
-                                                                                  : std::ldexp(1.0, -8);
-}
+constexpr int kSms = 2;             // for column_sums_launch: a small GPU, so that the column kernel's grid has rows
 
 // A buffer of n elements starting NaN, followed by a NaN guard zone; `offset` elements in, so that a case can hand
 // the kernel a pointer that is not 16-byte aligned (the op then runs VEC = 1).
@@ -87,18 +64,6 @@ struct Case {
   float dropout;
   bool misalign;  // tensors at an odd element offset: not 16-byte aligned, so VEC = 1
   uint64_t seed;
-};
-
-// Worst err / bound over a tensor, and whether every element is within it (NaN fails).
-struct Check {
-  const char* name;
-  double worst = 0;
-  bool ok = true;
-  void element(double got, double ref, double bound) {
-    const double err = std::fabs(got - ref);
-    if (!(err <= bound)) ok = false;  // written so that NaN fails
-    worst = std::isnan(got) ? INFINITY : std::max(worst, bound > 0 ? err / bound : err > 0 ? INFINITY : 0.0);
-  }
 };
 
 template <typename T, typename W, int VEC>
@@ -219,7 +184,7 @@ bool run_case(int index, const Case& c) {
                                                        inv_cols(N), dropout);
   });
   if (affine_grads && wide) {
-    const AffineLaunch affine = affine_launch_shape(M, N, kSms);
+    const ColumnSumsLaunch affine = column_sums_launch(M, N, kSms);
     partial_rows = affine.grid.y;
     dw_partial.assign(partial_rows * N, NAN);
     db_partial.assign(partial_rows * N, NAN);
@@ -232,7 +197,7 @@ bool run_case(int index, const Case& c) {
   Report report;
   const auto check = [&](const char* name, auto& buffer, const std::vector<double>& ref,
                          const std::vector<double>& mag, double u_out) {
-    Check ch{name};
+    BoundCheck ch{name};
     for (size_t i = 0; i < ref.size(); ++i)
       ch.element(static_cast<float>(buffer[i]), ref[i], kTolerance * (u_out * std::fabs(ref[i]) + u_sum * mag[i]));
     if (!buffer.guard_intact()) ch.ok = false, ch.worst = INFINITY;
@@ -240,7 +205,7 @@ bool run_case(int index, const Case& c) {
   };
   check("y", y, r_y, m_y, u);
   {
-    Check ch_mean{"mean"}, ch_rstd{"rstd"};
+    BoundCheck ch_mean{"mean"}, ch_rstd{"rstd"};
     for (int64_t r = 0; r < M; ++r) {
       ch_mean.element(mean[r], r_mean[r], kTolerance * u_sum * (std::fabs(r_mean[r]) + 1 / r_rstd[r]));
       ch_rstd.element(rstd[r], r_rstd[r], kTolerance * u_sum * r_rstd[r] * (1 + std::fabs(r_mean[r]) * r_rstd[r]));
@@ -252,7 +217,7 @@ bool run_case(int index, const Case& c) {
   if (dz_ptr != nullptr) check("dz", dz, r_dz, m_dz, u);
   if (affine_grads) {
     // The op sums the partial rows on the device, in float32; here in double. Rows add to the float32 error.
-    Check ch_dw{"dweight"}, ch_db{"dbias"};
+    BoundCheck ch_dw{"dweight"}, ch_db{"dbias"};
     const double u_rows = (N + M + partial_rows) * std::ldexp(1.0, -24);
     for (int j = 0; j < N; ++j) {
       double dw = 0, db = 0;
@@ -278,11 +243,8 @@ bool run_case(int index, const Case& c) {
   return ok;
 }
 
-using Runner = bool (*)(int, const Case&);
-struct Row {
-  Runner run;
-  Case c;
-};
+using Row = CaseRow<Case>;
+using Runner = decltype(Row::run);
 
 // VEC as layer_norm.cu's dispatch_vec picks it: 16 bytes when the row length and every pointer allow, else 1.
 template <typename T, typename W, int VEC>
@@ -308,14 +270,4 @@ const Row kCases[] = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const int only = argc > 1 ? std::atoi(argv[1]) : -1;
-  int failed = 0, n = 0;
-  for (int i = 0; i < int(std::size(kCases)); ++i) {
-    if (only >= 0 && i != only) continue;
-    ++n;
-    failed += !kCases[i].run(i, kCases[i].c);
-  }
-  std::printf("layer_norm: %d of %d cases failed\n", failed, n);
-  return failed != 0;
-}
+int main(int argc, char** argv) { return run_cases("layer_norm", kCases, argc, argv); }
