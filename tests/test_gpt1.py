@@ -250,7 +250,6 @@ def test_bad_token_ids():
         model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
 
 
-
 def test_bad_generate_arguments(monkeypatch):
     model = _small().eval()
     prompt = torch.tensor([[3, 5]])
@@ -268,6 +267,7 @@ def test_bad_generate_arguments(monkeypatch):
     monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or aminmax(t))
     model.generate(prompt, 5, temperature=0)
     assert calls == [prompt.shape]
+
 
 def test_bad_checkpoint():
     model = _small()

@@ -21,8 +21,8 @@ struct ColumnSumsLaunch {
   int64_t rows_per_block;
 };
 
-// About 4 blocks per SM in all; every block covers a whole number of kRowWarps-row steps. One partial row, of
-// zeros, when there are no rows.
+// About 4 blocks per SM in all; every block covers a whole number of kRowWarps-row steps. With no rows, one partial
+// row that nothing writes: callers launch nothing then and return zeros.
 inline ColumnSumsLaunch column_sums_launch(int64_t rows, int64_t cols, int sms) {
   const int64_t col_blocks = std::max<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
   const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 4 * sms / col_blocks + 1));

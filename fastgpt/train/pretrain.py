@@ -14,7 +14,9 @@ import gc
 import json
 import math
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -291,8 +293,12 @@ class Run:
         group's destructor would join the worker threads, one of which may be freeing a finished collective whose
         tensors need the GIL to release their Python objects: a deadlock, seen under load as a run that printed
         "done" and never exited. Freed first, the group's last reference goes in destroy_process_group, whose
-        binding releases the GIL.
+        binding releases the GIL. When the run is failing, the frames of the error's traceback (the loop's, the
+        forward's) still hold the wrapper: their locals are cleared first (line numbers stay for the report).
         """
+        error = sys.exc_info()[1]
+        if self.info.distributed and error is not None:
+            traceback.clear_frames(error.__traceback__)  # skips the frames still executing
         self.__dict__.pop("wrapped", None)
         gc.collect()  # the wrapper may sit in a reference cycle
         dist_utils.teardown(self.info)
