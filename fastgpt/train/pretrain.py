@@ -296,11 +296,12 @@ class Run:
         binding releases the GIL. When the run is failing, the frames of the error's traceback (the loop's, the
         forward's) still hold the wrapper: their locals are cleared first (line numbers stay for the report).
         """
-        error = sys.exc_info()[1]
-        if self.info.distributed and error is not None:
-            traceback.clear_frames(error.__traceback__)  # skips the frames still executing
-        self.__dict__.pop("wrapped", None)
-        gc.collect()  # the wrapper may sit in a reference cycle
+        if self.info.distributed:
+            error = sys.exc_info()[1]
+            if error is not None:
+                traceback.clear_frames(error.__traceback__)  # skips the frames still executing
+            self.__dict__.pop("wrapped", None)
+            gc.collect()  # the wrapper may sit in a reference cycle
         dist_utils.teardown(self.info)
 
     def _full_weights(self):

@@ -310,7 +310,8 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"fastgpt train-translator: {task.description}")
     log(f"{len(rows):,} training pairs ({len(encoded) - len(rows):,} longer than {c.max_tokens} tokens left out), "
-        f"{len(val_rows):,} validation (as long at most), {len(test_pairs):,} test (any length); model {c.num_encoder_layers}+"
+        f"{len(val_rows):,} validation (as long at most), {len(test_pairs):,} test (any length); model "
+        f"{c.num_encoder_layers}+"
         f"{c.num_decoder_layers} layers x {c.d_model} ({n_params / 1e6:.1f}M parameters); {c.max_steps} updates of "
         f"about {c.batch_tokens} tokens; precision {str(amp_dtype).removeprefix('torch.')} on {device}; run dir "
         f"{out_dir}" + (f"; resumed at update {step}" if state else ""))

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "emulator.h"
 
@@ -37,6 +38,25 @@ double unit_roundoff() {
   return std::is_same_v<T, float> ? std::ldexp(1.0, -24) : std::is_same_v<T, Half> ? std::ldexp(1.0, -11)
                                                                                   : std::ldexp(1.0, -8);
 }
+
+// A buffer of n elements starting NaN, followed by a NaN guard zone: an element never written, or one written past
+// the end, shows. With `misalign`, the elements start one in, so that a case can hand the kernel a pointer that is
+// not 16-byte aligned.
+template <typename T>
+struct Buffer {
+  static constexpr int kGuard = 16;
+  std::vector<T> data;
+  int offset;
+  int64_t n;
+  Buffer(int64_t n, bool misalign) : data(n + kGuard + 8, T(NAN)), offset(misalign ? 1 : 0), n(n) {}
+  T* get() { return data.data() + offset; }
+  T& operator[](int64_t i) { return get()[i]; }
+  bool guard_intact() {
+    for (int64_t i = n; i < n + kGuard; ++i)
+      if (!std::isnan(static_cast<float>(get()[i]))) return false;
+    return true;
+  }
+};
 
 // Worst err / bound over a tensor, and whether every element is within its bound (NaN fails).
 struct BoundCheck {

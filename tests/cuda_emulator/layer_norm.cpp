@@ -15,7 +15,8 @@
 // the statistics: each a chain of at most kSumDepth additions (a thread's 16 elements, 5 shuffles, up to 32 warps'
 // slots), so within kSumDepth 2^-24 of their magnitude (`mag` below: every term in absolute value). Each element
 // must satisfy |got - ref| <= kTolerance (u |ref| + kSumDepth 2^-24 mag). A wrong index, a missing barrier or a
-// row sum that misses one element makes errors far above that. Outputs start as NaN, with a NaN guard zone after them: an element never written fails.
+// row sum that misses one element makes errors far above that. Outputs start as NaN, with a NaN guard zone
+// after them: an element never written fails.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -37,24 +38,6 @@ constexpr double kTolerance = 4.0;
 constexpr int kSumDepth = 64;  // the longest float32 addition chain of a row sum (16 + 5 + 32, rounded up)
 constexpr int kBackwardBlocks = 3;  // the backward grid's cap (the op's: resident blocks per SM x SMs)
 constexpr int kSms = 2;             // for column_sums_launch: a small GPU, so that the column kernel's grid has rows
-
-// A buffer of n elements starting NaN, followed by a NaN guard zone; `offset` elements in, so that a case can hand
-// the kernel a pointer that is not 16-byte aligned (the op then runs VEC = 1).
-template <typename T>
-struct Buffer {
-  static constexpr int kGuard = 16;
-  std::vector<T> data;
-  int offset;
-  int64_t n;
-  Buffer(int64_t n, bool misalign) : data(n + kGuard + 8, T(NAN)), offset(misalign ? 1 : 0), n(n) {}
-  T* get() { return data.data() + offset; }
-  T& operator[](int64_t i) { return get()[i]; }
-  bool guard_intact() {
-    for (int64_t i = n; i < n + kGuard; ++i)
-      if (!std::isnan(static_cast<float>(get()[i]))) return false;
-    return true;
-  }
-};
 
 enum class Params { kNone, kWeight, kWeightBias };
 

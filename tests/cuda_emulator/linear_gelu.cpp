@@ -57,7 +57,8 @@ double act_ref(Activation a, double x) {
 double act_grad_ref(Activation a, double x) {
   switch (a) {
     case Activation::kNone: return 1;
-    case Activation::kGelu: return 0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
+    case Activation::kGelu:
+      return 0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
     case Activation::kGeluTanh: {
       const double t = std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x));
       return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * std::sqrt(2 / M_PI) * (1 + 3 * 0.044715 * x * x);
@@ -89,14 +90,12 @@ bool run_case(int index, const Case& c) {
   std::normal_distribution<float> normal;
 
   // pre = x W^T + b as the product left it, spread over GELU's curved part and beyond; grad from the next layer.
-  // Each buffer has a NaN guard zone after its n elements.
-  constexpr int kGuard = 16;
-  std::vector<T> pre(n + kGuard, T(NAN)), grad(n + kGuard, T(NAN));
+  Buffer<T> pre(n, false), grad(n, false);
   for (int64_t i = 0; i < n; ++i) {
     pre[i] = T(2.5f * normal(rng));
     grad[i] = T(normal(rng));
   }
-  const std::vector<T> pre_in = pre, grad_in = grad;
+  const std::vector<T> pre_in = pre.data, grad_in = grad.data;
   std::vector<double> keep(n);
   for (int64_t i = 0; i < n; ++i)
     keep[i] = p > 0 ? (fastgpt::philox_uniform(c.seed, static_cast<uint32_t>(i % N), static_cast<uint32_t>(i / N), 0,
@@ -104,24 +103,24 @@ bool run_case(int index, const Case& c) {
                     : 1.0;
 
   // Forward: out = dropout(act(pre)), into its own buffer or over pre.
-  std::vector<T> out_buffer(n + kGuard, T(NAN));
-  T* out = c.out_over_pre ? pre.data() : out_buffer.data();
+  Buffer<T> out_buffer(n, false);
+  Buffer<T>& out = c.out_over_pre ? pre : out_buffer;
   const int op_blocks = blocks_for(n);
   const unsigned fwd_blocks = static_cast<unsigned>(c.grid_cap > 0 ? std::min(op_blocks, c.grid_cap) : op_blocks);
   bool ran = cuda_emu::launch(dim3(fwd_blocks), dim3(kThreads), 0, [&] {
-    forward_epilogue_kernel<T, A>(pre.data(), out, M, N, p, scale, c.seed);
+    forward_epilogue_kernel<T, A>(pre.get(), out.get(), M, N, p, scale, c.seed);
   });
 
-  const std::vector<T> out_got(out, out + n + kGuard);
+  Buffer<T> out_got = out;
 
   // Backward from the original pre and grad: dpre = grad dropout act'(pre), with the bias gradient's partial rows.
-  pre = pre_in;
-  std::vector<T> dpre_buffer(n + kGuard, T(NAN));
-  T* dpre = c.dpre == Dpre::kOverGrad ? grad.data() : c.dpre == Dpre::kOverPre ? pre.data() : dpre_buffer.data();
+  pre.data = pre_in;
+  Buffer<T> dpre_buffer(n, false);
+  Buffer<T>& dpre = c.dpre == Dpre::kOverGrad ? grad : c.dpre == Dpre::kOverPre ? pre : dpre_buffer;
   const ColumnSumsLaunch launch = column_sums_launch(M, N, kSms);
   std::vector<float> partial(c.bias_grad ? launch.grid.y * N : 0, NAN);
   ran = ran && cuda_emu::launch(launch.grid, dim3(kColsPerBlock, kRowWarps), 0, [&] {
-    backward_epilogue_kernel<T, A>(grad.data(), A == Activation::kNone ? nullptr : pre.data(), dpre,
+    backward_epilogue_kernel<T, A>(grad.get(), A == Activation::kNone ? nullptr : pre.get(), dpre.get(),
                                    c.bias_grad ? partial.data() : nullptr, M, N, launch.rows_per_block, p, scale,
                                    c.seed);
   });
@@ -140,9 +139,8 @@ bool run_case(int index, const Case& c) {
     bias_ref[i % N] += d;
     bias_mag[i % N] += kMathSlack * mag + M * std::ldexp(1.0, -24) * std::fabs(d);
   }
-  for (int k = 0; k < kGuard; ++k)
-    if (!std::isnan(static_cast<float>(out_got[n + k])) || !std::isnan(static_cast<float>(dpre[n + k])))
-      ch_out.ok = ch_dpre.ok = false;
+  if (!out_got.guard_intact()) ch_out.ok = false;
+  if (!dpre.guard_intact()) ch_dpre.ok = false;
   report.add(ch_out);
   report.add(ch_dpre);
   if (c.bias_grad) {
