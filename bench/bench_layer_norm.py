@@ -1,13 +1,20 @@
-"""LayerNorm forward, backward and forward+backward: fastgpt's backends against PyTorch eager and torch.compile.
+"""LayerNorm, and the post-LN epilogue LN(residual + dropout(x)), forward, backward and forward+backward:
+fastgpt's backends against PyTorch eager and torch.compile.
 
     python -m bench.bench_layer_norm             # the full grid on a GPU (or a CPU-sized one on CPU)
     python -m bench.bench_layer_norm --quick     # a smoke run
 
-Bytes moved (the GB/s below), for M rows of N elements of `e` bytes, parameters in float32:
+Two ops: "layer_norm" (F.layer_norm) and "add_layer_norm" (fastgpt.ops.add_layer_norm with GPT-1's dropout 0.1,
+against F.layer_norm(residual + F.dropout(x, 0.1)) eager and compiled). Bytes moved (the GB/s below), for M rows
+of N elements of `e` bytes, parameters in float32; the second term of each is add_layer_norm's extra traffic:
     forward   read x (M N e) + write y (M N e) + read weight, bias (2 N 4) + write mean, rstd (2 M 4)
+              + read residual (M N e)
     backward  read dy, x (2 M N e) + write dx (M N e) + read weight, mean, rstd (N 4 + 2 M 4)
               + write dweight, dbias (2 N 4)
+              + read residual (M N e) + write dresidual (M N e: under dropout it differs from dx)
     fwd+bwd   the sum of the two
+The dropout mask is the same traffic for every implementation counted: none (fastgpt draws it again in the
+backward pass; eager's boolean mask is extra traffic it pays and this formula does not credit).
 The ceiling is the device's measured copy rate (read + write), so "of ceil" is the fraction of the memory
 bandwidth that a copy achieves.
 """
@@ -19,14 +26,18 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from fastgpt.ops.layer_norm import layer_norm
+from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, fastgpt_backends,
                      finish, optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
 
-def bytes_moved(rows: int, cols: int, elem: int) -> dict[str, int]:
-    fwd = 2 * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
-    bwd = 3 * rows * cols * elem + cols * 4 + 2 * rows * 4 + 2 * cols * 4
+# GPT-1's residual dropout: the rate the add_layer_norm rows are timed at.
+DROPOUT_P = 0.1
+
+
+def bytes_moved(rows: int, cols: int, elem: int, add: bool) -> dict[str, int]:
+    fwd = (3 if add else 2) * rows * cols * elem + 2 * cols * 4 + 2 * rows * 4
+    bwd = (5 if add else 3) * rows * cols * elem + cols * 4 + 2 * rows * 4 + 2 * cols * 4
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
@@ -78,38 +89,68 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
     return impls
 
 
-def bench_shape(rows: int, cols: int, dtype: torch.dtype, device: torch.device, impls: dict,
+def add_implementations(device: torch.device, include_interpreter: bool, compile_modes: list[str]) -> dict:
+    """LN(residual + dropout(x, p)): fn(x, residual, w, b, p). No fused peer is installed anywhere we run (apex,
+    Liger and Transformer Engine fuse the add, not the dropout), so the peers are eager and torch.compile."""
+    def fastgpt_backend(name):
+        def run(x, r, w, b, p):
+            with fastgpt.use_backend(name):
+                return add_layer_norm(x, r, (x.shape[-1],), w, b, dropout_p=p)
+        return run
+
+    def eager(x, r, w, b, p):
+        return F.layer_norm(r + F.dropout(x, p), (x.shape[-1],), w, b)
+
+    impls = {f"fastgpt-{name}": fastgpt_backend(name) for name in fastgpt_backends(device, include_interpreter)}
+    impls["torch-eager"] = eager
+    for mode in compile_modes:
+        impls[f"torch-compile-{mode}"] = torch.compile(eager, mode=None if mode == "default" else mode)
+    return impls
+
+
+def bench_shape(op: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device, impls: dict,
                 ceiling_gbs: float) -> list[Row]:
+    """Times `impls` of `op` ("layer_norm": fn(x, w, b); "add_layer_norm": fn(x, residual, w, b, p)) at one shape.
+    Each is checked first against float64, without dropout (no two implementations draw the same mask)."""
+    add = op == "add_layer_norm"
     elem = torch.empty((), dtype=dtype).element_size()
-    moved = bytes_moved(rows, cols, elem)
+    moved = bytes_moved(rows, cols, elem, add)
     copies = rotations(moved["fwd+bwd"])
-    inputs = []
+    inputs = []  # (differentiable inputs, dy)
     for _ in range(copies):
         x = torch.randn(rows, cols, device=device, dtype=dtype).requires_grad_()
         w = (torch.rand(cols, device=device) + 0.5).requires_grad_()
         b = torch.randn(cols, device=device).requires_grad_()
-        inputs.append((x, w, b, torch.randn(rows, cols, device=device, dtype=dtype)))
-    x0, w0, b0, _ = inputs[0]
-    expected = F.layer_norm(x0.double(), (cols,), w0.double(), b0.double())
+        r = torch.randn(rows, cols, device=device, dtype=dtype).requires_grad_()
+        inputs.append(((x, r, w, b) if add else (x, w, b), torch.randn(rows, cols, device=device, dtype=dtype)))
+    timed = (DROPOUT_P,) if add else ()
+    first = inputs[0][0]
+    if add:
+        x0, r0, w0, b0 = (t.double() for t in first)
+        expected = F.layer_norm(r0 + x0, (cols,), w0, b0)
+    else:
+        x0, w0, b0 = (t.double() for t in first)
+        expected = F.layer_norm(x0, (cols,), w0, b0)
     out = []
     for impl, fn in impls.items():
-        got = fn(x0, w0, b0)
+        got = fn(*first, *((0.0,) if add else ()))
         error = (got.double() - expected).abs().max().item()
         assert error < {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype], \
-            f"{impl} is wrong at {rows}x{cols} {dtype}: max error {error}"
-        graphs = [(fn(x, w, b), (x, w, b), dy) for x, w, b, dy in inputs]
+            f"{impl} {op} is wrong at {rows}x{cols} {dtype}: max error {error}"
+        graphs = [(fn(*args, *timed), args, dy) for args, dy in inputs]
         calls = {
-            "fwd": [lambda x=x, w=w, b=b: fn(x, w, b) for x, w, b, _ in inputs],
-            "bwd": [lambda y=y, p=p, dy=dy: torch.autograd.grad(y, p, dy, retain_graph=True) for y, p, dy in graphs],
-            "fwd+bwd": [lambda x=x, w=w, b=b, dy=dy: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
-                        for x, w, b, dy in inputs],
+            "fwd": [lambda args=args: fn(*args, *timed) for args, _ in inputs],
+            "bwd": [lambda y=y, args=args, dy=dy: torch.autograd.grad(y, args, dy, retain_graph=True)
+                    for y, args, dy in graphs],
+            "fwd+bwd": [lambda args=args, dy=dy: torch.autograd.grad(fn(*args, *timed), args, dy)
+                        for args, dy in inputs],
         }
         for pass_, fns in calls.items():
             median, p20, p80 = time_calls(fns, device)
             gbs = moved[pass_] / (median * 1e-3) / 1e9
-            out.append(Row("layer_norm", f"{rows}x{cols}", str(dtype).replace("torch.", ""), pass_, impl, median,
+            out.append(Row(op, f"{rows}x{cols}", str(dtype).replace("torch.", ""), pass_, impl, median,
                            p20, p80, gbs, "GB/s", gbs / ceiling_gbs, peak_memory_mb(fns[0], device),
-                           extra={"tokens": rows, "hidden": cols}))
+                           extra={"tokens": rows, "hidden": cols, "dropout_p": DROPOUT_P if add else 0.0}))
         del graphs
     return out
 
@@ -124,10 +165,14 @@ def main(argv=None) -> None:
     cuda = device.type == "cuda"
     if args.quick:
         grid = [(1024, 768), (4096, 1024)] if cuda else [(512, 768), (2048, 1024)]
+        add_grid = grid[:1]
     elif cuda:
         grid = [(m, n) for m in (4096, 32768) for n in (768, 1024, 2048, 4096, 8192, 16384)]
+        # GPT-1's epilogue (768 wide; 32k tokens is issue #4's target shape), and wider models'.
+        add_grid = [(m, n) for m in (4096, 32768) for n in (768, 1024, 4096)]
     else:
         grid = [(m, n) for m in (1024, 8192) for n in (768, 2048, 4096)]
+        add_grid = [(m, 768) for m in (1024, 8192)]
     dtypes = chosen_dtypes(args, [torch.bfloat16, torch.float32] if cuda else [torch.float32])
     compile_modes = chosen_compile_modes(args, ["default", "max-autotune"] if cuda and not args.quick else ["default"])
 
@@ -136,10 +181,13 @@ def main(argv=None) -> None:
     info["copy_bandwidth_gbs"] = ceiling
     print(f"measured copy bandwidth: {ceiling:.1f} GB/s")
     impls = implementations(device, args.include_interpreter, compile_modes)
+    add_impls = add_implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:
         for m, n in grid:
-            rows += bench_shape(m, n, dtype, device, impls, ceiling)
+            rows += bench_shape("layer_norm", m, n, dtype, device, impls, ceiling)
+        for m, n in add_grid:
+            rows += bench_shape("add_layer_norm", m, n, dtype, device, add_impls, ceiling)
     finish("layer_norm", rows, info, args.out)
 
 

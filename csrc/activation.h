@@ -60,10 +60,10 @@ FASTGPT_HOST_DEVICE float activation_grad(float x) {
   }
 }
 
-// Output dropout, element (row, col) of a row-major (M, N) activation: counters (col, row, 0, 1). Returns the
-// factor the element is multiplied by: 0 (dropped) or 1 / (1 - p) (kept).
+// Output dropout, element (row, col) of a row-major (M, N) activation: stream (c1, c2, c3) = (row, 0, 1) at
+// element col. Returns the factor the element is multiplied by: 0 (dropped) or 1 / (1 - p) (kept).
 FASTGPT_HOST_DEVICE float dropout_factor(uint64_t seed, int64_t row, int64_t col, float p, float scale) {
-  return philox_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p ? scale : 0.f;
+  return stream_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p ? scale : 0.f;
 }
 
 }  // namespace fastgpt

@@ -13,7 +13,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(fastgpt, m) {
   // fastgpt/ops/layer_norm.py: y = LN(dropout(input) (+ residual)) over rows of a contiguous (M, N) input.
   // mean, rstd: (M,) float32. weight, bias: (N,) in input's dtype or float32. Dropout (dropout_p > 0) keeps element
-  // (row, col) iff Philox(seed; col, row, 0, 1) >= dropout_p (csrc/philox.h); seed: int64 CPU scalar tensor.
+  // (row, col) iff its uniform in the (row, 0, 1) stream is >= dropout_p (csrc/philox.h); seed: int64 CPU scalar
+  // tensor.
   m.def("layer_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float dropout_p,"
         " Tensor? seed) -> (Tensor output, Tensor mean, Tensor rstd)");
   // Returns (dinput, dresidual, dweight, dbias). dresidual is empty unless there is a residual and dropout (without

@@ -13,8 +13,9 @@ Conventions shared by the kernels:
 - Causal masking is top-left aligned (query i sees keys j <= i, also when Lq != Lk). Key blocks
   entirely above the diagonal are skipped by the loop bounds; only blocks that straddle the
   diagonal or the end of the sequence pay for element-wise masking (a second, masked loop).
-- Dropout on the probabilities uses Philox4x32-10 with counters (c0, c1, c2, c3) = (j, i, b*H + h, 0)
-  as in fastgpt/ops/philox.py; the backward pass regenerates the mask from the seed.
+- Dropout on the probabilities uses Philox4x32-10: P[b, h, i, j] takes word j % 4 of the call at counters
+  (c0, c1, c2, c3) = (j // 4, i, b*H + h, 0), as in fastgpt/ops/philox.py; the backward pass regenerates the mask
+  from the seed.
 - attn_mask is read tile by tile through its strides (expanded 0 strides allowed); MASK_KIND
   1 = bool (True = attend, stored as uint8), 2 = additive float. A key-padding mask (stride over Lq
   equal to 0) loads one (BLOCK_N,) row per key tile (MASK_ROW).
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import benchmark_candidates, tuned_candidates
+from fastgpt.kernels.common import benchmark_candidates, stream_uniforms, tuned_candidates
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
@@ -166,13 +167,11 @@ def _scores(qk, offs_m, offs_n, Lq, Lk, mask_base, stride_mm, stride_mn, qk_scal
 
 
 @triton.jit
-def _dropout_keep(seed, offs_m, offs_n, off_bh, dropout_p):
-    # Philox counters (j, i, b*H + h, 0) as int32 words, so tl.philox runs its 32-bit variant.
-    c0 = offs_n + offs_m * 0
-    c1 = offs_m + offs_n * 0
-    c2 = c0 * 0 + off_bh
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
-    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+def _dropout_keep(seed, offs_m, n0, off_bh, dropout_p, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) dropout mask of queries offs_m and keys n0 .. n0 + BLOCK_N - 1 (n0 a multiple of 4): the
+    keys form the Philox stream (i, b*H + h, 0) of query i, four keys to a call (int32 counters, so tl.philox runs
+    its 32-bit variant)."""
+    return stream_uniforms(seed, offs_m[:, None], off_bh, 0, n0, BLOCK_N) >= dropout_p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, offs_m[:, None], offs_n[None, :], off_bh, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, offs_m, start_n, off_bh, dropout_p, BLOCK_N), p, 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -329,11 +328,12 @@ def _attn_bwd_preprocess(Out,  # (B, H, Lq, Dv) forward output
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, lo, hi,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, n0, lo, hi,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
                          Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         MASK_KIND: tl.constexpr,
                          MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_QUERIES: tl.constexpr):
     # Key-major tiles (BLOCK_N, BLOCK_M): the transposed scores, so dK and dV come out of plain dots.
@@ -361,7 +361,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, del
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep_t = _dropout_keep(seed, offs_m[None, :], offs_n[:, None], off_bh, dropout_p)
+            keep_t = tl.trans(_dropout_keep(seed, offs_m, n0, off_bh, dropout_p, BLOCK_N))
             rescale = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keep_t, p_t * rescale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
@@ -402,7 +402,8 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
     Hk = H // GROUP
     off_b = (off_bhk // Hk).to(tl.int64)
     off_hk = (off_bhk % Hk).to(tl.int64)
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = start_n * BLOCK_N  # this program's first key
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
@@ -434,20 +435,20 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
         lse_base = Lse + off_bh.to(tl.int64) * Lq
         delta_base = Delta + off_bh.to(tl.int64) * Lq
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
-                                      lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                                      Lq, Lk, qk_scale, dropout_p, seed, off_bh,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
-                                      DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
-                                      mid, full_hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                                      n0, lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                                       stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
-                                      DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
-                                      tl.maximum(mid, full_hi), Lq, stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_mm, stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW,
-                                      DROPOUT, DOT_FP32, DOT_PRECISION, False, True)
+                                      n0, mid, full_hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
+                                      stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      n0, tl.maximum(mid, full_hi), Lq, stride_qm, stride_qd, stride_dom,
+                                      stride_dod, stride_mm, stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, True)
 
     dk = dk * sm_scale
     kv_rows = offs_n[:, None] < Lk
@@ -484,7 +485,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m,
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], off_bh, dropout_p)
+            keep = _dropout_keep(seed, offs_m, start_n, off_bh, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -27,13 +27,25 @@ def to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def elementwise_dropout_uniform(seed, row, col):
-    """Uniforms in [0, 1) of the element-wise dropout stream at (row, col) of a row-major (M, N) activation:
-    Philox4x32-10 at counters (col, row, 0, 1) (fastgpt/ops/philox.py; csrc/philox.h draws the same). `row` and
-    `col` are int32 and broadcast together; an element is kept iff its uniform >= p."""
-    zero = row * 0 + col * 0
-    r0, _, _, _ = tl.philox(seed, col + zero, row + zero, zero, zero + 1)
-    return tl.random.uint_to_uniform_float(r0)
+def stream_uniforms(seed, c1, c2, c3, n0, BLOCK: tl.constexpr):
+    """Uniforms in [0, 1) of elements n0 .. n0 + BLOCK - 1 of the Philox stream (c1, c2, c3), along a new last axis:
+    element n takes word n % 4 of Philox4x32-10 at counters (n // 4, c1, c2, c3) (fastgpt/ops/philox.py; csrc/philox.h
+    draws the same). One call serves four elements: the words of the BLOCK // 4 calls are interleaved. n0 is a
+    multiple of 4 and BLOCK of 4 or more; c1, c2, c3 are int32, scalars or (R, 1) columns (giving (R, BLOCK))."""
+    groups = n0 // 4 + tl.arange(0, BLOCK // 4)
+    c0 = groups + c1 * 0 + c2 * 0 + c3 * 0
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1 + zero, c2 + zero, c3 + zero)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # r0[g], r1[g], r2[g], r3[g], r0[g + 1], ...
+    return tl.random.uint_to_uniform_float(words)
+
+
+@triton.jit
+def elementwise_dropout_uniform(seed, row, col0, BLOCK_N: tl.constexpr):
+    """Uniforms of columns col0 .. col0 + BLOCK_N - 1 of row(s) `row` (an int32 scalar, or an (R, 1) column) of a
+    row-major (M, N) activation: its element-wise dropout stream is (c1, c2, c3) = (row, 0, 1). col0 is a multiple
+    of 4; an element is kept iff its uniform >= p."""
+    return stream_uniforms(seed, row, 0, 1, col0, BLOCK_N)
 
 
 # How autotuned kernels choose their config, from FASTGPT_TRITON_TUNING:

@@ -20,8 +20,9 @@ mean(g * xhat), then writes dz. The row is read twice (the second time mostly fr
 dbias then come from a column kernel, each program summing dy * xhat and dy over a slab of rows for a block of
 columns: wide rows leave no registers to keep the whole row's sums.
 
-Dropout keeps x[row, col] iff the Philox uniform at counters (col, row, 0, 1) is >= p, scaling kept values by
-1 / (1 - p); the backward pass draws the same uniforms again instead of reading a stored mask.
+Dropout keeps x[row, col] iff its uniform in the Philox stream (row, 0, 1) is >= p (word col % 4 of the call at
+col // 4: fastgpt/ops/philox.py), scaling kept values by 1 / (1 - p); the backward pass draws the same uniforms
+again instead of reading a stored mask.
 
 Every load is upcast to float32 before any arithmetic, so bf16 is exact under the interpreter too.
 """
@@ -41,13 +42,15 @@ CHUNK = 4096
 
 
 @triton.jit
-def _load_z(X, R, offsets, row, cols, mask, seed, dropout_p, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr):
-    """(z, keep) for the elements `offsets` of row(s) `row`, columns `cols`: z = dropout(x) (+ residual) in
-    float32, 0 outside `mask`; keep is the dropout mask (all of `mask` without dropout)."""
+def _load_z(X, R, offsets, row, col0, mask, seed, dropout_p, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """(z, keep) for the elements `offsets` of row(s) `row` (a scalar, or an (R, 1) column), columns col0 ..
+    col0 + BLOCK_N - 1: z = dropout(x) (+ residual) in float32, 0 outside `mask`; keep is the dropout mask (all of
+    `mask` without dropout)."""
     z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     keep = mask
     if DROPOUT:
-        keep = elementwise_dropout_uniform(seed, row, cols) >= dropout_p
+        keep = elementwise_dropout_uniform(seed, row, col0, BLOCK_N) >= dropout_p
         z = tl.where(keep, z / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         z += tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -55,10 +58,12 @@ def _load_z(X, R, offsets, row, cols, mask, seed, dropout_p, HAS_RESIDUAL: tl.co
 
 
 @triton.jit
-def _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p, HAS_RESIDUAL: tl.constexpr,
-                  HAS_WEIGHT: tl.constexpr, DROPOUT: tl.constexpr):
-    """(xhat, g = dy * w, keep) at columns `cols` of the row starting at `base`, from its saved mean and rstd."""
-    z, keep = _load_z(X, R, base + cols, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+def _chunk_xhat_g(DY, X, R, W, base, row, col0, in_row, mean, rstd, seed, dropout_p, HAS_RESIDUAL: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(xhat, g = dy * w, keep) at columns col0 .. col0 + BLOCK_N - 1 of the row starting at `base`, from its saved
+    mean and rstd."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    z, keep = _load_z(X, R, base + cols, row, col0, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT, BLOCK_N)
     xhat = tl.where(in_row, (z - mean) * rstd, 0.0)
     g = tl.load(DY + base + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
@@ -95,7 +100,8 @@ def _layer_norm_fwd(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             in_row = cols < N
-            z, _ = _load_z(X, R, row * N + cols, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            z, _ = _load_z(X, R, row * N + cols, row32, start, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT,
+                           BLOCK_N)
             chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             chunk_mean = tl.sum(z, axis=0) / chunk_count
             deviation = tl.where(in_row, z - chunk_mean, 0.0)
@@ -108,7 +114,8 @@ def _layer_norm_fwd(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             in_row = cols < N
-            z, _ = _load_z(X, R, row * N + cols, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            z, _ = _load_z(X, R, row * N + cols, row32, start, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT,
+                           BLOCK_N)
             y = (z - mean) * rstd
             if HAS_WEIGHT:
                 y *= tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -121,7 +128,7 @@ def _layer_norm_fwd(
         cols = tl.arange(0, BLOCK_N)
         in_row = cols < N
         offsets = row * N + cols
-        z, _ = _load_z(X, R, offsets, row32, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+        z, _ = _load_z(X, R, offsets, row32, 0, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT, BLOCK_N)
         mean = tl.sum(z, axis=0) / N
         centred = tl.where(in_row, z - mean, 0.0)
         var = tl.sum(centred * centred, axis=0) / N
@@ -171,8 +178,8 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 in_row = cols < N
-                xhat, g, _ = _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p,
-                                           HAS_RESIDUAL, HAS_WEIGHT, DROPOUT)
+                xhat, g, _ = _chunk_xhat_g(DY, X, R, W, base, row, start, in_row, mean, rstd, seed, dropout_p,
+                                           HAS_RESIDUAL, HAS_WEIGHT, DROPOUT, BLOCK_N)
                 sum_g += g
                 sum_gx += g * xhat
             mean_g = tl.sum(sum_g, axis=0) / N
@@ -180,8 +187,8 @@ def _layer_norm_bwd(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 in_row = cols < N
-                xhat, g, keep = _chunk_xhat_g(DY, X, R, W, base, row, cols, in_row, mean, rstd, seed, dropout_p,
-                                              HAS_RESIDUAL, HAS_WEIGHT, DROPOUT)
+                xhat, g, keep = _chunk_xhat_g(DY, X, R, W, base, row, start, in_row, mean, rstd, seed, dropout_p,
+                                              HAS_RESIDUAL, HAS_WEIGHT, DROPOUT, BLOCK_N)
                 dz = (g - mean_g - xhat * mean_gx) * rstd
                 if DROPOUT:
                     if HAS_RESIDUAL:
@@ -197,7 +204,7 @@ def _layer_norm_bwd(
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
         for row in range(program, M, programs):
             offsets = tl.cast(row, tl.int64) * N + cols
-            z, keep = _load_z(X, R, offsets, row, cols, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+            z, keep = _load_z(X, R, offsets, row, 0, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT, BLOCK_N)
             dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
             mean = tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
@@ -247,7 +254,8 @@ def _layer_norm_bwd_affine(
         in_rows = rows < row_end
         mask = in_rows[:, None] & in_cols[None, :]
         offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        z, _ = _load_z(X, R, offsets, rows[:, None], cols[None, :], mask, seed, dropout_p, HAS_RESIDUAL, DROPOUT)
+        z, _ = _load_z(X, R, offsets, rows[:, None], pid_n * BLOCK_N, mask, seed, dropout_p, HAS_RESIDUAL, DROPOUT,
+                       BLOCK_N)
         dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=in_rows, other=0.0)
         rstd = tl.load(Rstd + rows, mask=in_rows, other=0.0)
@@ -261,7 +269,7 @@ def _layer_norm_bwd_affine(
 def _launch_config(N: int, widest: int) -> tuple[int, int, bool]:
     """(BLOCK_N, num_warps, WIDE): a block covering the row, with enough warps that each thread holds at most ~16
     float32 of it, or for rows wider than `widest` chunks of CHUNK walked in turn."""
-    block_n = triton.next_power_of_2(N)
+    block_n = max(triton.next_power_of_2(N), 4)  # the dropout draws serve four columns each
     wide = block_n > widest
     if wide:
         block_n = CHUNK

@@ -46,9 +46,9 @@ How the A and B tiles reach shared memory, two paths in one kernel (the constexp
   compile to wgmma in the same shared memory, and the TMA configs hold as many registers or fewer (no address
   tensors); with Triton 3.6 the 128x256 and 256x128 tiles with dropout stop spilling (0 bytes instead of 2 KB).
 
-Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): for element (row, col) of the
-(M, N) output, r0 = philox(seed, c0=col, c1=row, c2=0, c3=1); u = uint_to_uniform_float(r0); kept iff u >= p,
-kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
+Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): element (row, col) of the
+(M, N) output takes word col % 4 of philox(seed, c0=col // 4, c1=row, c2=0, c3=1), u = uint_to_uniform_float(word);
+kept iff u >= p, kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (for testing). The interpreter computes bf16 arithmetic and
 bf16 `tl.dot` wrongly, so bf16 operands are upcast to fp32 after loading there (`INTERPRET_BF16`; bf16 loads and
@@ -272,7 +272,7 @@ def _matmul_fused(
             tl.store(aux_ptrs, to_dtype(acc, Aux.dtype.element_ty), mask=mask)
         out = _act(acc, ACTIVATION)
         if DROPOUT:
-            keep = elementwise_dropout_uniform(seed, offs_m[:, None], offs_n[None, :]) >= p
+            keep = elementwise_dropout_uniform(seed, offs_m[:, None], pid_n * BLOCK_N, BLOCK_N) >= p
             out = tl.where(keep, out * scale, 0.0)
     else:
         if EPILOGUE == "dact_saved":
@@ -315,7 +315,7 @@ def _act_bwd(
         d = tl.load(dY + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
         d = d.to(tl.float32)
         if DROPOUT:
-            keep = elementwise_dropout_uniform(seed, offs_m[:, None], offs_n[None, :]) >= p
+            keep = elementwise_dropout_uniform(seed, offs_m[:, None], pid_n * BLOCK_N, BLOCK_N) >= p
             d = tl.where(keep, d * scale, 0.0)
         if ACTIVATION != "none":
             pre = tl.load(Pre + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)

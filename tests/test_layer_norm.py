@@ -157,7 +157,7 @@ def test_add_layer_norm_dropout(device, backend, dtype, dropout_p):
 
 def _check_add_dropout(device, backend, tensors, grad, dropout_p):
     """add_layer_norm(x, r, w, b) with dropout against the reference computed with the very mask the kernel drew:
-    the Philox stream at counters (col, row, 0, 1) from the seed the op drew from torch's generator."""
+    row's Philox stream (row, 0, 1) at column col, from the seed the op drew from torch's generator."""
     cols = tensors[0].shape[-1]
     torch.manual_seed(2024)
     with fastgpt.use_backend(backend):

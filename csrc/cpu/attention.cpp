@@ -19,8 +19,9 @@
 // additive in q's dtype.
 // Results are contiguous: out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32, dq/dk/dv like q/k/v.
 // A query row with no visible key gets out = 0, lse = -inf and zero gradients.
-// Dropout draws u = philox(seed; c0 = j, c1 = i, c2 = b * H + h, c3 = 0) and keeps P[b, h, i, j] iff u >= p, the
-// generator every fastgpt backend shares (csrc/philox.h, fastgpt/ops/philox.py); backward regenerates the mask.
+// Dropout draws u = word j % 4 of philox(seed; c0 = j / 4, c1 = i, c2 = b * H + h, c3 = 0) and keeps P[b, h, i, j]
+// iff u >= p, the generator every fastgpt backend shares (csrc/philox.h, fastgpt/ops/philox.py); backward
+// regenerates the mask.
 //
 // Dtypes: float32, float16, bfloat16, all arithmetic in float32 (float64 goes to the reference backend: lse is
 // float32 by contract, which would cap a float64 backward at float32 accuracy). The tile products go through a
@@ -592,11 +593,11 @@ void dropout_scale(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0
                    int64_t cols, float* z) {
   const float keep_scale = static_cast<float>(1.0 / (1.0 - static_cast<double>(pb.dropout_p)));
   const uint32_t c2 = static_cast<uint32_t>(b * pb.H + h);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float u = philox_uniform(pb.seed, static_cast<uint32_t>(j0 + c), static_cast<uint32_t>(i0 + r), c2, 0);
-      z[r * cols + c] = u >= pb.dropout_p ? keep_scale : float(0);
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* z_row = z + r * cols;
+    stream_uniforms(pb.seed, j0, cols, static_cast<uint32_t>(i0 + r), c2, 0u, z_row);
+    for (int64_t c = 0; c < cols; ++c) z_row[c] = z_row[c] >= pb.dropout_p ? keep_scale : 0.f;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------

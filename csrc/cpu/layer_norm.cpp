@@ -3,8 +3,8 @@
 // (float16 / bfloat16 converted in registers at each pass), except a row with dropout or a residual to add, which is
 // formed once in a float32 scratch row (with_z_row). Every pass over a row runs on Vectorized<float> (AVX-512 /
 // AVX2, as setup.py built for).
-// Dropout keeps x[row, col] iff philox_uniform(seed; col, row, 0, 1) >= p, the stream every backend draws
-// (csrc/philox.h).
+// Dropout keeps x[row, col] iff u >= p, u = word col % 4 of Philox(seed; col / 4, row, 0, 1), the stream every
+// backend draws (csrc/philox.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,12 +28,12 @@ float reduce(const Vec& v) {
 struct Dropout {
   float p = 0.f;
   uint64_t seed = 0;
-  bool keeps(int64_t row, int64_t col) const {
-    return philox_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p;
-  }
-  // v[j] = dropout(v[j]) for column j of `row`.
-  void apply(float* v, int64_t row, int64_t n) const {
-    for (int64_t j = 0; j < n; ++j) v[j] = keeps(row, j) ? v[j] / (1.f - p) : 0.f;
+  // factors[j] = 1 / (1 - p) if column j of `row` is kept, else 0, for the n columns of the row: the backward
+  // pass draws them once and applies them to z and to dx.
+  void factors(int64_t row, int64_t n, float* out) const {
+    const float scale = 1.f / (1.f - p);
+    stream_uniforms(seed, 0, n, static_cast<uint32_t>(row), 0u, 1u, out);
+    for (int64_t j = 0; j < n; ++j) out[j] = out[j] >= p ? scale : 0.f;
   }
 };
 
@@ -47,13 +47,19 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
 // f(z) for z the row dropout(x) (+ residual), summed in float32 and never rounded to the input dtype. With neither
 // dropout nor a residual, z is x's row itself, read where it is (float16 / bfloat16 converted in registers at each
 // pass: a float32 copy of a wide row would push the row, the copy and the parameters out of L1; bf16 8192x4096
-// forward 6.5 -> 4.8 ms); else it is formed in z_scratch.
+// forward 6.5 -> 4.8 ms); else it is formed in z_scratch. Under dropout the row's factors (Dropout::factors) are
+// left in keep_scratch.
 template <typename scalar_t, typename F>
 void with_z_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
-                float* z_scratch, F&& f) {
+                float* z_scratch, float* keep_scratch, F&& f) {
   if (dropout.p == 0.f && residual == nullptr) return f(x);
   to_float(x, z_scratch, n);
-  if (dropout.p > 0.f) dropout.apply(z_scratch, row, n);
+  if (dropout.p > 0.f) {
+    dropout.factors(row, n, keep_scratch);
+    for_each_vec(n, [&](int64_t j, auto c) {
+      store(load(z_scratch + j, c) * load(keep_scratch + j, c), z_scratch + j, c);
+    });
+  }
   if (residual != nullptr)
     for_each_vec(n, [&](int64_t j, auto c) {
       store(load(z_scratch + j, c) + load(residual + j, c), z_scratch + j, c);
@@ -101,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     float* mean_p = mean.mutable_data_ptr<float>();
     float* rstd_p = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-      std::vector<float> z_scratch(cols);
+      std::vector<float> z_scratch(cols), keep_scratch(dropout.p > 0.f ? cols : 0);
       auto normalize = [&](int64_t row, const auto* z) {
         Vec acc(0.f);
         for_each_vec(cols, [&](int64_t j, auto c) { acc += load(z + j, c); });
@@ -122,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
       };
       for (int64_t row = begin; row < end; ++row)
         with_z_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                   [&](const auto* z) { normalize(row, z); });
+                   keep_scratch.data(), [&](const auto* z) { normalize(row, z); });
     });
   });
   return {output, mean, rstd};
@@ -165,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     float* dw_partial = partial.mutable_data_ptr<float>();
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
-      std::vector<float> z_scratch(cols), dx_scratch(cols);
+      std::vector<float> z_scratch(cols), keep_scratch(dropout.p > 0.f ? cols : 0), dx_scratch(cols);
       // z as with_z_row gives it; d: the row of dy, read where it is.
       auto backward_row = [&](int64_t row, const auto* z, const scalar_t* d) {
         const Vec mu(mean_p[row]), inv_std(rstd_p[row]);
@@ -193,12 +199,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
         float* out = dx_scratch.data();
         for_each_vec(cols, [&](int64_t j, auto c) { store(dz_lanes(j, c), out + j, c); });
         if (dz != nullptr) from_float(out, dz + row * cols, cols);
-        dropout.apply(out, row, cols);
+        const float* keep = keep_scratch.data();  // with_z_row's factors for this row
+        for_each_vec(cols, [&](int64_t j, auto c) { store(load(out + j, c) * load(keep + j, c), out + j, c); });
         from_float(out, dx + row * cols, cols);
       };
       for (int64_t row = begin; row < end; ++row)
         with_z_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
-                   [&](const auto* z) { backward_row(row, z, dy + row * cols); });
+                   keep_scratch.data(), [&](const auto* z) { backward_row(row, z, dy + row * cols); });
     };
     if (compute_affine_grads) {
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

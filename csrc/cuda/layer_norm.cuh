@@ -1,6 +1,6 @@
 // LayerNorm (optionally fused with dropout and a residual add) on CUDA: forward and backward over contiguous (M, N)
-// rows. The maths is in fastgpt/ops/layer_norm.py. Dropout keeps x[row, col] iff
-// philox_uniform(seed; col, row, 0, 1) >= p (csrc/philox.h), drawn again in the backward pass.
+// rows. The maths is in fastgpt/ops/layer_norm.py. Dropout keeps x[row, col] iff u >= p, u = word col % 4 of
+// Philox(seed; col / 4, row, 0, 1) (csrc/philox.h), drawn again in the backward pass.
 //
 // Layout: a block holds ROWS rows of THREADS_PER_ROW threads each (blockDim = (THREADS_PER_ROW, ROWS)). Thread t of
 // a row owns the vectors t, t + THREADS_PER_ROW, ... of VEC elements (16-byte loads when the row length allows), at
@@ -58,15 +58,34 @@ struct Dropout {
   float p;      // 0: no dropout
   float scale;  // 1 / (1 - p)
   uint64_t seed;
-  // Applies dropout to the VEC elements of `row` starting at column `col`.
+  // Bit k is set iff element col + k of `row` is kept, for the VEC elements from column `col` (a multiple of VEC):
+  // one Philox call per four of them (fewer than four share one call, whose words col % 4 onwards they take).
+  template <int VEC>
+  __device__ __forceinline__ uint32_t keep_bits(int64_t row, int col) const {
+    constexpr int kCalls = VEC >= 4 ? VEC / 4 : 1, kPerCall = VEC >= 4 ? 4 : VEC;
+    uint32_t bits = 0u;
+#pragma unroll
+    for (int call = 0; call < kCalls; ++call) {
+      uint32_t words[4];
+      philox(seed, static_cast<uint32_t>(col >> 2) + call, static_cast<uint32_t>(row), 0u, 1u, words);
+#pragma unroll
+      for (int k = 0; k < kPerCall; ++k) {
+        const uint32_t word = VEC >= 4 ? words[k] : pick_word(words, static_cast<uint32_t>(col + k));
+        bits |= static_cast<uint32_t>(word_uniform(word) >= p) << (call * kPerCall + k);
+      }
+    }
+    return bits;
+  }
+  // v[k] <- v[k] / (1 - p) where bit k of `bits` is set, else 0.
+  template <int VEC>
+  __device__ __forceinline__ void apply(uint32_t bits, float (&v)[VEC]) const {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = (bits >> k) & 1u ? v[k] * scale : 0.f;
+  }
+  // Dropout of the VEC elements of `row` from column `col` (none when p is 0).
   template <int VEC>
   __device__ __forceinline__ void apply(int64_t row, int col, float (&v)[VEC]) const {
-    if (p <= 0.f) return;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k)
-      v[k] = philox_uniform(seed, static_cast<uint32_t>(col + k), static_cast<uint32_t>(row), 0u, 1u) >= p
-                 ? v[k] * scale
-                 : 0.f;
+    if (p > 0.f) apply<VEC>(keep_bits<VEC>(row, col), v);
   }
 };
 
@@ -184,13 +203,19 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
     const float mean = valid ? mean_in[row] : 0.f, rstd = valid ? rstd_in[row] : 0.f;
     float xhat[kItems][VEC], g[kKept][VEC];
     float sum_g = 0.f, sum_gx = 0.f;
+    uint32_t kept = 0u;  // bit i * VEC + k: element k of vector i survived dropout
+    static_assert(kItems * VEC <= 32, "a bit of `kept` per cached element");
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int col = (i * blockDim.x + threadIdx.x) * VEC;
       if (valid && col < cols) {
         float d[VEC];
         load<VEC>(x_row + col, xhat[i]);
-        dropout.apply<VEC>(row, col, xhat[i]);
+        if (dropout.p > 0.f) {
+          const uint32_t bits = dropout.keep_bits<VEC>(row, col);
+          kept |= bits << (i * VEC);
+          dropout.apply<VEC>(bits, xhat[i]);
+        }
         if (residual != nullptr) {
           float r[VEC];
           load<VEC>(residual + base + col, r);
@@ -232,7 +257,7 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
 #pragma unroll
         for (int k = 0; k < VEC; ++k) out[k] = (out[k] - mean_g - xhat[i][k] * mean_gx) * rstd;
         if (dz != nullptr) store<VEC>(dz + base + col, out);  // dresidual, kept apart only under dropout
-        dropout.apply<VEC>(row, col, out);
+        if (dropout.p > 0.f) dropout.apply<VEC>(kept >> (i * VEC), out);
         store<VEC>(dx + base + col, out);
       }
     }

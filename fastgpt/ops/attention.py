@@ -22,7 +22,7 @@ recomputing the probabilities and regenerating the dropout mask from the seed; n
 The kernels take 4-D (B, H, L, D) views of any strides and a mask expanded to (B, H, Lq, Lk) by strides, so a
 key-padding mask (B, 1, 1, Lk) is read in place. Dropout draws one int64 seed from torch's default generator per
 call (all backends alike, so torch.manual_seed reproduces a run) and the Philox stream of fastgpt/ops/philox.py at
-counters (j, i, b*H + h, 0).
+counters (j // 4, i, b*H + h, 0), word j % 4.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ backward pass, per row, with xhat = (z - mean) * rstd and g = dy * weight (N = n
 
 Kernels keep the row statistics (mean, rstd: float32, one per row) for the backward pass and recompute z from
 x and residual rather than storing it: the same traffic (one more read instead of one more write) and less memory.
-The dropout mask is not stored either: element (row, col) of the (M, N) view is kept iff
-Philox(seed; col, row, 0, 1) >= p (fastgpt/ops/philox.py), which the backward pass draws again from the seed.
+The dropout mask is not stored either: element (row, col) of the (M, N) view is kept iff its uniform in the
+Philox stream (row, 0, 1) is >= p (fastgpt/ops/philox.py), which the backward pass draws again from the seed.
 
 Backends (see fastgpt.backends):
     reference  torch.nn.functional.layer_norm

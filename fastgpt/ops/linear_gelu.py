@@ -15,7 +15,7 @@ and cuBLAS / oneDNN (with split-K for dW's long reduction over tokens) is the fa
 `recompute=True` stores no pre-activation (nor, in the block, the hidden activation): the backward pass
 recomputes it from x, trading one matrix product for M x d_ff elements of memory.
 
-Dropout draws the shared Philox stream (fastgpt/ops/philox.py) at counters (col, row, 0, 1) of the (M, N) output,
+Dropout draws the shared Philox stream (fastgpt/ops/philox.py) (row, 0, 1) at column col of the (M, N) output,
 M = the flattened leading dims; the seed is an int64 CPU tensor drawn from torch's default generator, so
 torch.manual_seed reproduces the mask on every backend.
 

@@ -1,23 +1,26 @@
 """Pure-PyTorch Philox4x32-10: the dropout random numbers every backend draws.
 
 This is Triton's ``tl.philox(seed, c0, c1, c2, c3)`` with 32-bit counters
-(triton/language/random.py) followed by ``tl.random.uint_to_uniform_float`` on the first
-output word, so the reference backend, the C++ kernels and the Triton kernels drop the very
-same elements for the same seed. An element is kept iff ``u >= p``.
+(triton/language/random.py), each of its four output words turned into a uniform by
+``tl.random.uint_to_uniform_float``, so the reference backend, the C++ kernels and the Triton kernels drop the
+very same elements for the same seed. An element is kept iff ``u >= p``.
 
 Key: k0 = low 32 bits of the (uint64) seed, k1 = high 32 bits. One round, all in uint32:
     c0' = umulhi(B, c2) ^ c1 ^ k0        c1' = B * c2
     c2' = umulhi(A, c0) ^ c3 ^ k1        c3' = A * c0
     k0 += 0x9E3779B9                     k1 += 0xBB67AE85
-with A = 0xD2511F53, B = 0xCD9E8D57, ten rounds. Uniform: x = int32 bitcast of c0;
-x = ~x if x < 0; u = float32(x) * 4.6566127342e-10 (in float32), so u is in [0, 1).
+with A = 0xD2511F53, B = 0xCD9E8D57, ten rounds; the output words are (c0, c1, c2, c3). Uniform of a word:
+x = its int32 bitcast; x = ~x if x < 0; u = float32(x) * 4.6566127342e-10 (in float32), so u is in [0, 1).
 
 PyTorch has no uint32 arithmetic, so the words live in int64 tensors masked to 32 bits; the
 64-bit product in umulhi is split over the 16-bit halves of one factor so nothing overflows.
 
-Counter layouts (shared by all backends):
-    attention probabilities P[b, h, i, j]:     (c0, c1, c2, c3) = (j, i, b * H + h, 0)
-    element-wise dropout of a (M, N) tensor:   (c0, c1, c2, c3) = (col, row, 0, 1)
+Streams (shared by all backends). One call yields four words, and a call costs some 70 integer instructions, which
+would make dropout, not memory, the bound of the fused LayerNorm and of attention if each element drew its own;
+so four consecutive elements along the last axis share one call: element n of the axis takes word n % 4 of the
+call at c0 = n // 4.
+    attention probabilities P[b, h, i, j]:     (c0, c1, c2, c3) = (j // 4, i, b * H + h, 0), word j % 4
+    element-wise dropout of a (M, N) tensor:   (c0, c1, c2, c3) = (col // 4, row, 0, 1),     word col % 4
 """
 
 import torch
@@ -41,8 +44,8 @@ def _mul_hi_lo(a: int, x: torch.Tensor):
     return hi & _MASK32, lo
 
 
-def philox_uniform(seed, c0, c1, c2, c3) -> torch.Tensor:
-    """Uniform [0, 1) float32 numbers from Philox4x32-10 at counters (c0, c1, c2, c3).
+def philox_words(seed, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox4x32-10 at counters (c0, c1, c2, c3), as int64 tensors holding uint32 values.
 
     The counters are integer tensors (or ints) broadcast together; their low 32 bits are used,
     as Triton does with int32 counters. ``seed`` is a Python int or an int64 tensor of shape ()
@@ -63,27 +66,38 @@ def philox_uniform(seed, c0, c1, c2, c3) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # int32 bitcast
+    return c0, c1, c2, c3
+
+
+def word_uniform(word: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float of uint32 words (held in int64): float32 uniforms in [0, 1)."""
+    x = torch.where(word >= 2**31, word - 2**32, word)  # int32 bitcast
     x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
+
+
+def stream_uniforms(seed, n: int, c1, c2, c3, device=None) -> torch.Tensor:
+    """Uniforms of elements 0 .. n-1 of the stream (c1, c2, c3), along a new last axis: element k takes word k % 4
+    of the call at c0 = k // 4. c1, c2, c3 broadcast together to the leading shape S; the result is (*S, n)."""
+    groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c1, c2, c3))
+    words = philox_words(seed, groups, c1.unsqueeze(-1), c2.unsqueeze(-1), c3.unsqueeze(-1))  # (*S, n / 4) each
+    return word_uniform(torch.stack(words, dim=-1).flatten(-2)[..., :n])
 
 
 def attention_dropout_keep(seed, B: int, H: int, Lq: int, Lk: int, p: float,
                            device=None) -> torch.Tensor:
     """Boolean (B, H, Lq, Lk) mask of the attention probabilities kept by dropout with rate ``p``."""
-    arange = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
-    j = arange(Lk).view(1, 1, 1, Lk)
-    i = arange(Lq).view(1, 1, Lq, 1)
-    bh = (arange(B).view(B, 1, 1, 1) * H + arange(H).view(1, H, 1, 1))
-    u = philox_uniform(seed, j, i, bh, 0)
+    i = torch.arange(Lq, dtype=torch.int64, device=device).view(1, 1, Lq)
+    bh = torch.arange(B * H, dtype=torch.int64, device=device).view(B, H, 1)
+    u = stream_uniforms(seed, Lk, i, bh, 0, device)
     return u >= torch.tensor(p, dtype=torch.float32, device=u.device)
 
 
 def elementwise_dropout_keep(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean (rows, cols) mask of the elements of a row-major (M, N) activation kept by dropout with rate ``p``."""
-    row = torch.arange(rows, dtype=torch.int64, device=device).view(rows, 1)
-    col = torch.arange(cols, dtype=torch.int64, device=device).view(1, cols)
-    u = philox_uniform(seed, col, row, 0, 1)
+    row = torch.arange(rows, dtype=torch.int64, device=device)
+    u = stream_uniforms(seed, cols, row, 0, 1, device)
     return u >= torch.tensor(p, dtype=torch.float32, device=u.device)
 
 

@@ -210,8 +210,8 @@ bool run_case(int index, const Case& c, bool backward) {
         for (int j = 0; j < Lk; ++j) {
           if (l > 0) P[j] /= l;
           Z[j] = !kDropout ? 1.0
-                 : fastgpt::philox_uniform(c.seed, j, i, b * H + h, 0) >= c.dropout ? 1.0 / (1.0 - double{c.dropout})
-                                                                                     : 0.0;
+                 : reference_uniform(c.seed, j, i, b * H + h, 0) >= c.dropout ? 1.0 / (1.0 - double{c.dropout})
+                                                                               : 0.0;
         }
         double delta = 0, delta_mag = 0;
         for (int d = 0; d < D; ++d) {

@@ -38,6 +38,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -196,7 +197,7 @@ struct State {
   int op[kMaxWarps][kWarpSize];
   const void* ptr[kMaxWarps][kWarpSize];
   uint32_t a[kMaxWarps][kWarpSize][4], b[kMaxWarps][kWarpSize][2];
-  float f[kMaxWarps][kWarpSize];
+  uint32_t bits[kMaxWarps][kWarpSize];
 };
 
 inline State& state() {
@@ -410,16 +411,19 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (
   warp_release();
 }
 
-// shfl.sync.bfly: lane l receives x from lane l ^ lane_mask (full mask only, as the kernels use it).
-inline float shfl_xor(unsigned member_mask, float x, int lane_mask) {
+// shfl.sync.bfly: lane l receives x (any 32-bit type) from lane l ^ lane_mask (full mask only, as the kernels use
+// it).
+template <typename T>
+inline T shfl_xor(unsigned member_mask, T x, int lane_mask) {
+  static_assert(sizeof(T) == sizeof(uint32_t), "shfl moves 32-bit words");
   State& st = state();
   const int w = warp(), l = lane();
   if (member_mask != 0xffffffffu) EMU_ERROR("__shfl_xor_sync with a partial member mask is not emulated");
-  st.f[w][l] = x;
+  st.bits[w][l] = std::bit_cast<uint32_t>(x);
   warp_barrier(kOpShfl);
-  const float y = st.f[w][(l ^ lane_mask) % kWarpSize];
+  const uint32_t y = st.bits[w][(l ^ lane_mask) % kWarpSize];
   warp_release();
-  return y;
+  return std::bit_cast<T>(y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -550,3 +554,6 @@ inline Dim3 thread_idx() {
 
 inline void __syncthreads() { cuda_emu::suspend(cuda_emu::ThreadState::kAtBlockBarrier); }
 inline float __shfl_xor_sync(unsigned mask, float x, int lane_mask) { return cuda_emu::shfl_xor(mask, x, lane_mask); }
+inline uint32_t __shfl_xor_sync(unsigned mask, uint32_t x, int lane_mask) {
+  return cuda_emu::shfl_xor(mask, x, lane_mask);
+}

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "emulator.h"
+#include "philox.h"
 
 // 16-bit storage types converting as the device's c10::Half and c10::BFloat16 do (round to nearest even).
 struct Half {
@@ -30,6 +31,14 @@ struct BFloat16 {
 template <typename T>
 const char* dtype_name() {
   return std::is_same_v<T, float> ? "fp32" : std::is_same_v<T, Half> ? "fp16" : "bf16";
+}
+
+// The dropout uniform of element n of the Philox stream (c1, c2, c3), as fastgpt/ops/philox.py defines it (word
+// n % 4 of the call at c0 = n / 4), written out here rather than taken from the kernels' grouped draws.
+inline float reference_uniform(uint64_t seed, uint32_t n, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t words[4];
+  fastgpt::philox(seed, n / 4, c1, c2, c3, words);
+  return fastgpt::word_uniform(words[n % 4]);
 }
 
 // The relative error of rounding a result to T.

@@ -86,7 +86,7 @@ bool run_case(int index, const Case& c) {
   for (int64_t r = 0; r < M; ++r) {
     double mean = 0, var = 0;
     for (int j = 0; j < N; ++j) {
-      keep[j] = dropout.p > 0 ? (fastgpt::philox_uniform(c.seed, j, static_cast<uint32_t>(r), 0, 1) >= dropout.p
+      keep[j] = dropout.p > 0 ? (reference_uniform(c.seed, j, static_cast<uint32_t>(r), 0, 1) >= dropout.p
                                      ? 1.0 / (1.0 - dropout.p) : 0.0)
                               : 1.0;
       z[j] = static_cast<float>(x[r * N + j]) * keep[j] + (c.residual ? static_cast<float>(residual[r * N + j]) : 0);

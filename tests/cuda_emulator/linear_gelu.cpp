@@ -98,8 +98,8 @@ bool run_case(int index, const Case& c) {
   const std::vector<T> pre_in = pre.data, grad_in = grad.data;
   std::vector<double> keep(n);
   for (int64_t i = 0; i < n; ++i)
-    keep[i] = p > 0 ? (fastgpt::philox_uniform(c.seed, static_cast<uint32_t>(i % N), static_cast<uint32_t>(i / N), 0,
-                                               1) >= p ? 1.0 / (1.0 - p) : 0.0)
+    keep[i] = p > 0 ? (reference_uniform(c.seed, static_cast<uint32_t>(i % N), static_cast<uint32_t>(i / N), 0, 1) >= p
+                           ? 1.0 / (1.0 - p) : 0.0)
                     : 1.0;
 
   // Forward: out = dropout(act(pre)), into its own buffer or over pre.
