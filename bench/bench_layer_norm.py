@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
+from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, fastgpt_backends,
                      finish, optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
@@ -111,7 +112,8 @@ def add_implementations(device: torch.device, include_interpreter: bool, compile
 def bench_shape(op: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device, impls: dict,
                 ceiling_gbs: float) -> list[Row]:
     """Times `impls` of `op` ("layer_norm": fn(x, w, b); "add_layer_norm": fn(x, residual, w, b, p)) at one shape.
-    Each is checked first against float64, without dropout (no two implementations draw the same mask)."""
+    Each is checked first against float64 without dropout, and fastgpt's also with the timed dropout, against the
+    mask their seed draws (PyTorch's dropout draws another)."""
     add = op == "add_layer_norm"
     elem = torch.empty((), dtype=dtype).element_size()
     moved = bytes_moved(rows, cols, elem, add)
@@ -125,18 +127,26 @@ def bench_shape(op: str, rows: int, cols: int, dtype: torch.dtype, device: torch
         inputs.append(((x, r, w, b) if add else (x, w, b), torch.randn(rows, cols, device=device, dtype=dtype)))
     timed = (DROPOUT_P,) if add else ()
     first = inputs[0][0]
+    tolerance = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    checks = []  # (dropout p, float64 expectation, whether PyTorch's own dropout may be checked against it)
     if add:
         x0, r0, w0, b0 = (t.double() for t in first)
-        expected = F.layer_norm(r0 + x0, (cols,), w0, b0)
+        checks.append((0.0, F.layer_norm(r0 + x0, (cols,), w0, b0), True))
+        torch.manual_seed(0)
+        keep = elementwise_dropout_keep(draw_seed(), rows, cols, DROPOUT_P, device)
+        checks.append((DROPOUT_P, F.layer_norm(r0 + x0 * keep / (1 - DROPOUT_P), (cols,), w0, b0), False))
     else:
         x0, w0, b0 = (t.double() for t in first)
-        expected = F.layer_norm(x0, (cols,), w0, b0)
+        checks.append((None, F.layer_norm(x0, (cols,), w0, b0), True))
     out = []
     for impl, fn in impls.items():
-        got = fn(*first, *((0.0,) if add else ()))
-        error = (got.double() - expected).abs().max().item()
-        assert error < {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype], \
-            f"{impl} {op} is wrong at {rows}x{cols} {dtype}: max error {error}"
+        for p, expected, peers_too in checks:
+            if not (peers_too or impl.startswith("fastgpt")):
+                continue
+            torch.manual_seed(0)  # the seed the expectation's mask was drawn with
+            got = fn(*first, *(() if p is None else (p,)))
+            error = (got.double() - expected).abs().max().item()
+            assert error < tolerance, f"{impl} {op} (dropout {p}) is wrong at {rows}x{cols} {dtype}: max error {error}"
         graphs = [(fn(*args, *timed), args, dy) for args, dy in inputs]
         calls = {
             "fwd": [lambda args=args: fn(*args, *timed) for args, _ in inputs],
