@@ -59,15 +59,16 @@ FASTGPT_HOST_DEVICE float stream_uniform(uint64_t seed, uint32_t n, uint32_t c1,
   return word_uniform(pick_word(words, n));
 }
 
-// u[k] = uniform of element n0 + k of the stream (c1, c2, c3), for k < count: one call per group of four. For
-// the CPU (it indexes the words with a runtime value).
-inline void stream_uniforms(uint64_t seed, int64_t n0, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
-                            float* u) {
+// factors[k] = scale (1 / (1 - p)) if element n0 + k of the stream (c1, c2, c3) is kept by dropout of rate p (its
+// uniform >= p), else 0, for k < count: the multipliers of the dropped tensor, one call per group of four. For the
+// CPU kernels (it indexes the words with a runtime value).
+inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3, float p,
+                            float scale, float* factors) {
   for (int64_t k = 0; k < count;) {
     const int64_t n = n0 + k;
     uint32_t words[4];
     philox(seed, static_cast<uint32_t>(n >> 2), c1, c2, c3, words);
-    for (int64_t w = n & 3; w < 4 && k < count; ++w, ++k) u[k] = word_uniform(words[w]);
+    for (int64_t w = n & 3; w < 4 && k < count; ++w, ++k) factors[k] = word_uniform(words[w]) >= p ? scale : 0.f;
   }
 }
 

@@ -31,9 +31,7 @@ struct Dropout {
   // factors[j] = 1 / (1 - p) if column j of `row` is kept, else 0, for the n columns of the row: the backward
   // pass draws them once and applies them to z and to dx.
   void factors(int64_t row, int64_t n, float* out) const {
-    const float scale = 1.f / (1.f - p);
-    stream_uniforms(seed, 0, n, static_cast<uint32_t>(row), 0u, 1u, out);
-    for (int64_t j = 0; j < n; ++j) out[j] = out[j] >= p ? scale : 0.f;
+    dropout_factors(seed, 0, n, static_cast<uint32_t>(row), 0u, 1u, p, 1.f / (1.f - p), out);
   }
 };
 

@@ -52,14 +52,14 @@ Vec activation_grad(Vec x) {
   }
 }
 
-// v[j] *= dropout factor of element (row, col0 + j).
+// v[j] *= dropout factor of element (row, col0 + j), the factors drawn a chunk at a time.
 void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed, float p, float scale) {
   constexpr int64_t kChunk = 256;
-  float u[kChunk];
+  float factors[kChunk];
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t count = std::min(kChunk, n - j0);
-    stream_uniforms(seed, col0 + j0, count, static_cast<uint32_t>(row), 0u, 1u, u);
-    for (int64_t j = 0; j < count; ++j) v[j0 + j] *= u[j] >= p ? scale : 0.f;
+    dropout_factors(seed, col0 + j0, count, static_cast<uint32_t>(row), 0u, 1u, p, scale, factors);
+    for (int64_t j = 0; j < count; ++j) v[j0 + j] *= factors[j];
   }
 }
 
