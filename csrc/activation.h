@@ -1,4 +1,4 @@
-// The activations of fastgpt.ops.linear_gelu and gelu_ffn, scalar and in float32, and their output dropout, for the
+// The activations of fastgpt.ops.linear_gelu and gelu_ffn, scalar and in float32, for the
 // host (csrc/cpu/linear_gelu.cpp) and the device (csrc/cuda/linear_gelu.cuh). Without ATen, so that the CUDA kernels
 // also build against the emulator of tests/cuda_emulator. The maths is in fastgpt/ops/linear_gelu.py:
 //   gelu(x)      = x Phi(x) = 1/2 x (1 + erf(x / sqrt 2)),          gelu'(x) = Phi(x) + x phi(x)
@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "philox.h"
+#include "philox.h"  // FASTGPT_HOST_DEVICE
 
 namespace fastgpt {
 
@@ -58,12 +58,6 @@ FASTGPT_HOST_DEVICE float activation_grad(float x) {
   } else {
     return 1.f;
   }
-}
-
-// Output dropout, element (row, col) of a row-major (M, N) activation: stream (c1, c2, c3) = (row, 0, 1) at
-// element col. Returns the factor the element is multiplied by: 0 (dropped) or 1 / (1 - p) (kept).
-FASTGPT_HOST_DEVICE float dropout_factor(uint64_t seed, int64_t row, int64_t col, float p, float scale) {
-  return stream_uniform(seed, static_cast<uint32_t>(col), static_cast<uint32_t>(row), 0u, 1u) >= p ? scale : 0.f;
 }
 
 }  // namespace fastgpt

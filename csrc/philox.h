@@ -51,14 +51,6 @@ FASTGPT_HOST_DEVICE uint32_t pick_word(const uint32_t (&words)[4], uint32_t k) {
   return k & 2u ? high : low;
 }
 
-// The uniform of element n of the stream (c1, c2, c3) alone: a whole call for one of its words. Where a thread
-// holds four consecutive elements, one philox() call serves them all.
-FASTGPT_HOST_DEVICE float stream_uniform(uint64_t seed, uint32_t n, uint32_t c1, uint32_t c2, uint32_t c3) {
-  uint32_t words[4];
-  philox(seed, n >> 2, c1, c2, c3, words);
-  return word_uniform(pick_word(words, n));
-}
-
 // factors[k] = scale (1 / (1 - p)) if element n0 + k of the stream (c1, c2, c3) is kept by dropout of rate p (its
 // uniform >= p), else 0, for k < count: the multipliers of the dropped tensor, one call per group of four. For the
 // CPU kernels (it indexes the words with a runtime value).

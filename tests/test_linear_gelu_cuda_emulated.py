@@ -4,7 +4,7 @@ tests/cuda_emulator/linear_gelu.cpp compiles them unmodified with the system g++
 tests/cuda_emulator (FASTGPT_PTX_EMULATION) and launches them as csrc/cuda/linear_gelu.cu does after its cuBLASLt
 products: the activation (none, exact and tanh GELU, relu) and output dropout over a product's output, in a separate
 buffer or in place, and the backward through them with the bias gradient's partial rows (the grid of
-column_sums.cuh), its output in a fresh buffer, over grad or over pre. Compared with a float64 reference in fp32,
+elementwise.cuh), its output in a fresh buffer, over grad or over pre. Compared with a float64 reference in fp32,
 fp16 and bf16, with the Philox dropout mask of fastgpt/ops/philox.py.
 
 What this cannot check: the cuBLASLt products and their epilogues (GELU_AUX_BIAS, DGELU_BGRAD), timing and the

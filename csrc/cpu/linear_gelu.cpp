@@ -17,6 +17,7 @@
 
 #include "../linear_gelu.h"
 #include "float_rows.h"
+#include "philox.h"
 
 namespace fastgpt {
 namespace {

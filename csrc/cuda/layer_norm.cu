@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(c
                  if (!compute_affine_grads) return;
                  const ColumnSumsLaunch affine = column_sums_launch(rows, cols, sms);
                  partial = at::empty({2, affine.grid.y, cols}, input.options().dtype(at::kFloat));
-                 layer_norm_bwd_affine_kernel<T><<<affine.grid, dim3(kColsPerBlock, kRowWarps), 0, stream>>>(
+                 layer_norm_bwd_affine_kernel<T><<<affine.grid, dim3(kColThreads, kRowWarps), 0, stream>>>(
                      grad_output.const_data_ptr<T>(), input.const_data_ptr<T>(), ptr_or_null<T>(residual),
                      mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), partial[0].mutable_data_ptr<float>(),
                      partial[1].mutable_data_ptr<float>(), rows, cols, affine.rows_per_block, dropout);

@@ -1,6 +1,6 @@
 // LayerNorm (optionally fused with dropout and a residual add) on CUDA: forward and backward over contiguous (M, N)
-// rows. The maths is in fastgpt/ops/layer_norm.py. Dropout keeps x[row, col] iff u >= p, u = word col % 4 of
-// Philox(seed; col / 4, row, 0, 1) (csrc/philox.h), drawn again in the backward pass.
+// rows. The maths is in fastgpt/ops/layer_norm.py. The dropout on x is elementwise.cuh's, drawn again in the
+// backward pass.
 //
 // Layout: a block holds ROWS rows of THREADS_PER_ROW threads each (blockDim = (THREADS_PER_ROW, ROWS)). Thread t of
 // a row owns the vectors t, t + THREADS_PER_ROW, ... of VEC elements (16-byte loads when the row length allows), at
@@ -23,8 +23,7 @@
 #include "emulator.h"
 #endif
 
-#include "column_sums.cuh"
-#include "philox.h"
+#include "elementwise.cuh"
 
 namespace fastgpt {
 namespace layer_norm {
@@ -33,61 +32,6 @@ constexpr int kCache = 16;       // floats of the row each thread keeps in regis
 constexpr int kMaxThreads = 1024;  // so the widest row is kCache * kMaxThreads = 16384 (MAX_N in the op)
 constexpr int kBlockThreads = 256;
 constexpr int kWideRow = kCache * kBlockThreads;  // rows up to this width take one block of <= kBlockThreads threads
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
-  Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pack.v[k]);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pack;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) pack.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
-}
-
-struct Dropout {
-  float p;      // 0: no dropout
-  float scale;  // 1 / (1 - p)
-  uint64_t seed;
-  // Bit k is set iff element col + k of `row` is kept, for the VEC elements from column `col` (a multiple of VEC):
-  // one Philox call per four of them (fewer than four share one call, whose words col % 4 onwards they take).
-  template <int VEC>
-  __device__ __forceinline__ uint32_t keep_bits(int64_t row, int col) const {
-    constexpr int kCalls = VEC >= 4 ? VEC / 4 : 1, kPerCall = VEC >= 4 ? 4 : VEC;
-    uint32_t bits = 0u;
-#pragma unroll
-    for (int call = 0; call < kCalls; ++call) {
-      uint32_t words[4];
-      philox(seed, static_cast<uint32_t>(col >> 2) + call, static_cast<uint32_t>(row), 0u, 1u, words);
-#pragma unroll
-      for (int k = 0; k < kPerCall; ++k) {
-        const uint32_t word = VEC >= 4 ? words[k] : pick_word(words, static_cast<uint32_t>(col + k));
-        bits |= static_cast<uint32_t>(word_uniform(word) >= p) << (call * kPerCall + k);
-      }
-    }
-    return bits;
-  }
-  // v[k] <- v[k] / (1 - p) where bit k of `bits` is set, else 0.
-  template <int VEC>
-  __device__ __forceinline__ void apply(uint32_t bits, float (&v)[VEC]) const {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = (bits >> k) & 1u ? v[k] * scale : 0.f;
-  }
-  // Dropout of the VEC elements of `row` from column `col` (none when p is 0).
-  template <int VEC>
-  __device__ __forceinline__ void apply(int64_t row, int col, float (&v)[VEC]) const {
-    if (p > 0.f) apply<VEC>(keep_bits<VEC>(row, col), v);
-  }
-};
 
 // Sum over the threads of one row (threadIdx.x), for every row of the block at once. `shared` holds one float per
 // warp of the block; all threads of the block must call this.
@@ -276,42 +220,42 @@ __global__ void __launch_bounds__(MAX_THREADS) layer_norm_bwd_kernel(const T* __
   }
 }
 
-// dweight and dbias partial sums for rows wider than kWideRow, over the grid of column_sums.cuh: row y of the
-// (gridDim.y, N) buffers holds block row y's sums. z and xhat are formed exactly as in layer_norm_bwd_kernel.
+// dweight and dbias partial sums for rows wider than kWideRow, over the grid of elementwise.cuh: row y of the
+// (gridDim.y, N) buffers holds block row y's sums. z and xhat are formed exactly as in layer_norm_bwd_kernel. Wide
+// rows are vectorised (layer_norm.cu), so a thread's quad is whole and aligned.
 template <typename T>
-__global__ void __launch_bounds__(kColsPerBlock * kRowWarps)
+__global__ void __launch_bounds__(kColThreads * kRowWarps)
     layer_norm_bwd_affine_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
                                  const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                                  float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows,
                                  int cols, int64_t rows_per_block, Dropout dropout) {
-  __shared__ float sums[2][kRowWarps][kColsPerBlock];
-  const int col = blockIdx.x * kColsPerBlock + threadIdx.x;
+  __shared__ float shared[2][kRowWarps][kQuad][kColThreads];
+  const int64_t col = column_sums_col();
   const int64_t row_begin = blockIdx.y * rows_per_block;
   const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;
-  float dw = 0.f, db = 0.f;
+  float sums[2][kQuad] = {};  // dweight, dbias
   if (col < cols) {
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowWarps) {
       const int64_t i = row * cols + col;
-      float z[1] = {static_cast<float>(x[i])};
-      dropout.apply<1>(row, col, z);
-      if (residual != nullptr) z[0] += static_cast<float>(residual[i]);
-      const float d = static_cast<float>(dy[i]);
-      dw += d * ((z[0] - mean_in[row]) * rstd_in[row]);
-      db += d;
+      float z[kQuad], d[kQuad];
+      load<kQuad>(x + i, z);
+      dropout.apply<kQuad>(row, col, z);
+      if (residual != nullptr) {
+        float r[kQuad];
+        load<kQuad>(residual + i, r);
+#pragma unroll
+        for (int k = 0; k < kQuad; ++k) z[k] += r[k];
+      }
+      load<kQuad>(dy + i, d);
+      const float mean = mean_in[row], rstd = rstd_in[row];
+#pragma unroll
+      for (int k = 0; k < kQuad; ++k) {
+        sums[0][k] += d[k] * ((z[k] - mean) * rstd);
+        sums[1][k] += d[k];
+      }
     }
   }
-  sums[0][threadIdx.y][threadIdx.x] = dw;
-  sums[1][threadIdx.y][threadIdx.x] = db;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float dw_total = 0.f, db_total = 0.f;
-    for (int w = 0; w < kRowWarps; ++w) {
-      dw_total += sums[0][w][threadIdx.x];
-      db_total += sums[1][w][threadIdx.x];
-    }
-    dw_partial[static_cast<int64_t>(blockIdx.y) * cols + col] = dw_total;
-    db_partial[static_cast<int64_t>(blockIdx.y) * cols + col] = db_total;
-  }
+  write_column_sums<2>(sums, shared, {dw_partial, db_partial}, cols);
 }
 
 struct Launch {

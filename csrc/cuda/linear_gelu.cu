@@ -204,16 +204,22 @@ Epilogue bias_epilogue(const at::Tensor& bias) {
   return epilogue;
 }
 
+Dropout make_dropout(double p, uint64_t seed) {
+  const float p_float = static_cast<float>(p);
+  return {p_float, 1.f / (1.f - p_float), seed};
+}
+
 void forward_epilogue(const at::Tensor& pre, at::Tensor& out, Activation activation, double dropout_p,
                       uint64_t seed) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
   if (rows * cols == 0) return;
-  const float p = static_cast<float>(dropout_p);
   FASTGPT_DISPATCH_FLOAT_HALF_BF16(pre.scalar_type(), "linear_gelu_fwd", [&] {
+    const bool vec = quad_aligned<scalar_t>(cols, {pre.const_data_ptr(), out.const_data_ptr()});
     dispatch_activation(activation, [&](auto a) {
       forward_epilogue_kernel<scalar_t, decltype(a)::value>
-          <<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, p, 1.f / (1.f - p), seed);
+          <<<forward_blocks(rows, cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              pre.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, vec,
+              make_dropout(dropout_p, seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -229,16 +235,16 @@ std::tuple<at::Tensor, at::Tensor> backward_epilogue(const at::Tensor& grad, con
   const ColumnSumsLaunch launch = column_sums_launch(rows, cols, sms);
   at::Tensor partial =
       at::empty({bias_grad ? static_cast<int64_t>(launch.grid.y) : 0, cols}, grad.options().dtype(at::kFloat));
-  const float p = static_cast<float>(dropout_p);
   if (rows * cols > 0) {
     FASTGPT_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "linear_gelu_bwd", [&] {
+      const bool vec = quad_aligned<scalar_t>(
+          cols, {grad.const_data_ptr(), pre.defined() ? pre.const_data_ptr() : nullptr, dpre.const_data_ptr()});
       dispatch_activation(activation, [&](auto a) {
         backward_epilogue_kernel<scalar_t, decltype(a)::value>
-            <<<launch.grid, dim3(kColsPerBlock, kRowWarps), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            <<<launch.grid, dim3(kColThreads, kRowWarps), 0, c10::cuda::getCurrentCUDAStream()>>>(
                 grad.const_data_ptr<scalar_t>(), pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
-                dpre.mutable_data_ptr<scalar_t>(),
-                bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows, cols, launch.rows_per_block, p,
-                1.f / (1.f - p), seed);
+                dpre.mutable_data_ptr<scalar_t>(), bias_grad ? partial.mutable_data_ptr<float>() : nullptr, rows,
+                cols, launch.rows_per_block, vec, make_dropout(dropout_p, seed));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

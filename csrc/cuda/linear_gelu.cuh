@@ -11,62 +11,69 @@
 #endif
 
 #include "activation.h"
-#include "column_sums.cuh"
+#include "elementwise.cuh"
 
 namespace fastgpt {
 namespace linear_gelu {
 
 constexpr int kThreads = 256;
 
-inline int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8));
+// The forward's grid: a thread per quad of a row (rows of `cols` elements hold ceil(cols / kQuad) quads), in at most
+// 65535 * 8 blocks that stride over the rest.
+inline int forward_blocks(int64_t rows, int64_t cols) {
+  const int64_t quads = rows * ((cols + kQuad - 1) / kQuad);
+  return static_cast<int>(std::min<int64_t>((quads + kThreads - 1) / kThreads, 65535LL * 8));
 }
 
-// out = dropout(act(pre)) over (M, N), pre = x W^T + b; out may alias pre (when pre is not kept).
+// out = dropout(act(pre)) over (M, N), pre = x W^T + b, a quad of a row per thread; out may alias pre (when pre is
+// not kept). vec: quad_aligned for pre and out.
 template <typename scalar_t, Activation A>
-__global__ void forward_epilogue_kernel(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, float p,
-                                        float scale, uint64_t seed) {
-  const int64_t total = rows * cols;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / cols, col = i - row * cols;
-    float y = activation_forward<A>(static_cast<float>(pre[i]));
-    if (p > 0.f) y *= dropout_factor(seed, row, col, p, scale);
-    out[i] = static_cast<scalar_t>(y);
+__global__ void forward_epilogue_kernel(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t cols, bool vec,
+                                        Dropout dropout) {
+  const int64_t quads_per_row = (cols + kQuad - 1) / kQuad, quads = rows * quads_per_row;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < quads;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = q / quads_per_row, col = (q - row * quads_per_row) * kQuad, i = row * cols + col;
+    const int n = cols - col < kQuad ? static_cast<int>(cols - col) : kQuad;
+    float y[kQuad];
+    load_quad(pre + i, n, vec, y);
+#pragma unroll
+    for (int k = 0; k < kQuad; ++k) y[k] = activation_forward<A>(y[k]);
+    dropout.apply<kQuad>(row, col, y);
+    store_quad(out + i, n, vec, y);
   }
 }
 
 // dpre = grad * dropout * act'(pre) over (M, N), and the partial column sums of dpre (the bias gradient) over the
-// grid of column_sums.cuh, unless partial is null. dpre may alias grad or pre.
+// grid of elementwise.cuh, unless partial is null. dpre may alias grad or pre. vec: quad_aligned for all three.
 template <typename scalar_t, Activation A>
 __global__ void backward_epilogue_kernel(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre, float* partial,
-                                         int64_t rows, int64_t cols, int64_t rows_per_block, float p, float scale,
-                                         uint64_t seed) {
-  __shared__ float sums[kRowWarps][kColsPerBlock];
-  const int64_t col = blockIdx.x * static_cast<int64_t>(kColsPerBlock) + threadIdx.x;
+                                         int64_t rows, int64_t cols, int64_t rows_per_block, bool vec,
+                                         Dropout dropout) {
+  __shared__ float shared[1][kRowWarps][kQuad][kColThreads];
+  const int64_t col = column_sums_col();
   const int64_t row_begin = blockIdx.y * rows_per_block;
   const int64_t row_end = row_begin + rows_per_block < rows ? row_begin + rows_per_block : rows;
-  float sum = 0.f;
+  float sums[1][kQuad] = {};
   if (col < cols) {
+    const int n = cols - col < kQuad ? static_cast<int>(cols - col) : kQuad;
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowWarps) {
       const int64_t i = row * cols + col;
-      float g = static_cast<float>(grad[i]);
-      if (p > 0.f) g *= dropout_factor(seed, row, col, p, scale);
+      float g[kQuad];  // the columns past n load as 0 and stay 0
+      load_quad(grad + i, n, vec, g);
+      dropout.apply<kQuad>(row, col, g);
       if constexpr (A != Activation::kNone) {
-        g *= activation_grad<A>(static_cast<float>(pre[i]));
+        float x[kQuad];
+        load_quad(pre + i, n, vec, x);
+#pragma unroll
+        for (int k = 0; k < kQuad; ++k) g[k] *= activation_grad<A>(x[k]);
       }
-      dpre[i] = static_cast<scalar_t>(g);
-      sum += g;
+      store_quad(dpre + i, n, vec, g);
+#pragma unroll
+      for (int k = 0; k < kQuad; ++k) sums[0][k] += g[k];
     }
   }
-  if (partial == nullptr) return;
-  sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int w = 0; w < kRowWarps; ++w) total += sums[w][threadIdx.x];
-    partial[blockIdx.y * cols + col] = total;
-  }
+  if (partial != nullptr) write_column_sums<1>(sums, shared, {partial}, cols);
 }
 
 }  // namespace linear_gelu

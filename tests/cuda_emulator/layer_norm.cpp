@@ -176,7 +176,7 @@ bool run_case(int index, const Case& c) {
     partial_rows = affine.grid.y;
     dw_partial.assign(partial_rows * N, NAN);
     db_partial.assign(partial_rows * N, NAN);
-    ran = ran && cuda_emu::launch(affine.grid, dim3(kColsPerBlock, kRowWarps), 0, [&] {
+    ran = ran && cuda_emu::launch(affine.grid, dim3(kColThreads, kRowWarps), 0, [&] {
       layer_norm_bwd_affine_kernel<T>(dy.get(), x.get(), residual_ptr, mean.get(), rstd.get(), dw_partial.data(),
                                       db_partial.data(), M, N, affine.rows_per_block, dropout);
     });

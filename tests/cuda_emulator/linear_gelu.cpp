@@ -5,7 +5,7 @@
 //       tests/cuda_emulator/linear_gelu.cpp -o linear_gelu
 // Usage: linear_gelu [case index]. One line per case; exit status 1 if any case fails.
 //
-// The launches are linear_gelu.cu's: blocks_for and column_sums_launch for the geometry (the forward grid may be
+// The launches are linear_gelu.cu's: forward_blocks and column_sums_launch for the geometry (the forward grid may be
 // capped here so that the grid-stride loop runs), and its aliasing: the forward writes out over pre when pre is not
 // kept, the backward writes dpre over grad (after the dgrad product) or over pre (when pre was recomputed).
 //
@@ -105,10 +105,11 @@ bool run_case(int index, const Case& c) {
   // Forward: out = dropout(act(pre)), into its own buffer or over pre.
   Buffer<T> out_buffer(n, false);
   Buffer<T>& out = c.out_over_pre ? pre : out_buffer;
-  const int op_blocks = blocks_for(n);
+  const Dropout dropout{p, scale, c.seed};
+  const int op_blocks = forward_blocks(M, N);
   const unsigned fwd_blocks = static_cast<unsigned>(c.grid_cap > 0 ? std::min(op_blocks, c.grid_cap) : op_blocks);
   bool ran = cuda_emu::launch(dim3(fwd_blocks), dim3(kThreads), 0, [&] {
-    forward_epilogue_kernel<T, A>(pre.get(), out.get(), M, N, p, scale, c.seed);
+    forward_epilogue_kernel<T, A>(pre.get(), out.get(), M, N, quad_aligned<T>(N, {pre.get(), out.get()}), dropout);
   });
 
   Buffer<T> out_got = out;
@@ -119,10 +120,11 @@ bool run_case(int index, const Case& c) {
   Buffer<T>& dpre = c.dpre == Dpre::kOverGrad ? grad : c.dpre == Dpre::kOverPre ? pre : dpre_buffer;
   const ColumnSumsLaunch launch = column_sums_launch(M, N, kSms);
   std::vector<float> partial(c.bias_grad ? launch.grid.y * N : 0, NAN);
-  ran = ran && cuda_emu::launch(launch.grid, dim3(kColsPerBlock, kRowWarps), 0, [&] {
-    backward_epilogue_kernel<T, A>(grad.get(), A == Activation::kNone ? nullptr : pre.get(), dpre.get(),
-                                   c.bias_grad ? partial.data() : nullptr, M, N, launch.rows_per_block, p, scale,
-                                   c.seed);
+  ran = ran && cuda_emu::launch(launch.grid, dim3(kColThreads, kRowWarps), 0, [&] {
+    T* pre_ptr = A == Activation::kNone ? nullptr : pre.get();
+    backward_epilogue_kernel<T, A>(grad.get(), pre_ptr, dpre.get(), c.bias_grad ? partial.data() : nullptr, M, N,
+                                   launch.rows_per_block, quad_aligned<T>(N, {grad.get(), pre_ptr, dpre.get()}),
+                                   dropout);
   });
 
   Report report;
