@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastgpt-installed
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 CUDA_ARCHS ?= 80 90a
 
-.PHONY: setup run test bench cuda-check cpu-isa-check clean
+.PHONY: setup run test bench cuda-check gpu-torch-check cpu-isa-check clean
 
 setup: $(STAMP)
 
@@ -46,13 +46,32 @@ $(CUBLAS_HEADERS): $(STAMP)
 # of torch lacks.
 cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 	@set -e; nvcc=$${NVCC:-$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}; \
-	includes=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	includes=$${TORCH_INCLUDES:-$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")}; \
 	gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done); \
 	for f in $(wildcard csrc/cuda/*.cu); do \
 	  echo "nvcc $$f [$(CUDA_ARCHS)]"; \
 	  $$nvcc -c $$f -o /dev/null --threads 0 -std=c++20 -O3 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror \
 	    $$includes -Icsrc -I.cache/cublas/include $$gencode; \
+	done
+
+# The GPU machine's torch (2.11) is older than this machine's: the extension compiled against its headers too (from
+# its CUDA wheel, 530 MB, headers kept in .cache/; not part of CI), so that an API newer than it fails here rather
+# than in a GPU session's build.
+GPU_TORCH ?= 2.11.0
+GPU_TORCH_INCLUDE := .cache/torch-$(GPU_TORCH)/torch/include
+$(GPU_TORCH_INCLUDE): $(STAMP)
+	$(PY) -m pip download -q --no-deps torch==$(GPU_TORCH) -d .cache/torch-$(GPU_TORCH)
+	cd .cache/torch-$(GPU_TORCH) && $(abspath $(PY)) -c "import glob, zipfile; \
+	  z = zipfile.ZipFile(glob.glob('torch-*.whl')[0]); \
+	  [z.extract(n) for n in z.namelist() if n.startswith('torch/include/')]" && rm -f torch-*.whl
+gpu-torch-check: $(GPU_TORCH_INCLUDE) $(CUBLAS_HEADERS)
+	@set -e; includes="-I$(GPU_TORCH_INCLUDE) -I$(GPU_TORCH_INCLUDE)/torch/csrc/api/include"; \
+	$(MAKE) --no-print-directory cuda-check TORCH_INCLUDES="$$includes"; \
+	python_include=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	for f in $(wildcard csrc/*.cpp csrc/cpu/*.cpp); do \
+	  echo "g++ $$f [torch $(GPU_TORCH)]"; \
+	  $${CXX:-g++} -fsyntax-only -std=c++20 -mavx2 -mfma -DCPU_CAPABILITY_AVX2 $$includes -I$$python_include -Icsrc $$f; \
 	done
 
 # The C++ CPU kernels built for the instruction sets this machine's build does not use (setup.py picks the best one
