@@ -109,6 +109,13 @@ struct Dropout {
   }
 };
 
+// The dropout of rate p (0: none) drawn from `seed`.
+inline Dropout make_dropout(double p, uint64_t seed) {
+  if (p <= 0.0) return {0.f, 1.f, 0};
+  const float p_float = static_cast<float>(p);
+  return {p_float, 1.f / (1.f - p_float), seed};
+}
+
 struct ColumnSumsLaunch {
   dim3 grid;  // (column blocks, partial rows); blocks of dim3(kColThreads, kRowWarps)
   int64_t rows_per_block;

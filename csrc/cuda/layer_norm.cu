@@ -90,12 +90,11 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
-  if (p <= 0.0) return {0.f, 1.f, 0};
+Dropout checked_dropout(double p, const std::optional<at::Tensor>& seed) {
+  if (p <= 0.0) return make_dropout(p, 0);
   TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->is_cpu(),
               "layer_norm: dropout needs seed, an int64 CPU scalar tensor");
-  const float p_float = static_cast<float>(p);
-  return {p_float, 1.f / (1.f - p_float), static_cast<uint64_t>(seed->item<int64_t>())};
+  return make_dropout(p, static_cast<uint64_t>(seed->item<int64_t>()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& input_arg,
@@ -110,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   const auto residual = aligned_for(residual_arg, width);
   const auto weight = aligned_for(weight_arg, width);
   const auto bias = aligned_for(bias_arg, width);
-  const Dropout dropout = make_dropout(dropout_p, seed);
+  const Dropout dropout = checked_dropout(dropout_p, seed);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t rows = input.size(0);
   const int cols = static_cast<int>(input.size(1));
@@ -145,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(c
                                                                   bool compute_affine_grads, double dropout_p,
                                                                   const std::optional<at::Tensor>& seed) {
   check_inputs(input_arg, residual_arg, weight_arg, std::nullopt);
-  const Dropout dropout = make_dropout(dropout_p, seed);
+  const Dropout dropout = checked_dropout(dropout_p, seed);
   TORCH_CHECK(grad_output_arg.sizes() == input_arg.sizes() && grad_output_arg.is_contiguous() &&
                   grad_output_arg.scalar_type() == input_arg.scalar_type(),
               "layer_norm: expected grad_output contiguous with input's shape and dtype");

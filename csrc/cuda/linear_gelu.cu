@@ -204,11 +204,6 @@ Epilogue bias_epilogue(const at::Tensor& bias) {
   return epilogue;
 }
 
-Dropout make_dropout(double p, uint64_t seed) {
-  const float p_float = static_cast<float>(p);
-  return {p_float, 1.f / (1.f - p_float), seed};
-}
-
 void forward_epilogue(const at::Tensor& pre, at::Tensor& out, Activation activation, double dropout_p,
                       uint64_t seed) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
