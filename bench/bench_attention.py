@@ -10,6 +10,11 @@ five such products (recomputing S, then dV, dP, dQ, dK), counted as 2.5x the for
 call allocates beyond its inputs: O(B H L) for the fused kernels, O(B H L^2) for the math path; the full run
 ends with a memory sweep at L = 8192 and 16384 (one call per pass, after a warm-up call), written to
 attention_memory.json.
+
+GPT-1 trains with dropout 0.1 on the attention probabilities, so its shape is also timed with it: fastgpt's kernels
+draw the mask inside (and again in the backward pass), PyTorch's fused backends too. Every implementation is checked
+against float64 without dropout; fastgpt's also with it, against the mask its seed draws (PyTorch and torch.compile
+draw other masks).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.ops.attention import scaled_dot_product_attention
+from fastgpt.ops.philox import attention_dropout_keep, draw_seed
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
                      optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
@@ -43,18 +49,18 @@ def _sdpa_backends(device: torch.device) -> dict:
         names.update(flash=SDPBackend.FLASH_ATTENTION)  # PyTorch's CPU flash kernel
 
     def make(backend):
-        def run(q, k, v, causal):
+        def run(q, k, v, causal, dropout_p):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         return run
     return {f"torch-sdpa-{name}": make(b) for name, b in names.items()}
 
 
 def implementations(device: torch.device, include_interpreter: bool, compile_modes: list[str]) -> dict:
     def fastgpt_backend(name):
-        def run(q, k, v, causal):
+        def run(q, k, v, causal, dropout_p):
             with fastgpt.use_backend(name):
-                return scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         return run
 
     impls = {}
@@ -64,8 +70,8 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
 
     def flash_attn():
         from flash_attn import flash_attn_func  # (B, L, H, D) layout
-        return lambda q, k, v, causal: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                       causal=causal).transpose(1, 2)
+        return lambda q, k, v, causal, dropout_p: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal).transpose(1, 2)
     optional_peer(impls, "flash-attn", device, flash_attn)
     for mode in compile_modes:
         impls[f"torch-compile-{mode}-reference"] = torch.compile(fastgpt_backend("reference"),
@@ -73,21 +79,36 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
     return impls
 
 
-def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype, device: torch.device,
-                impls: dict, ceiling_tflops: float) -> list[Row]:
+def _reference(q, k, v, causal: bool, keep=None, p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), causal) with dropout `keep` (bool, q's batch and heads) at rate p, times v."""
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1)
+    return (probs if keep is None else probs * keep / (1 - p)) @ v
+
+
+def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, dtype: torch.dtype,
+                device: torch.device, impls: dict, ceiling_tflops: float) -> list[Row]:
     count = flops(B, H, L, L, D, causal)
     copies = rotations(4 * B * H * L * D * torch.empty((), dtype=dtype).element_size())
     inputs = [[torch.randn(B, H, L, D, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
               + [torch.randn(B, H, L, D, device=device, dtype=dtype)] for _ in range(copies)]
-    q0, k0, v0, _ = inputs[0]
-    # Checked in float64 on one batch element and two heads (the math needs the L x L matrix).
-    expected = F.scaled_dot_product_attention(*(t[:1, :2].double() for t in (q0, k0, v0)), is_causal=causal)
-    shape = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}"
+    # Checked in float64 on one batch element and two heads (the math needs the L x L matrix), whose dropout
+    # streams are those of heads 0 and 1 whatever B and H are (fastgpt/ops/philox.py).
+    q0, k0, v0 = (t[:1, :2].double() for t in inputs[0][:3])
+    checks = [(0.0, _reference(q0, k0, v0, causal), True)]  # (p, float64 expectation, whether peers are checked)
+    if dropout_p > 0:
+        torch.manual_seed(0)
+        keep = attention_dropout_keep(draw_seed(), 1, 2, L, L, dropout_p, device)
+        checks.append((dropout_p, _reference(q0, k0, v0, causal, keep, dropout_p), False))
+    shape = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}{f' dropout {dropout_p}' if dropout_p else ''}"
     out = []
     for impl, fn in impls.items():
         try:
-            out += _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
-                               {"seq_len": L, "head_dim": D, "causal": causal, "batch": B, "heads": H})
+            out += _bench_impl(impl, fn, inputs, checks, causal, dropout_p, count, shape, dtype, device,
+                               ceiling_tflops, {"seq_len": L, "head_dim": D, "causal": causal, "batch": B, "heads": H,
+                                                "dropout_p": dropout_p})
         except RuntimeError as error:  # an SDPA backend that does not take this shape or dtype, or out of memory
             skip(f"{impl} at {shape} {dtype}", str(error).splitlines()[0][:120])
         if device.type == "cuda":
@@ -95,19 +116,22 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dtype: torch.dtype
     return out
 
 
-def _bench_impl(impl, fn, inputs, expected, causal, count, shape, dtype, device, ceiling_tflops,
+def _bench_impl(impl, fn, inputs, checks, causal, dropout_p, count, shape, dtype, device, ceiling_tflops,
                 extra) -> list[Row]:
     q0, k0, v0, _ = inputs[0]
-    got = fn(q0, k0, v0, causal)[:1, :2]
-    error = (got.double() - expected).abs().max().item()
-    assert error < {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype], \
-        f"{impl} is wrong at {shape} {dtype}: max error {error}"
+    for p, expected, peers_too in checks:
+        if not (peers_too or impl.startswith("fastgpt")):
+            continue
+        torch.manual_seed(0)  # the seed the expectation's mask was drawn with
+        error = (fn(q0, k0, v0, causal, p)[:1, :2].double() - expected).abs().max().item()
+        assert error < {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype], \
+            f"{impl} (dropout {p}) is wrong at {shape} {dtype}: max error {error}"
     out = []
-    graphs = [(fn(q, k, v, causal), (q, k, v), do) for q, k, v, do in inputs]
+    graphs = [(fn(q, k, v, causal, dropout_p), (q, k, v), do) for q, k, v, do in inputs]
     calls = {
-        "fwd": [lambda q=q, k=k, v=v: fn(q, k, v, causal) for q, k, v, _ in inputs],
+        "fwd": [lambda q=q, k=k, v=v: fn(q, k, v, causal, dropout_p) for q, k, v, _ in inputs],
         "bwd": [lambda y=y, p=p, do=do: torch.autograd.grad(y, p, do, retain_graph=True) for y, p, do in graphs],
-        "fwd+bwd": [lambda q=q, k=k, v=v, do=do: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+        "fwd+bwd": [lambda q=q, k=k, v=v, do=do: torch.autograd.grad(fn(q, k, v, causal, dropout_p), (q, k, v), do)
                     for q, k, v, do in inputs],
     }
     for pass_, fns in calls.items():
@@ -132,8 +156,8 @@ def memory_sweep(dtype: torch.dtype, device: torch.device, impls: dict, lengths=
         shape = f"{B}x{H}x{L}x{D}"
         scores_mib = B * H * L * L * torch.empty((), dtype=dtype).element_size() / 2**20
         for impl, fn in impls.items():
-            passes = {"fwd": lambda fn=fn: fn(q, k, v, False),
-                      "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(q, k, v, False), (q, k, v), grad_out)}
+            passes = {"fwd": lambda fn=fn: fn(q, k, v, False, 0.0),
+                      "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(q, k, v, False, 0.0), (q, k, v), grad_out)}
             for pass_, call in passes.items():
                 try:
                     call()
@@ -162,16 +186,20 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     functorch_config.donated_buffer = False  # the backward pass is timed by replaying one graph
     cuda = device.type == "cuda"
-    # (B, H, L, D, causal). GPT-1: 12 heads of 64, context 512, 16k tokens per batch (B = 32), causal.
-    gpt1 = (32, 12, 512, 64, True)
+    # (B, H, L, D, causal, dropout). GPT-1: 12 heads of 64, context 512, 16k tokens per batch (B = 32), causal,
+    # timed without dropout (the targets' shape) and with its training dropout.
+    gpt1 = (32, 12, 512, 64, True, 0.0)
+    gpt1_dropout = gpt1[:5] + (0.1,)
     if args.quick:
-        grid = [gpt1, (2, 16, 2048, 128, False)] if cuda else [(2, 12, 256, 64, True), (1, 8, 512, 128, False)]
+        grid = ([gpt1, gpt1_dropout, (2, 16, 2048, 128, False, 0.0)] if cuda
+                else [(2, 12, 256, 64, True, 0.0), (2, 12, 256, 64, True, 0.1), (1, 8, 512, 128, False, 0.0)])
     elif cuda:
         # The sweep keeps 16k tokens per batch and a 2048-wide model (FlashAttention-2's benchmark).
-        grid = [gpt1] + [(max(1, 16384 // L), 2048 // D, L, D, causal)
-                         for D in (64, 128) for causal in (True, False) for L in (512, 1024, 2048, 4096, 8192, 16384)]
+        grid = [gpt1, gpt1_dropout] + [(max(1, 16384 // L), 2048 // D, L, D, causal, 0.0) for D in (64, 128)
+                                       for causal in (True, False) for L in (512, 1024, 2048, 4096, 8192, 16384)]
     else:
-        grid = [(4, 12, 512, 64, True), (1, 8, 1024, 64, False), (1, 8, 1024, 128, True)]
+        grid = [(4, 12, 512, 64, True, 0.0), (4, 12, 512, 64, True, 0.1), (1, 8, 1024, 64, False, 0.0),
+                (1, 8, 1024, 128, True, 0.0)]
     dtypes = chosen_dtypes(args, [torch.bfloat16] if cuda else [torch.float32])
     compile_modes = chosen_compile_modes(args, ["default"])
 
@@ -181,8 +209,8 @@ def main(argv=None) -> None:
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:
-        for B, H, L, D, causal in grid:
-            rows += bench_shape(B, H, L, D, causal, dtype, device, impls, ceilings[dtype])
+        for B, H, L, D, causal, dropout_p in grid:
+            rows += bench_shape(B, H, L, D, causal, dropout_p, dtype, device, impls, ceilings[dtype])
     finish("attention", rows, info, args.out)
     if not args.quick:
         finish("attention_memory", memory_sweep(dtypes[0], device, impls), info, args.out)

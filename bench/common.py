@@ -249,15 +249,17 @@ def write_results(name: str, rows: list[Row], info: dict, out_dir: Path | None =
 
 def print_table(rows: list[Row], info: dict) -> None:
     print(f"\n{info['device']} | torch {info['torch']} | triton {info.get('triton')} | {info['date']}")
-    header = f"{'op':<16}{'shape':<18}{'dtype':<10}{'pass':<9}{'impl':<24}{'median ms':>11}{'spread':>17}" \
-             f"{'rate':>14}{'of ceil':>9}{'vs best':>9}"
+    shape_w = max([16] + [len(r.shape) for r in rows]) + 2
+    impl_w = max([22] + [len(r.impl) for r in rows]) + 2
+    header = f"{'op':<17}{'shape':<{shape_w}}{'dtype':<10}{'pass':<9}{'impl':<{impl_w}}{'median ms':>11}" \
+             f"{'spread':>19}{'rate':>14}{'of ceil':>9}{'vs best':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         ceiling = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-"
         speedup = f"{r.speedup_vs_best_peer:.2f}x" if r.speedup_vs_best_peer is not None else "-"
-        print(f"{r.op:<16}{r.shape:<18}{r.dtype:<10}{r.pass_:<9}{r.impl:<24}{r.median_ms:>11.4f}"
-              f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>17}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")
+        print(f"{r.op:<17}{r.shape:<{shape_w}}{r.dtype:<10}{r.pass_:<9}{r.impl:<{impl_w}}{r.median_ms:>11.4f}"
+              f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>19}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")
 
 
 def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") -> "argparse.ArgumentParser":

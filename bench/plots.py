@@ -15,7 +15,7 @@ from pathlib import Path
 # op -> (x key in a row's extra, x label, log x, panel keys)
 LINE_PLOTS = {
     "layer_norm": ("hidden", "hidden size", True, ("tokens",)),
-    "attention": ("seq_len", "sequence length", True, ("head_dim", "causal")),
+    "attention": ("seq_len", "sequence length", True, ("head_dim", "causal", "dropout_p")),
     "linear_gelu": ("tokens", "tokens", True, ("d_model", "d_ff")),
 }
 
