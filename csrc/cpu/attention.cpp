@@ -593,8 +593,7 @@ void dropout_scale(const Problem<scalar_t>& pb, int64_t b, int64_t h, int64_t i0
                    int64_t cols, float* z) {
   const float keep_scale = static_cast<float>(1.0 / (1.0 - static_cast<double>(pb.dropout_p)));
   const uint32_t c2 = static_cast<uint32_t>(b * pb.H + h);
-  for (int64_t r = 0; r < rows; ++r)
-    dropout_factors(pb.seed, j0, cols, static_cast<uint32_t>(i0 + r), c2, 0u, pb.dropout_p, keep_scale, z + r * cols);
+  dropout_factors(pb.seed, j0, cols, rows, static_cast<uint32_t>(i0), c2, 0u, pb.dropout_p, keep_scale, z);
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ struct Dropout {
   // factors[j] = 1 / (1 - p) if column j of `row` is kept, else 0, for the n columns of the row: the backward
   // pass draws them once and applies them to z and to dx.
   void factors(int64_t row, int64_t n, float* out) const {
-    dropout_factors(seed, 0, n, static_cast<uint32_t>(row), 0u, 1u, p, 1.f / (1.f - p), out);
+    dropout_factors(seed, 0, n, 1, static_cast<uint32_t>(row), 0u, 1u, p, 1.f / (1.f - p), out);
   }
 };
 

@@ -59,7 +59,7 @@ void apply_dropout(float* v, int64_t n, int64_t row, int64_t col0, uint64_t seed
   float factors[kChunk];
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t count = std::min(kChunk, n - j0);
-    dropout_factors(seed, col0 + j0, count, static_cast<uint32_t>(row), 0u, 1u, p, scale, factors);
+    dropout_factors(seed, col0 + j0, count, 1, static_cast<uint32_t>(row), 0u, 1u, p, scale, factors);
     for (int64_t j = 0; j < count; ++j) v[j0 + j] *= factors[j];
   }
 }
