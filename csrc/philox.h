@@ -63,7 +63,7 @@ FASTGPT_HOST_DEVICE uint32_t pick_word(const uint32_t (&words)[4], uint32_t k) {
 // factors[r * count + k] = scale (1 / (1 - p)) if element n0 + k of the stream (c1 + r, c2, c3) is kept by dropout
 // of rate p (its uniform >= p), else 0, for r < rows and k < count: the multipliers of a dropped (rows, count) block.
 // For the CPU kernels. The block's Philox calls (counters n0 / 4 .. (n0 + count - 1) / 4 of each row) are made
-// kLanes at a time, vectorised across the calls: 1.8x as fast as a call at a time with AVX2, 3.6x with AVX-512 for
+// kLanes at a time, vectorised across the calls: 1.8x as fast as a call at a time with AVX2, 3.5x with AVX-512 for
 // a 768-wide row or a 64 x 64 tile (GCC 12); below 16 calls the lanes past the block cost more than they save.
 inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, int64_t rows, uint32_t c1, uint32_t c2,
                             uint32_t c3, float p, float scale, float* factors) {
