@@ -60,18 +60,22 @@ cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 # than in a GPU session's build.
 GPU_TORCH ?= 2.11.0
 GPU_TORCH_INCLUDE := .cache/torch-$(GPU_TORCH)/torch/include
-$(GPU_TORCH_INCLUDE): $(STAMP)
+GPU_TORCH_HEADERS := .cache/torch-$(GPU_TORCH)/.extracted
+$(GPU_TORCH_HEADERS): | $(STAMP)
 	$(PY) -m pip download -q --no-deps torch==$(GPU_TORCH) -d .cache/torch-$(GPU_TORCH)
 	cd .cache/torch-$(GPU_TORCH) && $(abspath $(PY)) -c "import glob, zipfile; \
 	  z = zipfile.ZipFile(glob.glob('torch-*.whl')[0]); \
 	  [z.extract(n) for n in z.namelist() if n.startswith('torch/include/')]" && rm -f torch-*.whl
-gpu-torch-check: $(GPU_TORCH_INCLUDE) $(CUBLAS_HEADERS)
+	touch $@
+# The .cpp files with setup.py's AVX2 flags (CPU_CAPABILITY_FLAGS) and OpenMP, as the extension build compiles them.
+gpu-torch-check: $(GPU_TORCH_HEADERS) $(CUBLAS_HEADERS)
 	@set -e; includes="-I$(GPU_TORCH_INCLUDE) -I$(GPU_TORCH_INCLUDE)/torch/csrc/api/include"; \
 	$(MAKE) --no-print-directory cuda-check TORCH_INCLUDES="$$includes"; \
 	python_include=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
 	for f in $(wildcard csrc/*.cpp csrc/cpu/*.cpp); do \
 	  echo "g++ $$f [torch $(GPU_TORCH)]"; \
-	  $${CXX:-g++} -fsyntax-only -std=c++20 -mavx2 -mfma -DCPU_CAPABILITY_AVX2 $$includes -I$$python_include -Icsrc $$f; \
+	  $${CXX:-g++} -fsyntax-only -std=c++20 -fopenmp -mavx2 -mfma -mf16c -mbmi -mbmi2 -DCPU_CAPABILITY_AVX2 \
+	    -DCPU_CAPABILITY=AVX2 $$includes -I$$python_include -Icsrc $$f; \
 	done
 
 # The C++ CPU kernels built for the instruction sets this machine's build does not use (setup.py picks the best one

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.ops.attention import scaled_dot_product_attention
-from fastgpt.ops.philox import attention_dropout_keep, draw_seed
+from fastgpt.ops.philox import draw_seed, stream_uniforms
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
                      optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
@@ -94,14 +94,21 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, 
     copies = rotations(4 * B * H * L * D * torch.empty((), dtype=dtype).element_size())
     inputs = [[torch.randn(B, H, L, D, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
               + [torch.randn(B, H, L, D, device=device, dtype=dtype)] for _ in range(copies)]
-    # Checked in float64 on one batch element and two heads (the math needs the L x L matrix), whose dropout
-    # streams are those of heads 0 and 1 whatever B and H are (fastgpt/ops/philox.py).
-    q0, k0, v0 = (t[:1, :2].double() for t in inputs[0][:3])
-    checks = [(0.0, _reference(q0, k0, v0, causal), True)]  # (p, float64 expectation, whether peers are checked)
+    # Checked in float64 on two heads of the first batch element and two of the last (the math needs the L x L
+    # matrix), with dropout against the mask streams b H + h of those heads (fastgpt/ops/philox.py).
+    slices = [(0, 0), (B - 1, H - 2)]  # (batch element, first of two heads)
+    checks = []  # (p, batch element, first head, float64 expectation, whether peers are checked)
     if dropout_p > 0:
         torch.manual_seed(0)
-        keep = attention_dropout_keep(draw_seed(), 1, 2, L, L, dropout_p, device)
-        checks.append((dropout_p, _reference(q0, k0, v0, causal, keep, dropout_p), False))
+        seed = draw_seed()
+    for b, h in slices:
+        q0, k0, v0 = (t[b:b + 1, h:h + 2].double() for t in inputs[0][:3])
+        checks.append((0.0, b, h, _reference(q0, k0, v0, causal), True))
+        if dropout_p > 0:
+            rows = torch.arange(L, device=device).view(1, 1, L)
+            streams = (b * H + h + torch.arange(2, device=device)).view(1, 2, 1)
+            keep = stream_uniforms(seed, L, rows, streams, 0, device) >= dropout_p
+            checks.append((dropout_p, b, h, _reference(q0, k0, v0, causal, keep, dropout_p), False))
     shape = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}{f' dropout {dropout_p}' if dropout_p else ''}"
     out = []
     for impl, fn in impls.items():
@@ -119,13 +126,13 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, 
 def _bench_impl(impl, fn, inputs, checks, causal, dropout_p, count, shape, dtype, device, ceiling_tflops,
                 extra) -> list[Row]:
     q0, k0, v0, _ = inputs[0]
-    for p, expected, peers_too in checks:
+    for p, b, h, expected, peers_too in checks:
         if not (peers_too or impl.startswith("fastgpt")):
             continue
         torch.manual_seed(0)  # the seed the expectation's mask was drawn with
-        error = (fn(q0, k0, v0, causal, p)[:1, :2].double() - expected).abs().max().item()
+        error = (fn(q0, k0, v0, causal, p)[b:b + 1, h:h + 2].double() - expected).abs().max().item()
         assert error < {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype], \
-            f"{impl} (dropout {p}) is wrong at {shape} {dtype}: max error {error}"
+            f"{impl} (dropout {p}) is wrong at {shape} {dtype}, batch {b} heads {h}-{h + 1}: max error {error}"
     out = []
     graphs = [(fn(q, k, v, causal, dropout_p), (q, k, v), do) for q, k, v, do in inputs]
     calls = {

@@ -1,6 +1,6 @@
-// The activations of fastgpt.ops.linear_gelu and gelu_ffn, scalar and in float32, for the
-// host (csrc/cpu/linear_gelu.cpp) and the device (csrc/cuda/linear_gelu.cuh). Without ATen, so that the CUDA kernels
-// also build against the emulator of tests/cuda_emulator. The maths is in fastgpt/ops/linear_gelu.py:
+// The activations of fastgpt.ops.linear_gelu and gelu_ffn, scalar and in float32, for the host
+// (csrc/cpu/linear_gelu.cpp) and the device (csrc/cuda/linear_gelu.cuh). Without ATen, so that the CUDA kernels also
+// build against the emulator of tests/cuda_emulator. The maths is in fastgpt/ops/linear_gelu.py:
 //   gelu(x)      = x Phi(x) = 1/2 x (1 + erf(x / sqrt 2)),          gelu'(x) = Phi(x) + x phi(x)
 //   gelu_tanh(x) = 1/2 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3),
 //   gelu_tanh'(x) = 1/2 (1 + tanh u) + 1/2 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)

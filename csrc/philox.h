@@ -64,12 +64,25 @@ FASTGPT_HOST_DEVICE uint32_t pick_word(const uint32_t (&words)[4], uint32_t k) {
 // of rate p (its uniform >= p), else 0, for r < rows and k < count: the multipliers of a dropped (rows, count) block.
 // For the CPU kernels. The block's Philox calls (counters n0 / 4 .. (n0 + count - 1) / 4 of each row) are made
 // kLanes at a time, vectorised across the calls: 1.8x as fast as a call at a time with AVX2, 3.5x with AVX-512 for
-// a 768-wide row or a 64 x 64 tile (GCC 12); below 16 calls the lanes past the block cost more than they save.
+// a 768-wide row or a 64 x 64 tile (GCC 12). Below 16 calls the lanes past the block would cost more than they
+// save: those blocks take a call at a time.
 inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, int64_t rows, uint32_t c1, uint32_t c2,
                             uint32_t c3, float p, float scale, float* factors) {
   constexpr int kLanes = 32;
   if (count <= 0 || rows <= 0) return;
   const int64_t first = n0 >> 2, per_row = ((n0 + count - 1) >> 2) - first + 1, calls = rows * per_row;
+  if (calls < kLanes / 2) {  // too few to fill the lanes: a call at a time
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < count;) {
+        const int64_t n = n0 + k;
+        uint32_t words[4];
+        philox(seed, static_cast<uint32_t>(n >> 2), c1 + static_cast<uint32_t>(r), c2, c3, words);
+        for (int64_t w = n & 3; w < 4 && k < count; ++w, ++k)
+          factors[r * count + k] = word_uniform(words[w]) >= p ? scale : 0.f;
+      }
+    }
+    return;
+  }
   // Whole calls (n0 and count multiples of 4): the block's t-th call, row-major, fills factors[4 t .. 4 t + 3].
   const bool whole = n0 % 4 == 0 && count % 4 == 0;
   int64_t row = 0, call = first;  // the row and counter of the next call to draw
@@ -108,10 +121,9 @@ inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, int64_t ro
       continue;
     }
     for (int i = 0; i < lanes; ++i) {
-      float* out_row = factors + lane_row[i] * count - n0;  // out_row[n]: element n of the lane's row
       for (int w = 0; w < 4; ++w) {
         const int64_t n = 4 * lane_call[i] + w;
-        if (n >= n0 && n < n0 + count) out_row[n] = u[4 * i + w] >= p ? scale : 0.f;
+        if (n >= n0 && n < n0 + count) factors[lane_row[i] * count + (n - n0)] = u[4 * i + w] >= p ? scale : 0.f;
       }
     }
   }

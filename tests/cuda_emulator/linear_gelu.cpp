@@ -77,7 +77,7 @@ struct Case {
   bool out_over_pre;  // forward: out written over pre (pre not kept)
   Dpre dpre;
   bool bias_grad;
-  int grid_cap;  // forward grid at most this many blocks (0: the op's blocks_for)
+  int grid_cap;  // forward grid at most this many blocks (0: the op's forward_blocks)
   uint64_t seed;
 };
 
