@@ -26,7 +26,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import fastgpt
-from fastgpt.ops.attention import scaled_dot_product_attention
+from fastgpt.ops.attention import _reference, scaled_dot_product_attention
 from fastgpt.ops.philox import draw_seed, stream_uniforms
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
@@ -79,15 +79,6 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
     return impls
 
 
-def _reference(q, k, v, causal: bool, keep=None, p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), causal) with dropout `keep` (bool, q's batch and heads) at rate p, times v."""
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    probs = scores.softmax(-1)
-    return (probs if keep is None else probs * keep / (1 - p)) @ v
-
-
 def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, dtype: torch.dtype,
                 device: torch.device, impls: dict, ceiling_tflops: float) -> list[Row]:
     count = flops(B, H, L, L, D, causal)
@@ -103,12 +94,12 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, 
         seed = draw_seed()
     for b, h in slices:
         q0, k0, v0 = (t[b:b + 1, h:h + 2].double() for t in inputs[0][:3])
-        checks.append((0.0, b, h, _reference(q0, k0, v0, causal), True))
+        checks.append((0.0, b, h, _reference(q0, k0, v0, None, None, 0.0, causal, D ** -0.5), True))
         if dropout_p > 0:
             rows = torch.arange(L, device=device).view(1, 1, L)
             streams = (b * H + h + torch.arange(2, device=device)).view(1, 2, 1)
             keep = stream_uniforms(seed, L, rows, streams, 0, device) >= dropout_p
-            checks.append((dropout_p, b, h, _reference(q0, k0, v0, causal, keep, dropout_p), False))
+            checks.append((dropout_p, b, h, _reference(q0, k0, v0, None, keep, dropout_p, causal, D ** -0.5), False))
     shape = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}{f' dropout {dropout_p}' if dropout_p else ''}"
     out = []
     for impl, fn in impls.items():

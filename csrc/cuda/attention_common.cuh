@@ -281,8 +281,9 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NT][4], const Params& 
 //
 // The dropout mask of a score-shaped fragment (16 x 8 NT, top-left (row0, col0), both multiples of 8): bit 4 nt + e
 // is set iff element e of n-tile nt is kept. kTransposed: rows are keys, columns queries. All 32 lanes of the warp
-// must call it. A rolled loop, one n-tile at a time: unrolled by 2 (ptxas, sm_90a), the forward kernel with D = 64
-// takes 167 registers instead of 137, and fewer of its blocks fit an SM.
+// must call it. A rolled loop, one n-tile at a time: unrolled by 2, ptxas (sm_90a) gave the forward kernel with
+// D = 64 167 registers instead of 137. The count moves with small source changes (the bf16 variant with a mask
+// tensor takes 166 rolled too); 137 and 167 both leave 3 blocks of 4 warps an SM.
 template <bool kTransposed, int NT>
 __device__ __forceinline__ uint32_t dropout_bits(const Params& p, uint32_t bh, int row0, int col0) {
   static_assert(NT * 4 <= 32, "one bit per element of the lane's fragment");
