@@ -2,6 +2,9 @@
 streams: element n of a stream takes word n % 4 of the call at counter n // 4."""
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -82,3 +85,29 @@ def test_elementwise_dropout_keep_layout():
     assert torch.equal(keep, expected)
     # Neighbouring groups and rows are not copies of one another.
     assert not torch.equal(keep[:, :4], keep[:, 4:8]) and not torch.equal(keep[0], keep[1])
+
+
+# The CPU kernels' dropout_factors for each instruction set (its lanes are AVX-512, AVX2 or plain arrays), whichever
+# one the extension here was built for: flags as setup.py's CPU_CAPABILITY_FLAGS.
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+              "AVX2": ["-mavx2", "-mfma"], "DEFAULT": []}
+_ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+
+
+@pytest.mark.parametrize("isa", list(_ISA_FLAGS))
+def test_cpu_dropout_factors_match_philox(isa, tmp_path):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    have = torch.backends.cpu.get_cpu_capability()
+    if have not in _ISA_ORDER or _ISA_ORDER.index(isa) > _ISA_ORDER.index(have):
+        pytest.skip(f"this CPU's capability is {have}, not {isa}")
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "dropout_factors"
+    build = subprocess.run([cxx, "-std=c++20", "-O2", "-Wall", "-Werror", *_ISA_FLAGS[isa], f"-I{root / 'csrc'}",
+                            str(root / "tests" / "cpu_harness" / "dropout_factors.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "bit-identical" in run.stdout

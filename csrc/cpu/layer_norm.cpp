@@ -51,17 +51,17 @@ template <typename scalar_t, typename F>
 void with_z_row(const scalar_t* x, const scalar_t* residual, int64_t row, int64_t n, const Dropout& dropout,
                 float* z_scratch, float* keep_scratch, F&& f) {
   if (dropout.p == 0.f && residual == nullptr) return f(x);
-  to_float(x, z_scratch, n);
+  const float* keep = nullptr;
   if (dropout.p > 0.f) {
     dropout.factors(row, n, keep_scratch);
-    for_each_vec(n, [&](int64_t j, auto c) {
-      store(load(z_scratch + j, c) * load(keep_scratch + j, c), z_scratch + j, c);
-    });
+    keep = keep_scratch;
   }
-  if (residual != nullptr)
-    for_each_vec(n, [&](int64_t j, auto c) {
-      store(load(z_scratch + j, c) + load(residual + j, c), z_scratch + j, c);
-    });
+  for_each_vec(n, [&](int64_t j, auto c) {  // z = x * keep + residual, one pass
+    Vec z = load(x + j, c);
+    if (keep != nullptr) z = z * load(keep + j, c);
+    if (residual != nullptr) z = z + load(residual + j, c);
+    store(z, z_scratch + j, c);
+  });
   f(static_cast<const float*>(z_scratch));
 }
 
@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
     float* dw_partial = partial.mutable_data_ptr<float>();
     float* db_partial = dw_partial + partial.size(1) * cols;
     auto run_rows = [&](int64_t begin, int64_t end, float* dw, float* db) {
-      std::vector<float> z_scratch(cols), keep_scratch(dropout.p > 0.f ? cols : 0), dx_scratch(cols);
+      std::vector<float> z_scratch(cols), keep_scratch(dropout.p > 0.f ? cols : 0);
       // z as with_z_row gives it; d: the row of dy, read where it is.
       auto backward_row = [&](int64_t row, const auto* z, const scalar_t* d) {
         const Vec mu(mean_p[row]), inv_std(rstd_p[row]);
@@ -193,13 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const 
           store_results(dx + row * cols, cols, dz_lanes);
           return;
         }
-        // dx = dropout(dz): dz formed in float32 first; dresidual = dz when there is a residual.
-        float* out = dx_scratch.data();
-        for_each_vec(cols, [&](int64_t j, auto c) { store(dz_lanes(j, c), out + j, c); });
-        if (dz != nullptr) from_float(out, dz + row * cols, cols);
-        const float* keep = keep_scratch.data();  // with_z_row's factors for this row
-        for_each_vec(cols, [&](int64_t j, auto c) { store(load(out + j, c) * load(keep + j, c), out + j, c); });
-        from_float(out, dx + row * cols, cols);
+        // dx = dropout(dz) = dz * keep (with_z_row's factors for this row); dresidual = dz when there is a residual.
+        // dz is formed again for each output: a few operations on rows in L1, no float32 row written and read.
+        if (dz != nullptr) store_results(dz + row * cols, cols, dz_lanes);
+        const float* keep = keep_scratch.data();
+        store_results(dx + row * cols, cols, [&](int64_t j, auto c) { return dz_lanes(j, c) * load(keep + j, c); });
       };
       for (int64_t row = begin; row < end; ++row)
         with_z_row(x + row * cols, r ? r + row * cols : nullptr, row, cols, dropout, z_scratch.data(),
