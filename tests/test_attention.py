@@ -17,20 +17,23 @@ from tests.utils import DEVICE_BACKENDS, assert_close
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the issue's list; every kernel backend must take them
 
 
-def reference_attention(q, k, v, attn_mask=None, is_causal=False, keep=None, dropout_p=0.0):
-    """softmax(q k^T / sqrt(D) + mask) (dropout) v in the inputs' dtype, written independently of the op; a row
-    with every key masked gives 0 and 0 gradients (no NaN on the way)."""
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, keep=None, dropout_p=0.0, scale=None):
+    """softmax(q k^T scale + mask) (dropout) v (scale 1 / sqrt(D) by default) in the inputs' dtype as PyTorch's math
+    path computes it (the bar for low precision: products in that dtype, the softmax in float32 rounded to it),
+    written independently of the op; a mask and is_causal may come together; a row with every key masked gives 0
+    and 0 gradients (no NaN on the way)."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
     if is_causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    s = s.to(torch.promote_types(s.dtype, torch.float32))  # the softmax in float32, as torch.softmax computes it
     row_max = s.amax(-1, keepdim=True)
     e = (s - torch.where(torch.isinf(row_max), 0.0, row_max).detach()).exp()
     denom = e.sum(-1, keepdim=True)
-    w = e / torch.where(denom == 0, 1.0, denom)
+    w = (e / torch.where(denom == 0, 1.0, denom)).to(q.dtype)
     if keep is not None:
         w = w * keep / (1 - dropout_p)
     return w @ v
@@ -205,6 +208,54 @@ def test_batch_dims(device, backend, batch_shape):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("q_batch,kv_batch", [((2, 3), (1, 3)), ((1,), (2,))], ids=str)
+def test_batch_dims_broadcast(device, backend, q_batch, kv_batch):
+    """Batch dims broadcast between query and key/value, as in PyTorch; gradients summed over the broadcast."""
+    H, Lq, Lk, D = 2, 19, 23, 32
+    batch = torch.broadcast_shapes(q_batch, kv_batch)
+    q, k, v = (torch.randn(*b, H, n, D, device=device) for b, n in ((q_batch, Lq), (kv_batch, Lk), (kv_batch, Lk)))
+    _check(device, backend, q, k, v, torch.randn(*batch, H, Lq, D, device=device), is_causal=True)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_two_dim_inputs(device, backend):
+    """(L, D) query, key and value: one head, as PyTorch takes them."""
+    q, k, v, grad_out = (torch.randn(n, d, device=device) for n, d in ((17, 32), (29, 32), (29, 16), (17, 16)))
+    with fastgpt.use_backend(backend):
+        got = _grads(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out)
+    expected = _grads(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      [t.double() for t in (q, k, v)], grad_out.double())
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_casts_like_torch(device, backend):
+    """Under bf16 autocast, float32 query, key, value and float mask are cast to bf16 as PyTorch's SDPA casts them,
+    whichever backend runs (and mixed float32/bf16 inputs are accepted): a bf16 output within 2x PyTorch's own
+    autocast error of float64, and float32 gradients for the float32 leaves."""
+    q, k, v, grad_out = _inputs(device, torch.float32, 2, 2, 2, 17, 33, 32, 32)
+    mask = torch.randn(17, 33, device=device)
+
+    def run(fn, q, k, v, mask):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = fn(leaves[0].to(torch.bfloat16), *leaves[1:], attn_mask=mask)
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    with fastgpt.use_backend(backend):
+        got = run(scaled_dot_product_attention, q, k, v, mask)
+    torch_result = run(torch.nn.functional.scaled_dot_product_attention, q, k, v, mask)
+    expected = _grads(lambda q, k, v: reference_attention(q, k, v, mask.double()), [t.double() for t in (q, k, v)],
+                      grad_out.double())
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, expected, torch_result):
+        assert_close(name, g, e, t)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_unsupported_head_dim_falls_back(device, backend):
     """Head dims outside the kernels' list go to reference, with the same result."""
     q, k, v, grad_out = _inputs(device, torch.float32, 1, 2, 2, 9, 11, 24, 40)
@@ -220,9 +271,17 @@ def test_unsupported_head_dim_falls_back(device, backend):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_empty_sequences(device, backend):
+    """No queries: an empty result. No keys: zeros (PyTorch's result), and zero gradients for the query. Head dim 0:
+    every score 0, so each query averages the values."""
     q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 0, 5, 32, 32)
     with fastgpt.use_backend(backend):
         assert scaled_dot_product_attention(q, k, v).shape == (1, 2, 0, 32)
+        q, k, v, grad_out = _inputs(device, torch.float32, 1, 2, 2, 3, 0, 32, 16)
+        out, dq, dk, dv = _grads(scaled_dot_product_attention, (q, k, v), grad_out)
+        assert torch.equal(out, torch.zeros(1, 2, 3, 16, device=device)) and torch.equal(dq, torch.zeros_like(q))
+        assert dk.shape == k.shape and dv.shape == v.shape
+        q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 3, 5, 0, 4)
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v), v.mean(-2, keepdim=True).expand(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt.ops.attention import _reference
 from fastgpt.ops.philox import attention_dropout_keep
+from tests.test_attention import reference_attention
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.skipif(not fastgpt.backends.CSRC_LOADED,
@@ -55,7 +55,7 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
     for name, cast in (("float64", torch.float64), ("torch", q.dtype)):
         leaves = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
         m = mask if mask is None or mask.dtype == torch.bool else mask.to(cast)
-        o = _reference(*leaves, m, keep, dropout_p, is_causal, scale)
+        o = reference_attention(*leaves, m, is_causal, keep, dropout_p, scale)
         o.backward(grad_out.to(cast))
         results[name] = (o.detach(), *(x.grad for x in leaves))
     for name, got, expected, own in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), results["float64"],

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
-from fastgpt.ops.attention import _reference
 from fastgpt.ops.philox import attention_dropout_keep
+from tests.test_attention import reference_attention
 from tests.utils import assert_close
 
 CUDA_ATTENTION = (torch.cuda.is_available() and backends.CSRC_LOADED
@@ -75,7 +75,7 @@ def _check(q, k, v, grad_out, mask, is_causal, scale, dropout_p=0.0, seed=0):
             o = F.scaled_dot_product_attention(*leaves, is_causal=is_causal, scale=scale,
                                                enable_gqa=H != k.shape[1])
         else:
-            o = _reference(*leaves, m, keep, dropout_p, is_causal, scale)
+            o = reference_attention(*leaves, m, is_causal, keep, dropout_p, scale)
         o.backward(grad_out.to(cast))
         results[name] = (o.detach(), *(x.grad for x in leaves))
     for name, got, expected, own in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), results["float64"],

@@ -467,3 +467,27 @@ def test_autocast_behaves_like_f_linear(device, backend):
     assert_close("output", out, expected, torch_out)
     for name, g, eg, tg in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, expected_grads, torch_grads):
         assert_close(name, g, eg, tg)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_takes_mixed_dtypes(device, backend):
+    """Under autocast a bf16 activation meets float32 parameters (the output of one autocast product feeding the
+    next): accepted as F.linear accepts it, the same bf16 result as F.linear -> F.gelu (-> F.linear)."""
+    x = torch.randn(7, 48, device=device).to(torch.bfloat16)
+    w1, b1 = torch.randn(96, 48, device=device) * 48 ** -0.5, torch.randn(96, device=device)
+    w2, b2 = torch.randn(48, 96, device=device) * 96 ** -0.5, torch.randn(48, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with fastgpt.use_backend(backend):
+            hidden = linear_gelu(x, w1, b1, approximate="tanh")
+            out = gelu_ffn(x, w1, b1, w2, b2)
+        expected_hidden = F.gelu(F.linear(x, w1, b1), approximate="tanh")
+        expected_out = F.linear(expected_hidden, w2, b2)
+    assert hidden.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden, expected_hidden, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, expected_out, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_zero_dim_input_is_named(device, backend):
+    with fastgpt.use_backend(backend), pytest.raises(ValueError, match="input with at least 1 dim"):
+        linear_gelu(torch.tensor(1.0, device=device), torch.randn(4, 1, device=device))

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import prune
 
 import fastgpt
 import fastgpt.nn as fnn
@@ -292,6 +293,93 @@ def test_encoder_detects_causal_mask():
     mask = fnn.Transformer.generate_square_subsequent_mask(L)
     assert torch.allclose(encoder(x, mask=mask), encoder(x, mask=mask, is_causal=False), atol=1e-6)
     assert torch.allclose(encoder(x, mask=mask), encoder(x, mask=mask, is_causal=True), atol=1e-6)
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA-style wrapper: the wrapped Linear's weight and bias, and a forward of its own."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.base, self.weight, self.bias = linear, linear.weight, linear.bias
+        self.down = torch.nn.Linear(linear.in_features, 2, bias=False, dtype=linear.weight.dtype)
+
+    def forward(self, x):
+        return self.base(x) + 0.5 * torch.tanh(self.down(x)).sum(-1, keepdim=True)
+
+
+class _Sigmoid(torch.nn.GELU):
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+def _layer_pair(norm_first, **kwargs):
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                              **kwargs)
+    ours = fnn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True, norm_first=norm_first, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_layer_runs_wrapped_and_hooked_submodules(device, backend, norm_first):
+    """Sub-modules that are not plain (a wrapper on linear1, a subclass of nn.GELU, hooks on linear2 and the norms,
+    pruning) run their own forward as in PyTorch: the same outputs, every hook fired, and a pruned layer trains."""
+    x = torch.randn(B, L, E, device=device)
+    with fastgpt.use_backend(backend):
+        theirs, ours = _layer_pair(norm_first, activation=_Sigmoid())
+        calls = {"theirs": [], "ours": []}
+        for name, layer in (("theirs", theirs), ("ours", ours)):
+            layer.to(device).linear1 = _Adapter(layer.linear1)
+            torch.manual_seed(1)
+            layer.linear1.down.reset_parameters()
+            for sub in ("linear2", "norm1", "norm2", "dropout"):
+                getattr(layer, sub).register_forward_hook(lambda m, i, o, n=name, s=sub: calls[n].append(s))
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        assert sorted(calls["ours"]) == sorted(calls["theirs"]) and calls["ours"]
+
+        theirs, ours = _layer_pair(norm_first)
+        for layer in (theirs, ours):
+            prune.l1_unstructured(layer.to(device).linear1, "weight", 0.5)
+        for step in range(2):
+            for layer in (theirs, ours):
+                layer.zero_grad()
+                layer(x).square().sum().backward()
+            torch.testing.assert_close(ours.linear1.weight_orig.grad, theirs.linear1.weight_orig.grad,
+                                       atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_monte_carlo_dropout_follows_the_dropout_module(device, backend):
+    """model.eval() with the dropout modules put back in training mode (Monte Carlo dropout): every dropout
+    applies, in the feed-forward too, so two passes differ; with them in eval the passes are equal."""
+    torch.manual_seed(0)
+    layer = fnn.TransformerDecoderLayer(E, H, 24, dropout=0.5, batch_first=True).to(device).eval()
+    x, memory = torch.randn(B, L, E, device=device), torch.randn(B, S, E, device=device)
+    with fastgpt.use_backend(backend), torch.no_grad():
+        assert torch.equal(layer(x, memory), layer(x, memory))
+        layer.dropout.train()  # the feed-forward's inner dropout only
+        assert not torch.equal(layer(x, memory), layer(x, memory))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_empty_memory(device, backend):
+    """A decoder layer over an empty memory (S = 0): cross-attention gives zeros, as PyTorch's does."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerDecoderLayer(E, H, 24, dropout=0.0, batch_first=True).to(device).eval()
+    ours = fnn.TransformerDecoderLayer(E, H, 24, dropout=0.0, batch_first=True).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x, memory = torch.randn(B, L, E, device=device), torch.randn(B, 0, E, device=device)
+    with fastgpt.use_backend(backend):
+        torch.testing.assert_close(ours(x, memory), theirs(x, memory), atol=1e-5, rtol=1e-5)
+
+
+def test_integer_mask_is_named():
+    encoder = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, 24, batch_first=True), 1,
+                                     enable_nested_tensor=False)
+    with pytest.raises(TypeError, match="mask to be a bool or floating-point mask"):
+        encoder(torch.randn(B, L, E), mask=torch.zeros(L, L, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------------------------------

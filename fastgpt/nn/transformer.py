@@ -11,6 +11,8 @@ What runs, per layer (post-LN, the default; norm_first=True gives the pre-LN for
                       norm in one pass
     feed-forward      fastgpt.ops.feed_forward for GELU and ReLU when the inner dropout is off (eval, or p = 0),
                       else linear_gelu + dropout + linear (GELU) or plain PyTorch (ReLU, other callables).
+Only plain sub-modules are fused away: a Linear, LayerNorm, Dropout or activation that is a subclass, a wrapper or
+has hooks (pruning, adapters, profilers) runs its own forward, as in PyTorch.
 
 Differences from PyTorch: no nested-tensor fast path (so, in eval mode with a key-padding mask, the outputs at
 padded positions are computed like any other rather than set to 0; the outputs at real positions are the same);
@@ -31,13 +33,27 @@ from fastgpt.ops.layer_norm import add_layer_norm
 from fastgpt.ops.linear_gelu import feed_forward, linear_gelu
 
 
+def _runs_as_is(module, *classes) -> bool:
+    """Whether `module` may be fused away: exactly one of `classes` (not a user's subclass or wrapper) with no hooks
+    on it or on every module (a pruning mask, an adapter, a profiler). Any other module runs its own forward."""
+    if type(module) not in classes:
+        return False
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_hooks = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks,
+                    torch.nn.modules.module._global_backward_hooks,
+                    torch.nn.modules.module._global_backward_pre_hooks)
+    return not any(hooks) and not any(global_hooks)
+
+
 def _activation_name(activation) -> str | None:
     """fastgpt.ops.feed_forward's name for `activation` ("gelu", "gelu_tanh", "relu"), or None for others."""
     if activation is F.gelu:
         return "gelu"
-    if isinstance(activation, torch.nn.GELU):
+    if activation is F.relu:
+        return "relu"
+    if _runs_as_is(activation, torch.nn.GELU):
         return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
-    if activation is F.relu or isinstance(activation, torch.nn.ReLU):
+    if _runs_as_is(activation, torch.nn.ReLU):
         return "relu"
     return None
 
@@ -49,23 +65,28 @@ def _attend(attn, x: torch.Tensor, memory: torch.Tensor, mask, padding, causal: 
 
 
 def _feed_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """linear2(dropout(activation(linear1(x)))), on the fused ops where they apply; the output dropout is the
-    caller's (fused into add_layer_norm after post-LN layers)."""
+    """linear2(dropout(activation(linear1(x)))), on the fused ops where they apply (plain modules, _runs_as_is); the
+    output dropout is the caller's (fused into add_layer_norm after post-LN layers)."""
+    linear1, linear2, dropout = layer.linear1, layer.linear2, layer.dropout
     activation = _activation_name(layer.activation)
-    linear1, linear2 = layer.linear1, layer.linear2
-    if activation is not None and (not layer.training or layer.dropout.p == 0.0):
+    if activation is None or not _runs_as_is(linear1, torch.nn.Linear):
+        return linear2(dropout(layer.activation(linear1(x))))
+    dropout_off = not dropout.training or dropout.p == 0.0  # the dropout module's own mode (eval, or MC dropout)
+    if dropout_off and _runs_as_is(linear2, torch.nn.Linear) and _runs_as_is(dropout, torch.nn.Dropout):
         return feed_forward(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, activation)
     if activation in ("gelu", "gelu_tanh"):
         hidden = linear_gelu(x, linear1.weight, linear1.bias, "tanh" if activation == "gelu_tanh" else "none")
     else:
         hidden = layer.activation(linear1(x))
-    return linear2(layer.dropout(hidden))
+    return linear2(dropout(hidden))
 
 
 def add_norm(sublayer_out: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
              dropout: torch.nn.Dropout | None = None) -> torch.Tensor:
-    """norm(residual + dropout(sublayer_out)), in one fused op (dropout included) when `norm` is a LayerNorm."""
-    if not isinstance(norm, torch.nn.LayerNorm):
+    """norm(residual + dropout(sublayer_out)), in one fused op (dropout included) when `norm` is a plain LayerNorm
+    and `dropout` a plain Dropout (_runs_as_is)."""
+    if not (_runs_as_is(norm, torch.nn.LayerNorm, LayerNorm)
+            and (dropout is None or _runs_as_is(dropout, torch.nn.Dropout))):
         return norm(residual + (sublayer_out if dropout is None else dropout(sublayer_out)))
     if sublayer_out.dtype != residual.dtype:
         # Under autocast the sub-layer gives bf16/fp16 while the residual stream stays float32: add in the wider
@@ -86,8 +107,10 @@ def _adopt(module: torch.nn.Module) -> None:
             child.__class__ = LayerNorm
 
 
-def _is_causal(mask: torch.Tensor | None, is_causal: bool | None, size: int) -> bool:
+def _is_causal(mask: torch.Tensor | None, is_causal: bool | None, size: int, name: str) -> bool:
     """PyTorch's rule: an explicit hint wins; otherwise a mask equal to the causal mask counts as causal."""
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"expected {name} to be a bool or floating-point mask, got {mask.dtype}")
     if is_causal is not None:
         return bool(is_causal)
     if mask is None or mask.dim() != 2 or mask.shape != (size, size) or torch.compiler.is_compiling():
@@ -148,7 +171,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
-        is_causal = _is_causal(mask, is_causal, _seq_len(src, self.layers[0].self_attn.batch_first))
+        is_causal = _is_causal(mask, is_causal, _seq_len(src, self.layers[0].self_attn.batch_first), "mask")
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
@@ -160,7 +183,8 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
                 memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
                 memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool | None = None,
                 memory_is_causal: bool = False) -> torch.Tensor:
-        tgt_is_causal = _is_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, self.layers[0].self_attn.batch_first))
+        tgt_is_causal = _is_causal(tgt_mask, tgt_is_causal, _seq_len(tgt, self.layers[0].self_attn.batch_first),
+                                   "tgt_mask")
         output = tgt
         for layer in self.layers:
             output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,

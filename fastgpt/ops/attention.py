@@ -2,10 +2,12 @@
 
     out = dropout(softmax(q @ k^T * scale + mask)) @ v
 
-query (..., H, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv); with enable_gqa, H is a multiple of Hk and
-query head h reads key/value head h // (H // Hk). is_causal is aligned top-left, as in PyTorch: query i sees keys
-j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or additive float, broadcastable to
-(..., H, Lq, Lk). A query row whose keys are all masked gives 0, and 0 gradients.
+query (..., H, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv), their batch dims broadcast together (2-D
+inputs (L, D) are one head); with enable_gqa, H is a multiple of Hk and query head h reads key/value head
+h // (H // Hk). is_causal is aligned top-left, as in PyTorch: query i sees keys j <= i, also when Lq != Lk.
+attn_mask is boolean (True = may attend) or additive float, broadcastable to (..., H, Lq, Lk). A query row whose
+keys are all masked gives 0, and 0 gradients; no keys at all (Lk = 0) gives zeros. Under autocast the inputs (and
+a float mask) take autocast's dtype, as PyTorch casts them.
 
 An additive mask may hide keys with a large finite value, as Hugging Face's masks do with torch.finfo(dtype).min.
 A row hidden entirely that way is not a masked row to PyTorch: its scores all round to the same number, and it
@@ -15,7 +17,7 @@ its math path (the row's log-sum-exp, near -3.4e38, cannot hold the log(Lk) that
 
 Kernels (flash-style: online softmax, a float32 log-sum-exp lse (B, H, Lq) kept per query row, the backward pass
 recomputing the probabilities and regenerating the dropout mask from the seed; nothing Lq x Lk is ever stored):
-    reference  _reference below, by the definition, in the inputs' dtype
+    reference  _reference below, by the definition (float16/bfloat16 computed in float32)
     triton     kernels/attention.py, as custom ops fastgpt_triton::attention_{fwd,bwd}
     csrc       csrc/cpu/attention.cpp (and csrc/cuda/attention.cu where built) as fastgpt::attention_{fwd,bwd}
                (schemas in csrc/fastgpt.cpp)
@@ -32,6 +34,7 @@ import math
 import torch
 
 from fastgpt import backends
+from fastgpt.ops._autocast import autocast_inputs
 from fastgpt.ops._checks import check_like, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import attention_dropout_keep, draw_seed
@@ -99,20 +102,23 @@ if backends.CSRC_LOADED:
         "fastgpt::attention_fwd", device.upper())}
 
 
-def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[int, ...]:
+    """Raises on bad input; returns the batch dims query, key and value broadcast to."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(_OP, name, t)
         if name != "query":
             check_like(_OP, name, t, "query", query)
         if t.dim() < 3:
-            raise ValueError(f"{_OP}: expected {name} with at least 3 dims (..., heads, length, head_dim), "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(f"{_OP}: expected {name} with 2 dims (length, head_dim) or at least 3 "
+                             f"(..., heads, length, head_dim), got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"{_OP}: expected query, key and value with the same number of dims, got "
                          f"{query.dim()}, {key.dim()} and {value.dim()}")
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-        raise ValueError(f"{_OP}: expected query, key and value with the same batch dims, got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(f"{_OP}: expected query, key and value with broadcastable batch dims, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}") from None
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"{_OP}: expected key's head dim to equal query's ({query.shape[-1]}), "
                          f"got {key.shape[-1]}")
@@ -139,7 +145,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise TypeError(f"{_OP}: expected attn_mask to be bool or of query's dtype ({query.dtype}), "
                             f"got {attn_mask.dtype}")
-        target = (*query.shape[:-1], key.shape[-2])
+        target = (*batch_shape, *query.shape[-3:-1], key.shape[-2])
         try:
             torch.broadcast_shapes(attn_mask.shape, target)
             broadcastable = len(attn_mask.shape) <= len(target)
@@ -148,33 +154,35 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if not broadcastable or torch.broadcast_shapes(attn_mask.shape, target) != target:
             raise ValueError(f"{_OP}: expected attn_mask broadcastable to {target} (..., H, Lq, Lk), "
                              f"got {tuple(attn_mask.shape)}")
+    return batch_shape
 
 
 def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale):
-    """Attention by its definition, in the inputs' dtype: fully masked rows give 0 (not NaN)."""
+    """Attention by its definition, float16/bfloat16 computed in float32 (a Hugging Face mask at float16's minimum
+    added in float16 would overflow to -inf): fully masked rows, and no keys at all, give 0 (not NaN)."""
     heads, kv_heads = query.shape[-3], key.shape[-3]
     if heads != kv_heads:
         key = key.repeat_interleave(heads // kv_heads, dim=-3)
         value = value.repeat_interleave(heads // kv_heads, dim=-3)
     lq, lk = query.shape[-2], key.shape[-2]
-    scores = (query @ key.transpose(-2, -1)) * scale  # (..., H, Lq, Lk)
+    compute = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
+    scores = (query.to(compute) @ key.to(compute).transpose(-2, -1)) * scale  # (..., H, Lq, Lk)
     # The op takes a mask or is_causal; the kernels (and their tests, through this function) also take both.
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
-        scores = scores + attn_mask
+        scores = scores + attn_mask.to(compute)
     if is_causal:
         scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=query.device).triu(1), float("-inf"))
     # Softmax with rows whose keys are all masked giving 0, and 0 gradients: subtracting their -inf maximum would
     # make NaN (and NaN gradients reach q and k through an additive mask), so they subtract 0 instead.
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float64 stays float64
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = scores.amax(dim=-1, keepdim=True).detach() if lk else scores.new_zeros(*scores.shape[:-1], 1)
     exp = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
     denom = exp.sum(dim=-1, keepdim=True)
-    probs = (exp / torch.where(denom == 0, 1.0, denom)).to(query.dtype)
+    probs = exp / torch.where(denom == 0, 1.0, denom)
     if dropout_keep is not None:
         probs = probs * dropout_keep / (1.0 - dropout_p)
-    return probs @ value
+    return (probs @ value.to(compute)).to(query.dtype)
 
 
 def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
@@ -236,25 +244,33 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, on fastgpt's kernels (same arguments, same result)."""
-    _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (query, key, value)):  # (L, D): one head
+        return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p, is_causal,
+                                            scale, enable_gqa)[0]
+    if isinstance(query, torch.Tensor):
+        query, key, value, attn_mask = autocast_inputs(query.device.type, query, key, value, attn_mask)
+    batch_shape = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    query, key, value = (t.expand(*batch_shape, *t.shape[-3:]) for t in (query, key, value))
+    head_dim = query.shape[-1]
+    scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     # One seed per call whichever backend runs, so that torch.manual_seed gives every backend the same mask.
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
     preference = None
     if query.device.type == "cuda":
-        preference = _cuda_preference(str(query.dtype).removeprefix("torch."), query.shape[-1], bool(is_causal),
+        preference = _cuda_preference(str(query.dtype).removeprefix("torch."), head_dim, bool(is_causal),
                                       key.shape[-2])
     backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask),
                               preference)
-    if backend != "reference":
-        return _kernel_attention(_OPS[backend], query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
-    dropout_keep = None
-    if dropout_p > 0.0:
-        batch = math.prod(query.shape[:-3])
-        dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
-                                              dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
-    return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
+    with torch.autocast(query.device.type, enabled=False):
+        if backend != "reference":
+            return _kernel_attention(_OPS[backend], query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        dropout_keep = None
+        if dropout_p > 0.0:
+            batch = math.prod(batch_shape)
+            dropout_keep = attention_dropout_keep(seed, batch, query.shape[-3], query.shape[-2], key.shape[-2],
+                                                  dropout_p, query.device).view(*query.shape[:-1], key.shape[-2])
+        return _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale)
 
 
 def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
+from fastgpt.ops._autocast import autocast_inputs
 from fastgpt.ops._checks import check_like, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
@@ -151,16 +152,6 @@ if backends.CSRC_LOADED:
                                   torch.ops.fastgpt.linear_gelu_dact.default))
 
 
-def _autocast_inputs(device_type: str, *tensors):
-    """Under autocast, F.linear's behaviour: the inputs cast to autocast's dtype (bf16/fp16; float64 is left alone,
-    as autocast does), outputs in it. The kernels then run with autocast off, so that ATen products inside them (the
-    csrc CPU path) are not cast again."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
-
-
 class _FeedForward(torch.autograd.Function):
     """The whole block on one backend's ops: its backward fuses act' into the product dz W2 (the `dact` op),
     which per-op autograd of two linear layers cannot express."""
@@ -212,16 +203,16 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """F.gelu(F.linear(input, weight, bias), approximate=approximate), fused.
 
     recompute: store no pre-activation for the backward pass; recompute it there (one more matrix product)."""
+    if isinstance(input, torch.Tensor):
+        input, weight, bias = autocast_inputs(input.device.type, input, weight, bias)
     _check_linear("linear_gelu", input, weight, bias)
     _check_approximate("linear_gelu", approximate)
     activation = "gelu_tanh" if approximate == "tanh" else "gelu"
     backend = backends.select(input.device, lambda name: _kernel_supports(name, input, weight))
     if backend == "reference":
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
-    device_type = input.device.type
-    input, weight, bias = _autocast_inputs(device_type, input, weight, bias)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(input.device.type, enabled=False):
         out, _pre = _OPS[backend].call(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
                                       activation, not recompute, 0.0, _NO_SEED())
     return out.view(*input.shape[:-1], weight.shape[0])
@@ -250,7 +241,9 @@ def _check_linear(op, input, weight, bias, input_name="input", weight_name="weig
     check_tensor(op, input_name, input)
     check_tensor(op, weight_name, weight)
     check_like(op, weight_name, weight, input_name, input)
-    if weight.dim() != 2 or input.dim() < 1 or weight.shape[1] != input.shape[-1]:
+    if input.dim() < 1:
+        raise ValueError(f"{op}: expected {input_name} with at least 1 dim (..., in_features), got a 0-dim tensor")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise ValueError(f"{op}: expected {weight_name} of shape (out_features, {input.shape[-1]}) to match "
                          f"{input_name}'s last dim, got {tuple(weight.shape)}")
     if bias is not None:
@@ -276,6 +269,8 @@ def _NO_SEED() -> torch.Tensor:
 
 
 def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recompute):
+    if isinstance(x, torch.Tensor):
+        x, w1, b1, w2, b2 = autocast_inputs(x.device.type, x, w1, b1, w2, b2)
     _check_linear(op, x, w1, b1, "x", "w1", "b1")
     if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"{op}: expected w2 of shape (d_model, {w1.shape[0]}), got {tuple(w2.shape)}")
@@ -293,7 +288,6 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             keep = elementwise_dropout_keep(seed, out.shape[0], out.shape[1], p, out.device)
             out = torch.where(keep, out * (1.0 / (1.0 - p)), 0.0)
     else:
-        x2d, w1, b1, w2, b2 = _autocast_inputs(x.device.type, x2d, w1, b1, w2, b2)
         with torch.autocast(x.device.type, enabled=False):
             out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
                                      w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation,

@@ -1,0 +1,17 @@
+"""Autocast for the ops whose PyTorch namesakes autocast casts (F.linear, F.scaled_dot_product_attention)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def autocast_inputs(device_type: str, *values):
+    """Under autocast on `device_type`, the floating-point tensors among `values` cast to autocast's dtype as
+    PyTorch's lower-precision policy casts them (float64 is left alone); anything else is returned as it is, for the
+    op's checks to judge. The op casts before its checks (mixed float32 and bf16 inputs are what autocast is for),
+    then runs its kernels with autocast off, so that ATen products inside them are not cast again."""
+    if not torch.is_autocast_enabled(device_type):
+        return values
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
+                 else v for v in values)
