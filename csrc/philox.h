@@ -184,8 +184,8 @@ struct PhiloxLanes {
 // factors[r * count + k] = scale (1 / (1 - p)) if element n0 + k of the stream (c1 + r, c2, c3) is kept by dropout
 // of rate p (its uniform >= p), else 0, for r < rows and k < count: the multipliers of a dropped (rows, count) block.
 // For the CPU kernels. A row's calls (counters n0 / 4 .. (n0 + count - 1) / 4) are drawn kWidth at a time, kUnroll
-// such units (of one row or of several) together. With AVX-512: 0.85 ns a call (a 768-wide row, one core of an
-// AMD EPYC, GCC 12), 2.6x the compiler's own vectorisation of the same loop and 8x a call at a time. Rows of fewer
+// such units (of one row or of several) together. With AVX-512: 0.90 ns a call (a 768-wide row, one core of an
+// AMD EPYC, GCC 12), 2.5x the compiler's own vectorisation of the same loop and 8x a call at a time. Rows of fewer
 // than a quarter of a unit's calls take a call at a time: the lanes past the row would cost more than they save.
 inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, int64_t rows, uint32_t c1, uint32_t c2,
                             uint32_t c3, float p, float scale, float* factors) {

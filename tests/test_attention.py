@@ -18,18 +18,19 @@ HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the issue's list; every kernel bac
 
 
 def reference_attention(q, k, v, attn_mask=None, is_causal=False, keep=None, dropout_p=0.0, scale=None):
-    """softmax(q k^T scale + mask) (dropout) v (scale 1 / sqrt(D) by default) in the inputs' dtype as PyTorch's math
-    path computes it (the bar for low precision: products in that dtype, the softmax in float32 rounded to it),
-    written independently of the op; a mask and is_causal may come together; a row with every key masked gives 0
-    and 0 gradients (no NaN on the way)."""
+    """softmax(q k^T scale + mask) (dropout) v (scale 1 / sqrt(D) by default), written independently of the op, as
+    torch ops compose it in the inputs' dtype: the products in that dtype, the masked softmax in float32 (as
+    torch.softmax computes internally; a float16 mask at finfo.min added in float16 would overflow) rounded to it.
+    The bar for low precision (PyTorch's own math path on CPU computes everything in float32: tighter). A mask and
+    is_causal may come together; a row with every key masked gives 0 and 0 gradients (no NaN on the way)."""
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
     s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
     if is_causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    s = s.to(torch.promote_types(s.dtype, torch.float32))  # the softmax in float32, as torch.softmax computes it
     row_max = s.amax(-1, keepdim=True)
     e = (s - torch.where(torch.isinf(row_max), 0.0, row_max).detach()).exp()
     denom = e.sum(-1, keepdim=True)
@@ -150,11 +151,13 @@ def test_fully_masked_rows(device, backend, kind):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_additive_mask_at_dtype_min(device, backend, dtype):
-    """Hugging Face's masks hold torch.finfo(dtype).min, not -inf, where a key is hidden. A query row hidden
-    entirely that way averages every value (its scores all round to the same number), as PyTorch computes: the
-    kernels' scaling of the mask to the log2 domain must not overflow to -inf and make it a fully masked row.
+    """Hugging Face's masks hold torch.finfo(dtype).min, not -inf, where a key is hidden. In float32 and bfloat16 a
+    query row hidden entirely that way averages every value (its scores all round to the same number), as PyTorch
+    computes: the kernels' scaling of the mask to the log2 domain must not overflow to -inf and make it a fully
+    masked row. float16's minimum (-65504) only shifts such a row's scores, and it attends as usual; added in
+    float16, it would overflow (the reference backend computes in float32).
 
     Such a row's gradient is exact when its output gradient is 0, as for the padding positions these masks hide
     (the loss ignores them). Otherwise it is what PyTorch's own fused kernels give, not its math path: the row's
@@ -168,7 +171,8 @@ def test_additive_mask_at_dtype_min(device, backend, dtype):
     grad_out[0, :, 7] = 0
     with fastgpt.use_backend(backend):
         out = scaled_dot_product_attention(q, k, v, mask)
-    torch.testing.assert_close(out[0, :, 7].float(), v[0].float().mean(-2), atol=2e-2, rtol=0)
+    if dtype != torch.float16:
+        torch.testing.assert_close(out[0, :, 7].float(), v[0].float().mean(-2), atol=2e-2, rtol=0)
     _check(device, backend, q, k, v, grad_out, mask)
 
 
@@ -253,6 +257,14 @@ def test_autocast_casts_like_torch(device, backend):
     assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
     for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, expected, torch_result):
         assert_close(name, g, e, t)
+
+
+def test_meta_tensors_give_shapes():
+    """On meta tensors (deferred initialisation, shape inference) the op gives the result's shape, autocast or not."""
+    q, kv = torch.empty(2, 3, 5, 32, device="meta"), torch.empty(2, 3, 7, 32, device="meta")
+    assert scaled_dot_product_attention(q, kv, kv).shape == (2, 3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert scaled_dot_product_attention(q, kv, kv, is_causal=True).shape == (2, 3, 5, 32)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

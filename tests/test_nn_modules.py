@@ -339,6 +339,16 @@ def test_layer_runs_wrapped_and_hooked_submodules(device, backend, norm_first):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
         assert sorted(calls["ours"]) == sorted(calls["theirs"]) and calls["ours"]
 
+        # Hooks alone, on modules the fused ops would otherwise replace: the second linear, the dropouts.
+        theirs, ours = _layer_pair(norm_first)
+        calls = {"theirs": [], "ours": []}
+        for name, layer in (("theirs", theirs), ("ours", ours)):
+            for sub in ("linear2", "dropout", "dropout1", "dropout2"):
+                getattr(layer.to(device), sub).register_forward_hook(
+                    lambda m, i, o, n=name, s=sub: calls[n].append(s))
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        assert sorted(calls["ours"]) == sorted(calls["theirs"]) == ["dropout", "dropout1", "dropout2", "linear2"]
+
         theirs, ours = _layer_pair(norm_first)
         for layer in (theirs, ours):
             prune.l1_unstructured(layer.to(device).linear1, "weight", 0.5)

@@ -88,7 +88,8 @@ def test_elementwise_dropout_keep_layout():
 
 
 # The CPU kernels' dropout_factors for each instruction set (its lanes are AVX-512, AVX2 or plain arrays), whichever
-# one the extension here was built for: flags as setup.py's CPU_CAPABILITY_FLAGS.
+# one the extension here was built for: the instruction-set flags of setup.py's CPU_CAPABILITY_FLAGS that the lanes
+# depend on.
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
               "AVX2": ["-mavx2", "-mfma"], "DEFAULT": []}
 _ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]

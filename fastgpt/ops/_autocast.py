@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -9,9 +11,16 @@ def autocast_inputs(device_type: str, *values):
     """Under autocast on `device_type`, the floating-point tensors among `values` cast to autocast's dtype as
     PyTorch's lower-precision policy casts them (float64 is left alone); anything else is returned as it is, for the
     op's checks to judge. The op casts before its checks (mixed float32 and bf16 inputs are what autocast is for),
-    then runs its kernels with autocast off, so that ATen products inside them are not cast again."""
-    if not torch.is_autocast_enabled(device_type):
+    then runs its kernels under autocast_disabled, so that ATen products inside them are not cast again."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return values
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
                  else v for v in values)
+
+
+def autocast_disabled(device_type: str):
+    """torch.autocast(device_type, enabled=False), or nothing on a device without autocast (meta tensors)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

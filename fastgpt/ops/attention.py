@@ -34,7 +34,7 @@ import math
 import torch
 
 from fastgpt import backends
-from fastgpt.ops._autocast import autocast_inputs
+from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
 from fastgpt.ops._checks import check_like, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import attention_dropout_keep, draw_seed
@@ -108,9 +108,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         check_tensor(_OP, name, t)
         if name != "query":
             check_like(_OP, name, t, "query", query)
-        if t.dim() < 3:
-            raise ValueError(f"{_OP}: expected {name} with 2 dims (length, head_dim) or at least 3 "
-                             f"(..., heads, length, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() < 2:
+            raise ValueError(f"{_OP}: expected {name} with at least 2 dims (..., length, head_dim), "
+                             f"got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"{_OP}: expected query, key and value with the same number of dims, got "
                          f"{query.dim()}, {key.dim()} and {value.dim()}")
@@ -262,7 +262,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                       key.shape[-2])
     backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask),
                               preference)
-    with torch.autocast(query.device.type, enabled=False):
+    with autocast_disabled(query.device.type):
         if backend != "reference":
             return _kernel_attention(_OPS[backend], query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
         dropout_keep = None

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
-from fastgpt.ops._autocast import autocast_inputs
+from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
 from fastgpt.ops._checks import check_like, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
@@ -167,7 +167,7 @@ class _FeedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with autocast_disabled(grad_out.device.type):
             return _FeedForward._backward(ctx, grad_out)
 
     @staticmethod
@@ -212,7 +212,7 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if backend == "reference":
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
-    with torch.autocast(input.device.type, enabled=False):
+    with autocast_disabled(input.device.type):
         out, _pre = _OPS[backend].call(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
                                       activation, not recompute, 0.0, _NO_SEED())
     return out.view(*input.shape[:-1], weight.shape[0])
@@ -288,7 +288,7 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             keep = elementwise_dropout_keep(seed, out.shape[0], out.shape[1], p, out.device)
             out = torch.where(keep, out * (1.0 / (1.0 - p)), 0.0)
     else:
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_disabled(x.device.type):
             out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
                                      w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation,
                                      p, seed, recompute)
