@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args)
-    except (DataError, CheckpointError, LaunchError, ValueError) as e:
+    except (DataError, CheckpointError, LaunchError, ValueError, OSError) as e:  # OSError: a missing --config file
         print(f"fastgpt {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

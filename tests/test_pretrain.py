@@ -120,6 +120,9 @@ def test_sample_command(corpus, cache_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("--- 'the king'\nthe king")
+    # No prompt: the model starts a new document from the end-of-text token.
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("--- ''\n")
 
 
 _CRASH_SCRIPT = """
@@ -173,6 +176,54 @@ def test_checkpoint_files_are_in_place_before_the_rename(tmp_path, monkeypatch):
                                    files={"tokenizer.json": '{"model": "é"}'})
     assert seen == [["checkpoint.json", "model.safetensors", "tokenizer.json", "trainer.pt"]]
     assert (path / "tokenizer.json").read_text(encoding="utf-8") == '{"model": "é"}'
+
+
+def _save(root, step, value, keep=2):
+    return ckpt_io.save_checkpoint(root, step, {"w": torch.full((2,), float(value))}, {"step": step}, {"kind": "x"},
+                                   keep=keep)
+
+
+def test_saving_a_step_again_swaps_it_in_place(tmp_path):
+    """A step saved again (a run resumed and stopped at the same step) replaces the old one in one atomic exchange:
+    at no moment is there no step_4 (the old one ends in the temporary directory, deleted after)."""
+    _save(tmp_path, 4, 1.0)
+    states = []
+    real_rmtree = ckpt_io.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # what is on disk after each deletion
+        real_rmtree(path, *args, **kwargs)
+        states.append([p.name for p in ckpt_io.list_checkpoints(tmp_path)])
+
+    ckpt_io.shutil.rmtree = rmtree
+    try:
+        _save(tmp_path, 4, 2.0)
+    finally:
+        ckpt_io.shutil.rmtree = real_rmtree
+    assert states and all(names == ["step_0000004"] for names in states)
+    _, weights, _ = ckpt_io.load_checkpoint(tmp_path / "step_0000004")
+    assert torch.equal(weights["w"], torch.full((2,), 2.0)) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_pruning_never_deletes_later_steps(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step, step, keep=1)
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["step_0000006"]
+    _save(tmp_path, 3, 3, keep=1)  # a step below the latest: earlier ones go, the later one stays
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["step_0000003", "step_0000006"]
+
+
+def test_a_run_directory_holds_one_run(corpus, cache_dir, tmp_path, capsys):
+    """A fresh run (pretrain, finetune, train-translator) into a directory holding another run's checkpoints is
+    refused, as is resuming from a checkpoint older than that run's latest: either would prune what the user has."""
+    run = tmp_path / "run"
+    pretrain(tiny(corpus, cache_dir, run, max_steps=4, checkpoint_interval=2, keep_checkpoints=2), log=quiet)
+    before = [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")]
+    with pytest.raises(ckpt_io.CheckpointError, match="already holds the checkpoints of another run"):
+        pretrain(tiny(corpus, cache_dir, run, max_steps=2), log=quiet)
+    with pytest.raises(ckpt_io.CheckpointError, match="later checkpoints"):
+        pretrain(tiny(corpus, cache_dir, run, max_steps=6), resume=str(run / "checkpoints" / before[0]), log=quiet)
+    assert [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")] == before
+    ckpt_io.claim_run_dir(run, ckpt_io.find_checkpoint(run))  # resuming from the latest is this run's own
 
 
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):

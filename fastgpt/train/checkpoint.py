@@ -7,11 +7,14 @@ A checkpoint is a directory `<run>/checkpoints/step_<NNNNNNN>/` holding
   tokenizer.json     (and any other file the caller passes) what it takes to use the weights
 It is written into a hidden temporary directory and renamed into place only when complete (the rename is atomic on
 POSIX filesystems), so a process killed mid-write leaves at most a `.tmp-*` directory, which loaders ignore and the
-next save deletes; the previous checkpoint stays intact. Older checkpoints beyond `keep` are removed after the rename.
+next save deletes; the previous checkpoint stays intact. A step saved again (a run resumed and stopped at the same
+step) is exchanged with the old one in one atomic renameat2 (Linux). Older checkpoints beyond `keep` are removed
+after the rename, never later steps. A run directory holds one run: claim_run_dir refuses another run's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -49,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict, meta: dict, keep: int,
                     files: dict[str, str] | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically, with `files` ({name: text}, e.g. the tokenizer's JSON) beside
-    the weights; keep the newest `keep`. Returns its directory."""
+    the weights; keep the newest `keep` up to this step. Returns its directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
@@ -57,6 +60,9 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], tra
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the user's group
         unique, aliases = _split_aliases(weights)
         save_file(unique, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
@@ -68,15 +74,52 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], tra
         for name in (*hashes, *(files or {}), "checkpoint.json"):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():  # the same step saved again: the old one ends up in tmp, deleted below
+            _exchange(tmp, final)
+        else:
+            os.rename(tmp, final)
         _fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
+    # Later steps (a run resumed from an earlier checkpoint) are not this run's to delete.
+    earlier = [p for p in list_checkpoints(root) if _step(p) < step]
+    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap directories a and b in one atomic renameat2(RENAME_EXCHANGE) (Linux 3.15+, glibc 2.28+). Elsewhere b is
+    deleted first and a renamed into place: a kill between the two loses b."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+    shutil.rmtree(b)
+    os.rename(a, b)
+
+
+def _step(ckpt: Path) -> int:
+    return int(_STEP_DIR.match(ckpt.name).group(1))
+
+
+def claim_run_dir(out_dir: Path, resume_from: Path | None = None) -> None:
+    """Refuse to write a run into `out_dir` when it holds another run's checkpoints (their pruning would delete
+    them, and a later step of theirs would pass for this run's latest) or, resuming, checkpoints later than the one
+    resumed from (another trajectory, which the new one would shadow)."""
+    root = Path(out_dir) / "checkpoints"
+    existing = list_checkpoints(root)
+    if not existing:
+        return
+    ours = resume_from is not None and Path(resume_from).resolve().parent == root.resolve()
+    if not ours:
+        raise CheckpointError(f"{out_dir} already holds the checkpoints of another run (latest {existing[-1].name}): "
+                              f"resume that run, or write this one to another directory")
+    if Path(resume_from).resolve() != existing[-1].resolve():
+        raise CheckpointError(f"resuming from {Path(resume_from).name} while {root} holds later checkpoints "
+                              f"(latest {existing[-1].name}): resume from the latest, or move the later ones away")
 
 
 def _split_aliases(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

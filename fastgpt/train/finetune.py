@@ -173,6 +173,7 @@ def _finetune(c: FinetuneConfig, device: torch.device, log) -> dict:
     scheduler = make_scheduler(optimizer, warmup, total, 0.0, decay="linear")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     out_dir = Path(c.out_dir or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    ckpt_io.claim_run_dir(out_dir)
     log(f"fastgpt finetune: {task.description}")
     log(f"labels {task.labels}; {len(train_rows):,} train / {len(val_rows):,} val examples of at most {max_length} "
         f"tokens; from {base_ckpt} ({model.num_parameters() / 1e6:.2f}M parameters with the classifier); "

@@ -145,6 +145,7 @@ class Run:
         c.out_dir = str(self.out_dir)  # saved with the run, so that --resume finds its way back
         resume_meta, resume_weights, resume_state = None, None, None
         self.resume_from = ckpt_io.find_checkpoint(self.resume) if self.resume else None
+        ckpt_io.claim_run_dir(self.out_dir, self.resume_from)
         if self.resume_from is not None:
             resume_meta, resume_weights, resume_state = ckpt_io.load_checkpoint(self.resume_from)
             ckpt_io.require_kind(resume_meta, self.resume_from, ckpt_io.LANGUAGE_MODEL)

@@ -270,6 +270,7 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
         tokenizer = ckpt_io.checkpoint_tokenizer(ckpt)
         out_dir = ckpt.parent.parent
+        ckpt_io.claim_run_dir(out_dir, ckpt)
     else:
         started = time.perf_counter()
         tokenizer = train_tokenizer((text for p in task.train for text in (p.source, p.target)), c.vocab_size,
@@ -277,6 +278,7 @@ def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) 
         log(f"tokenizer: byte-level BPE of {tokenizer.get_vocab_size():,} over both languages "
             f"({time.perf_counter() - started:.1f} s)")
         out_dir = Path(c.out_dir or f"runs/translator-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_io.claim_run_dir(out_dir)
     def fits(row):
         return len(row[0]) <= c.max_tokens and len(row[1]) <= c.max_tokens
 
