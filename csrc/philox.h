@@ -24,13 +24,15 @@
 
 namespace fastgpt {
 
+constexpr uint32_t kPhiloxMulA = 0xD2511F53u, kPhiloxMulB = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxKeyStep0 = 0x9E3779B9u, kPhiloxKeyStep1 = 0xBB67AE85u;
+constexpr float kWordToUniform = 4.6566127342e-10f;  // 2^-31 (Triton's constant): a non-negative int32 to [0, 1)
 
 // One round on the counters (c0, c1, c2, c3) with the round's key (k0, k1).
 FASTGPT_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
                                       uint32_t k1) {
-  const uint64_t b_c2 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-  const uint64_t a_c0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+  const uint64_t b_c2 = static_cast<uint64_t>(kPhiloxMulB) * c2;
+  const uint64_t a_c0 = static_cast<uint64_t>(kPhiloxMulA) * c0;
   c0 = static_cast<uint32_t>(b_c2 >> 32) ^ c1 ^ k0;
   c2 = static_cast<uint32_t>(a_c0 >> 32) ^ c3 ^ k1;
   c1 = static_cast<uint32_t>(b_c2);
@@ -55,7 +57,7 @@ FASTGPT_HOST_DEVICE void philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_
 FASTGPT_HOST_DEVICE float word_uniform(uint32_t word) {
   int32_t x = static_cast<int32_t>(word);
   x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
+  return static_cast<float>(x) * kWordToUniform;
 }
 
 // words[k & 3] by selects: a register array indexed by a runtime value would go to local memory on a GPU.
@@ -93,7 +95,7 @@ struct PhiloxLanes {
   // scale where word_uniform(w) >= p, else 0.
   static V factor(V w, float p, float scale) {
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_xor_si512(w, _mm512_srai_epi32(w, 31))),
-                                   _mm512_set1_ps(4.6566127342e-10f));
+                                   _mm512_set1_ps(kWordToUniform));
     return _mm512_castps_si512(
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, _mm512_set1_ps(p), _CMP_GE_OQ), _mm512_set1_ps(scale)));
   }
@@ -129,7 +131,7 @@ struct PhiloxLanes {
   static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static V factor(V w, float p, float scale) {
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(w, _mm256_srai_epi32(w, 31))),
-                                   _mm256_set1_ps(4.6566127342e-10f));
+                                   _mm256_set1_ps(kWordToUniform));
     return _mm256_castps_si256(_mm256_and_ps(_mm256_cmp_ps(u, _mm256_set1_ps(p), _CMP_GE_OQ), _mm256_set1_ps(scale)));
   }
   static void store_factors(const V (&w)[4], float p, float scale, float* out) {
@@ -204,7 +206,7 @@ inline void dropout_factors(uint64_t seed, int64_t n0, int64_t count, int64_t ro
     }
     return;
   }
-  const L::V a = L::splat(0xD2511F53u), b = L::splat(0xCD9E8D57u);
+  const L::V a = L::splat(kPhiloxMulA), b = L::splat(kPhiloxMulB);
   int64_t row = 0, call = first;  // the next unit's row and first call
   while (row < rows) {
     L::V x[L::kUnroll][4];  // the units' counters (c0, c1, c2, c3), then their output words

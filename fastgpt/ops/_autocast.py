@@ -7,11 +7,15 @@ import contextlib
 import torch
 
 
-def autocast_inputs(device_type: str, *values):
-    """Under autocast on `device_type`, the floating-point tensors among `values` cast to autocast's dtype as
-    PyTorch's lower-precision policy casts them (float64 is left alone); anything else is returned as it is, for the
-    op's checks to judge. The op casts before its checks (mixed float32 and bf16 inputs are what autocast is for),
-    then runs its kernels under autocast_disabled, so that ATen products inside them are not cast again."""
+def autocast_inputs(*values):
+    """Under autocast on the first value's device, the floating-point tensors among `values` cast to autocast's
+    dtype as PyTorch's lower-precision policy casts them (float64 is left alone); anything else (a first value that
+    is no tensor included) is returned as it is, for the op's checks to judge. The op casts before its checks (mixed
+    float32 and bf16 inputs are what autocast is for), then runs its kernels under autocast_disabled, so that ATen
+    products inside them are not cast again."""
+    if not isinstance(values[0], torch.Tensor):
+        return values
+    device_type = values[0].device.type
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return values
     dtype = torch.get_autocast_dtype(device_type)

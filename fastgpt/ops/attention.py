@@ -247,8 +247,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (query, key, value)):  # (L, D): one head
         return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p, is_causal,
                                             scale, enable_gqa)[0]
-    if isinstance(query, torch.Tensor):
-        query, key, value, attn_mask = autocast_inputs(query.device.type, query, key, value, attn_mask)
+    query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     batch_shape = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     query, key, value = (t.expand(*batch_shape, *t.shape[-3:]) for t in (query, key, value))
     head_dim = query.shape[-1]

@@ -203,8 +203,7 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """F.gelu(F.linear(input, weight, bias), approximate=approximate), fused.
 
     recompute: store no pre-activation for the backward pass; recompute it there (one more matrix product)."""
-    if isinstance(input, torch.Tensor):
-        input, weight, bias = autocast_inputs(input.device.type, input, weight, bias)
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _check_linear("linear_gelu", input, weight, bias)
     _check_approximate("linear_gelu", approximate)
     activation = "gelu_tanh" if approximate == "tanh" else "gelu"
@@ -269,8 +268,7 @@ def _NO_SEED() -> torch.Tensor:
 
 
 def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recompute):
-    if isinstance(x, torch.Tensor):
-        x, w1, b1, w2, b2 = autocast_inputs(x.device.type, x, w1, b1, w2, b2)
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     _check_linear(op, x, w1, b1, "x", "w1", "b1")
     if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"{op}: expected w2 of shape (d_model, {w1.shape[0]}), got {tuple(w2.shape)}")
