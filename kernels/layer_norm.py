@@ -2,7 +2,9 @@
 
 Forward, one program per row: the row z = dropout(x) (+ residual) is loaded once into registers (BLOCK_N >= N, a power of
 two), mean and the biased variance are reduced in float32, and y = (z - mean) * rstd * w + b is stored in the
-input dtype together with mean and rstd (float32, one per row) for the backward pass.
+input dtype together with mean and rstd (float32, one per row) for the backward pass. The mean is taken as
+z[0] + mean(z - z[0]): exact for a constant row, whose xhat must be exactly 0 rather than the rounding of sum(z) / N
+times rstd = 1 / sqrt(eps), and no less accurate for any other row.
 
 Backward, a persistent grid of G programs, program p taking rows p, p + G, p + 2G, ...: for each row it recomputes
 xhat = (z - mean) * rstd, forms g = dy * w and
@@ -14,9 +16,9 @@ of a (G, N) buffer, and the G rows are summed afterwards. No atomics: the result
 
 Wide rows (WIDE): past WIDE_FORWARD (forward) and WIDE_BACKWARD (backward) elements a whole row no longer fits a
 program's registers (ptxas spills, bench/triton_compile.py), so a program walks the row in BLOCK_N chunks instead,
-twice: the forward gathers the statistics, merging each chunk's (count, mean, sum of squared deviations) into the
-row's as Chan, Golub and LeVeque do (one stable pass), then normalises; the backward gathers mean(g) and
-mean(g * xhat), then writes dz. The row is read twice (the second time mostly from L2). The backward's dweight and
+twice: the forward gathers the statistics, merging each chunk's (count, mean, sum of squared deviations) of
+z - z[0] into the row's as Chan, Golub and LeVeque do (one stable pass), then normalises; the backward gathers
+mean(g) and mean(g * xhat), then writes dz. The row is read twice (the second time mostly from L2). The backward's dweight and
 dbias then come from a column kernel, each program summing dy * xhat and dy over a slab of rows for a block of
 columns: wide rows leave no registers to keep the whole row's sums.
 
@@ -95,21 +97,25 @@ def _layer_norm_fwd(
     row = row32.to(tl.int64)
     if WIDE:
         count = tl.zeros([1], dtype=tl.float32)
-        mean = tl.zeros([1], dtype=tl.float32)
+        pivot = tl.zeros([1], dtype=tl.float32)  # z[0], set by the first chunk
+        shifted_mean = tl.zeros([1], dtype=tl.float32)  # of z - pivot so far
         m2 = tl.zeros([1], dtype=tl.float32)  # sum of squared deviations from the mean so far
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             in_row = cols < N
             z, _ = _load_z(X, R, row * N + cols, row32, start, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT,
                            BLOCK_N)
+            pivot = tl.where(start == 0, tl.sum(tl.where(cols == 0, z, 0.0), axis=0), pivot)
+            z = tl.where(in_row, z - pivot, 0.0)
             chunk_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             chunk_mean = tl.sum(z, axis=0) / chunk_count
             deviation = tl.where(in_row, z - chunk_mean, 0.0)
-            delta = chunk_mean - mean
+            delta = chunk_mean - shifted_mean
             total = count + chunk_count
-            mean += delta * (chunk_count / total)
+            shifted_mean += delta * (chunk_count / total)
             m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * (count * chunk_count / total)
             count = total
+        mean = pivot + shifted_mean
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -129,7 +135,8 @@ def _layer_norm_fwd(
         in_row = cols < N
         offsets = row * N + cols
         z, _ = _load_z(X, R, offsets, row32, 0, in_row, seed, dropout_p, HAS_RESIDUAL, DROPOUT, BLOCK_N)
-        mean = tl.sum(z, axis=0) / N
+        pivot = tl.sum(tl.where(cols == 0, z, 0.0), axis=0)  # z[0]
+        mean = pivot + tl.sum(tl.where(in_row, z - pivot, 0.0), axis=0) / N
         centred = tl.where(in_row, z - mean, 0.0)
         var = tl.sum(centred * centred, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)

@@ -47,9 +47,13 @@ def _run(fn, tensors, grad):
 
 
 def _check(device, backend, dtype, shape, normalized_shape, affine, residual, contiguous=True):
-    x, r, w, b = _make(shape, normalized_shape, dtype, device, affine, residual, contiguous)
-    tensors = [x, r, w, b]
-    grad = torch.randn(shape, device=device).to(dtype)
+    tensors = list(_make(shape, normalized_shape, dtype, device, affine, residual, contiguous))
+    _compare(backend, tensors, torch.randn(shape, device=device).to(dtype), normalized_shape)
+
+
+def _compare(backend, tensors, grad, normalized_shape):
+    """layer_norm (or add_layer_norm, when tensors = [x, r, w, b] has a residual r) on `backend`: output and every
+    gradient against float64, within twice PyTorch's own error."""
 
     def ours(x, r, w, b):
         if r is None:
@@ -91,6 +95,27 @@ def test_layer_norm_affine_variants(device, backend, dtype, affine):
 @pytest.mark.parametrize("shape,normalized_shape", [((3, 129, 768), (768,)), ((1, 1000), (1000,))], ids=str)
 def test_add_layer_norm(device, backend, dtype, shape, normalized_shape):
     _check(device, backend, dtype, shape, normalized_shape, "both", residual=True)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [768, 1001, 16400])
+@pytest.mark.parametrize("residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_constant_rows(device, backend, dtype, cols, residual):
+    """Rows that are constant (padding, a repeated embedding), far from 0: their mean must come out exact, since
+    xhat = (z - mean) * rstd with rstd = 1 / sqrt(eps) turns the mean's rounding into an error of about 300 ulps of
+    the mean, where PyTorch's result is exactly the bias. Every other row is random. 16400 takes the Triton kernels'
+    chunked path."""
+    rows = 6
+
+    def leaf(scale, shift):
+        values = torch.randn(rows, cols, device=device) * scale + shift
+        values[1::2] = (torch.rand(rows // 2, 1, device=device) * 200 - 100).expand(-1, cols)
+        return values.to(dtype).requires_grad_()
+    x, r = leaf(2.0, 0.5), leaf(1.0, 0.0) if residual else None
+    w = (torch.randn(cols, device=device) * 0.5 + 1).to(dtype).requires_grad_()
+    b = torch.randn(cols, device=device).to(dtype).requires_grad_()
+    _compare(backend, [x, r, w, b], torch.randn(rows, cols, device=device).to(dtype), (cols,))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -341,8 +341,12 @@ def trained(task_dir):
 def test_training_learns_the_task(trained):
     tokenizer = load_tokenizer(Path(trained["checkpoint"]) / "tokenizer.json")
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD, BOS, EOS]  # the model's pad/bos/eos ids
-    assert trained["history"][-1]["val_loss"] < 0.25 * trained["history"][0]["val_loss"]
-    assert trained["bleu"]["score"] > 50, trained["examples"]  # an untrained model scores 0
+    # Bars between a model that learned the words but not the reversal and one that learned the task. Order-blind
+    # (right words, any order): 0.83 nats per target token, test BLEU 14 (unreversed) to 22 (shuffled). Trained, over
+    # seeds 1-4 and 1337 on csrc and reference: 0.11-0.26 nats, BLEU 52-85. (The ratio of the last to the first
+    # evaluation, at steps 240 and 120, was noise: 0.14-0.62, and PyTorch alone scored 0.35 at the default seed.)
+    assert trained["history"][-1]["val_loss"] < 0.4
+    assert trained["bleu"]["score"] > 40, trained["examples"]
 
 
 def test_pairs_too_long_for_max_tokens(task_dir, tmp_path):

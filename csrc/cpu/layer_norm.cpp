@@ -107,9 +107,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
       std::vector<float> z_scratch(cols), keep_scratch(dropout.p > 0.f ? cols : 0);
       auto normalize = [&](int64_t row, const auto* z) {
+        // The mean as z[0] + mean(z - z[0]): exact for a constant row (whose xhat must then be exactly 0, not the
+        // rounding of sum(z) / cols times rstd = 1 / sqrt(eps)), and no less accurate for any other.
+        const float pivot = static_cast<float>(z[0]);
         Vec acc(0.f);
-        for_each_vec(cols, [&](int64_t j, auto c) { acc += load(z + j, c); });
-        const float mu = reduce(acc) / cols;
+        for_each_vec(cols, [&](int64_t j, auto c) { acc += zero_tail(load(z + j, c) - Vec(pivot), c); });
+        const float mu = pivot + reduce(acc) / cols;
         // Two passes (mean, then squares about it) for the variance: no cancellation when |mean| >> std.
         acc = Vec(0.f);
         for_each_vec(cols, [&](int64_t j, auto c) {

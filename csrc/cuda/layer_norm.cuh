@@ -78,11 +78,21 @@ __global__ void __launch_bounds__(MAX_THREADS, 1)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) z[i][k] += r[k];
       }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) local += z[i][k];
     }
   }
-  const float mean = row_sum(local, shared) * inv_cols;
+  // The mean as z[0] + mean(z - z[0]): exact for a constant row, whose xhat must then be exactly 0 rather than the
+  // rounding of sum(z) / cols times rstd = 1 / sqrt(eps). z[0] is thread 0's first element; a sum hands it to
+  // every thread of the row (exactly: the other terms are 0) with the reduction already there.
+  const float pivot = row_sum(threadIdx.x == 0 && valid ? z[0][0] : 0.f, shared);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (valid && col < cols) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) local += z[i][k] - pivot;
+    }
+  }
+  const float mean = pivot + row_sum(local, shared) * inv_cols;
   local = 0.f;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {

@@ -61,14 +61,19 @@ bool run_case(int index, const Case& c) {
   std::normal_distribution<float> normal;
 
   // Inputs, exact in their dtypes: x with a row offset (the mean must come off), residual, dy, weight around 1.
+  // Every fourth row of x and of the residual is constant, far from 0 (z too, without dropout): its mean must be
+  // exact, for xhat = 0 to come out exactly rather than as the mean's rounding times rstd = 1 / sqrt(eps).
   Buffer<T> x(M * N, c.misalign), residual(M * N, c.misalign), dy(M * N, c.misalign);
   Buffer<W> weight(N, c.misalign), bias(N, c.misalign);
-  for (int64_t r = 0; r < M; ++r)
+  for (int64_t r = 0; r < M; ++r) {
+    const bool constant = r % 4 == 3;
+    const T x_constant(40.f + 10.f * normal(rng)), residual_constant(normal(rng));
     for (int j = 0; j < N; ++j) {
-      x[r * N + j] = T(3.f + 2.f * normal(rng));
-      residual[r * N + j] = T(normal(rng));
+      x[r * N + j] = constant ? x_constant : T(3.f + 2.f * normal(rng));
+      residual[r * N + j] = constant ? residual_constant : T(normal(rng));
       dy[r * N + j] = T(normal(rng));
     }
+  }
   for (int j = 0; j < N; ++j) {
     weight[j] = W(1.f + 0.5f * normal(rng));
     bias[j] = W(normal(rng));
@@ -81,6 +86,7 @@ bool run_case(int index, const Case& c) {
   // fastgpt/ops/layer_norm.py with the magnitudes of each sum.
   std::vector<double> r_y(M * N), m_y(M * N), r_dx(M * N), m_dx(M * N), r_dz(M * N), m_dz(M * N);
   std::vector<double> r_mean(M), r_rstd(M);
+  std::vector<char> r_constant(M);
   std::vector<double> r_dw(N, 0), m_dw(N, 0), r_db(N, 0), m_db(N, 0);
   std::vector<double> z(N), keep(N), xhat(N), g(N);
   for (int64_t r = 0; r < M; ++r) {
@@ -89,7 +95,9 @@ bool run_case(int index, const Case& c) {
       keep[j] = dropout.p > 0 ? (reference_uniform(c.seed, j, static_cast<uint32_t>(r), 0, 1) >= dropout.p
                                      ? 1.0 / (1.0 - dropout.p) : 0.0)
                               : 1.0;
-      z[j] = static_cast<float>(x[r * N + j]) * keep[j] + (c.residual ? static_cast<float>(residual[r * N + j]) : 0);
+      // z is a float32 in the kernel
+      z[j] = static_cast<float>(static_cast<float>(x[r * N + j]) * keep[j] +
+                                (c.residual ? static_cast<float>(residual[r * N + j]) : 0));
       mean += z[j];
     }
     mean /= N;
@@ -97,13 +105,17 @@ bool run_case(int index, const Case& c) {
     const double rstd = 1 / std::sqrt(var / N + eps);
     r_mean[r] = mean;
     r_rstd[r] = rstd;
+    // mean and rstd carry float32 sums' errors relative to |z - mean| + |mean|, times rstd; a constant row's mean
+    // is exact, so there the |mean| term goes.
+    const bool constant = var == 0;
+    r_constant[r] = constant;
+    const double mean_error = constant ? 0 : std::fabs(mean) * rstd;
     double mean_g = 0, mean_gx = 0, mean_abs_g = 0, mean_abs_gx = 0;
     for (int j = 0; j < N; ++j) {
       xhat[j] = (z[j] - mean) * rstd;
       const double w = has_weight ? static_cast<float>(weight[j]) : 1.0, b = has_bias ? static_cast<float>(bias[j]) : 0;
       r_y[r * N + j] = xhat[j] * w + b;
-      // mean and rstd carry float32 sums' errors relative to |z - mean| + |mean|, times rstd
-      m_y[r * N + j] = (std::fabs(xhat[j]) + std::fabs(mean) * rstd + 1) * std::fabs(w) + std::fabs(b);
+      m_y[r * N + j] = (std::fabs(xhat[j]) + mean_error + 1) * std::fabs(w) + std::fabs(b);
       const double d = static_cast<float>(dy[r * N + j]);
       g[j] = d * w;
       mean_g += g[j] / N;
@@ -111,14 +123,14 @@ bool run_case(int index, const Case& c) {
       mean_abs_g += std::fabs(g[j]) / N;
       mean_abs_gx += std::fabs(g[j] * xhat[j]) / N;
       r_dw[j] += d * xhat[j];
-      m_dw[j] += std::fabs(d) * (std::fabs(xhat[j]) + std::fabs(mean) * rstd + 1);
+      m_dw[j] += std::fabs(d) * (std::fabs(xhat[j]) + mean_error + 1);
       r_db[j] += d;
       m_db[j] += std::fabs(d);
     }
     for (int j = 0; j < N; ++j) {
       const double dz = rstd * (g[j] - mean_g - xhat[j] * mean_gx);
-      const double mag = rstd * (std::fabs(g[j]) + mean_abs_g + (std::fabs(xhat[j]) + std::fabs(mean) * rstd + 1) *
-                                                                    (mean_abs_gx + mean_abs_g));
+      const double mag =
+          rstd * (std::fabs(g[j]) + mean_abs_g + (std::fabs(xhat[j]) + mean_error + 1) * (mean_abs_gx + mean_abs_g));
       r_dz[r * N + j] = dz;
       m_dz[r * N + j] = mag;
       r_dx[r * N + j] = dz * keep[j];
@@ -195,8 +207,9 @@ bool run_case(int index, const Case& c) {
   {
     BoundCheck ch_mean{"mean"}, ch_rstd{"rstd"};
     for (int64_t r = 0; r < M; ++r) {
-      ch_mean.element(mean[r], r_mean[r], kTolerance * u_sum * (std::fabs(r_mean[r]) + 1 / r_rstd[r]));
-      ch_rstd.element(rstd[r], r_rstd[r], kTolerance * u_sum * r_rstd[r] * (1 + std::fabs(r_mean[r]) * r_rstd[r]));
+      const double mean_error = r_constant[r] ? 0 : std::fabs(r_mean[r]);
+      ch_mean.element(mean[r], r_mean[r], kTolerance * u_sum * (mean_error + 1 / r_rstd[r]));
+      ch_rstd.element(rstd[r], r_rstd[r], kTolerance * u_sum * r_rstd[r] * (1 + mean_error * r_rstd[r]));
     }
     report.add(ch_mean);
     report.add(ch_rstd);
