@@ -137,6 +137,19 @@ def test_gelu_ffn_is_feed_forward_and_eval_has_no_dropout():
             torch.testing.assert_close(c, gelu_ffn(*tensors, approximate="none"), rtol=0, atol=0)
 
 
+@pytest.mark.skipif("csrc" not in fastgpt.available_backends("cpu"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("rows", [97, 1000])
+def test_cpu_bias_gradient_is_the_rounded_column_sum(rows):
+    """The CPU kernel adds a bias gradient's column in float64: gelu_ffn's db2 without dropout (the column sums of
+    the output gradient) is their float64 sum rounded once, where a float32 sum down the rows was several times
+    PyTorch's own error."""
+    x, w1, b1, w2, b2 = _make_ffn((rows, 48), 96, torch.float32, "cpu", True)
+    grad = torch.randn(rows, 48) * 10
+    with fastgpt.use_backend("csrc"):
+        gelu_ffn(x, w1, b1, w2, b2).backward(grad)
+    torch.testing.assert_close(b2.grad, grad.double().sum(0).float(), rtol=0, atol=0)
+
+
 def test_reference_dropout_is_the_philox_mask():
     """The reference backend drops exactly the elements dropout_keep names for the seed drawn after manual_seed."""
     tensors = [t.detach() for t in _make_ffn((2, 9, 16), 32, torch.float64, "cpu", True)]

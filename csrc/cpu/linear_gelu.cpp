@@ -91,20 +91,20 @@ void forward_epilogue(const scalar_t* pre, scalar_t* out, int64_t rows, int64_t 
 
 // Backward epilogue: dpre = grad * dropout * act'(pre), and bias_grad = column sums of dpre.
 // Parallel over fixed blocks of columns, each walking every row: the column sums need no partial buffers and are
-// bit-identical whatever the thread count. float32 sums per slab of kSlab rows, slabs added in float64.
+// bit-identical whatever the thread count. They are added in float64 (every float32 term exactly): a float32 sum
+// down a column's rows rounds at each of them, several times PyTorch's cascaded sum(0) error on short columns.
 // dpre may alias grad or pre (each element is read before it is written).
 template <typename scalar_t, Activation A>
 void backward_epilogue(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre,
                        float* bias_grad, int64_t rows, int64_t cols, float p, uint64_t seed) {
-  constexpr int64_t kCols = 128, kSlab = 64;
+  constexpr int64_t kCols = 128;
   const float scale = 1.f / (1.f - p);
   const int64_t blocks = (cols + kCols - 1) / kCols;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    float g[kCols], x[kCols], slab[kCols];
+    float g[kCols], x[kCols];
     double total[kCols];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t col0 = block * kCols, n = std::min(kCols, cols - col0);
-      std::fill(slab, slab + n, 0.f);
       std::fill(total, total + n, 0.0);
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t offset = row * cols + col0;
@@ -117,13 +117,8 @@ void backward_epilogue(const scalar_t* grad, const scalar_t* pre, scalar_t* dpre
           });
         }
         from_float(g, dpre + offset, n);
-        if (bias_grad != nullptr) {
-          for (int64_t j = 0; j < n; ++j) slab[j] += g[j];
-          if ((row + 1) % kSlab == 0 || row + 1 == rows) {
-            for (int64_t j = 0; j < n; ++j) total[j] += slab[j];
-            std::fill(slab, slab + n, 0.f);
-          }
-        }
+        if (bias_grad != nullptr)
+          for (int64_t j = 0; j < n; ++j) total[j] += g[j];
       }
       if (bias_grad != nullptr)
         for (int64_t j = 0; j < n; ++j) bias_grad[col0 + j] = static_cast<float>(total[j]);
