@@ -3,6 +3,7 @@ sampling, classification head, torch.compile, bf16 autocast and input checks."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.models import GPT1, GPT1Config, KVCache
@@ -36,12 +37,19 @@ def _hf_name(name):
     return f"transformer.{name}", name.endswith(_CONV1D)
 
 
-def _run_hf(model, ids):
+def _run_hf(model, ids, float64_loss=False):
+    """Hugging Face's logits, loss and gradients; its loss is float32 whatever the model's dtype, so the float64
+    reference takes the same shifted cross-entropy in float64 instead."""
     model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
+    if float64_loss:
+        logits = model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    else:
+        out = model(ids, labels=ids)
+        logits, loss = out.logits, out.loss
+    loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    return out.logits.detach(), out.loss.detach(), grads
+    return logits.detach(), loss.detach(), grads
 
 
 def _run_ours(model, ids):
@@ -90,14 +98,14 @@ def test_matches_hugging_face_both_ways(device, backend, dtype, train):
     peer.load_state_dict(reference.state_dict())
     ids = torch.randint(0, VOCAB, (3, 11), device=device)
 
-    expected = _run_hf(reference, ids)
+    expected = _run_hf(reference, ids, float64_loss=True)
     theirs = _run_hf(peer, ids)
     ours_model = from_hf(peer)
     assert ours_model.training == train and ours_model.tokens_embed.weight.dtype == dtype
     with fastgpt.use_backend(backend):
         ours = _run_ours(ours_model, ids)
-    for i, name in enumerate(("logits", "loss")):
-        assert_close(name, ours[i], expected[i], theirs[i])
+    assert_close("logits", ours[0], expected[0], theirs[0])
+    assert_close("loss", ours[1], expected[1], theirs[1].to(dtype))  # ours is float64 for a float64 model
     assert len(ours[2]) == len(expected[2])  # named_parameters lists the tied weight once on both sides
     for name, grad in ours[2].items():
         hf_name, transposed = _hf_name(name)
@@ -110,6 +118,34 @@ def test_matches_hugging_face_both_ways(device, backend, dtype, train):
     torch.testing.assert_close(again[0], theirs[0], rtol=0, atol=0)
     for name, param in back.state_dict().items():
         torch.testing.assert_close(param, peer.state_dict()[name], rtol=0, atol=0)
+
+
+def test_untied_head_both_ways():
+    """A Hugging Face model with its own output head (tie_word_embeddings=False) keeps it through from_hf and to_hf."""
+    torch.manual_seed(0)
+    hf = _hf(tie_word_embeddings=False).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.tokens_embed.weight)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    ours = from_hf(hf)
+    assert not ours.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    back = to_hf(ours)
+    for name, param in hf.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], param, rtol=0, atol=0)
+    headless = transformers.OpenAIGPTModel(hf.config)
+    with pytest.raises(ValueError, match="unties the output head .* OpenAIGPTLMHeadModel"):
+        from_hf(headless)
+
+
+def test_float64_loss_and_empty_batch():
+    """A float64 model's loss is computed in float64 (gradcheck-grade); a batch of no rows gives no logits."""
+    torch.manual_seed(0)
+    model = _small(num_labels=2).double()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    assert model(ids, labels=ids).loss.dtype == torch.float64
+    assert model.classify(ids, labels=torch.tensor([0, 1])).loss.dtype == torch.float64
+    assert model(torch.zeros(0, 5, dtype=torch.long)).logits.shape == (0, 5, VOCAB)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -171,6 +207,16 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.all((top3 == a[:, 3:, None]).any(-1))
 
 
+def test_tiny_temperature_is_greedy():
+    """A temperature so small that logits / temperature overflows still samples the likeliest token."""
+    torch.manual_seed(0)
+    model = _small().eval()
+    prompt = torch.randint(0, VOCAB, (3, 4))
+    greedy = model.generate(prompt, 5, temperature=0)
+    assert torch.equal(model.generate(prompt, 5, temperature=1e-40, generator=torch.Generator().manual_seed(0)),
+                       greedy)
+
+
 def test_classification_head():
     torch.manual_seed(0)
     model = _small(num_labels=3, extract_token_id=VOCAB - 1, clf_pdrop=0.0)
@@ -190,6 +236,10 @@ def test_classification_head():
     torch.testing.assert_close(explicit.logits, out.logits)
     with pytest.raises(ValueError, match="has no extract token"):
         model.classify(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="lm_labels .* needs labels"):
+        model.classify(ids, lm_labels=ids)
+    with pytest.raises(ValueError, match=r"expected lm_labels of shape \(2, 9\)"):
+        model.classify(ids, labels=labels, lm_labels=ids[:, :-1])
     with pytest.raises(ValueError, match="has no classifier"):
         _small().classify(ids)
 
@@ -246,6 +296,11 @@ def test_bad_token_ids():
     model(torch.zeros(1, CONTEXT - 1, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"23 cached \+ 2 new"):
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="holds a batch of 1 rows, got input_ids with 2"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    small = KVCache(4)
+    with pytest.raises(ValueError, match=r"0 cached \+ 6 new positions exceed its capacity 4"):
+        model(torch.zeros(1, 6, dtype=torch.long), cache=small)
     with pytest.raises(ValueError, match=r"labels of shape \(1, 3\)"):
         model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
 
@@ -261,6 +316,13 @@ def test_bad_generate_arguments(monkeypatch):
         model.generate(prompt, -1)
     with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
         model.generate(prompt, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model.generate(prompt[0], 2)
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature to be a finite number >= 0"):
+            model.generate(prompt, 2, temperature=temperature)
+    with pytest.raises(ValueError, match="top_k to be an int >= 1, got 2.5"):
+        model.generate(prompt, 2, top_k=2.5)
     # The prompt's range check is the only one: the steps feed back the model's own picks without a device sync.
     calls = []
     aminmax = torch.aminmax

@@ -295,6 +295,31 @@ def test_encoder_detects_causal_mask():
     assert torch.allclose(encoder(x, mask=mask), encoder(x, mask=mask, is_causal=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_torch_encoder_over_fastgpt_layers_in_inference(device, backend):
+    """torch.nn.TransformerEncoder around fastgpt layers (the one-import swap): in inference with a key-padding mask
+    it hands them a nested batch (its fast path, taken for any subclass of its layer), which they run padded; the
+    padded positions come back as torch's zeros."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoderLayer(E, H, 24, dropout=0.1, batch_first=True).to(device)
+    ours = fnn.TransformerEncoderLayer(E, H, 24, dropout=0.1, batch_first=True).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    encoders = {name: torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+                for name, layer in (("theirs", theirs), ("ours", ours))}
+    expected_encoder = copy.deepcopy(encoders["theirs"]).double()
+    x = torch.randn(B, L, E, device=device)
+    padding = _padding(B, L).to(device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype-nested-tensor notice
+        assert encoders["ours"].use_nested_tensor
+        with fastgpt.use_backend(backend):
+            actual = encoders["ours"](x, src_key_padding_mask=padding)
+        expected = expected_encoder(x.double(), src_key_padding_mask=padding)
+        torch_result = encoders["theirs"](x, src_key_padding_mask=padding)
+    assert_close("output", actual, expected, torch_result)
+    assert not actual[padding].any()
+
+
 class _Adapter(torch.nn.Module):
     """A LoRA-style wrapper: the wrapped Linear's weight and bias, and a forward of its own."""
 

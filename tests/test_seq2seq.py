@@ -131,6 +131,31 @@ def test_beam_search_finds_at_least_greedys_score():
         assert torch.all(score(beam) >= score(greedy) - 1e-5)
 
 
+def test_decoding_never_emits_pad_or_bos(monkeypatch):
+    """However likely the model finds padding and BOS, a decoded row is real tokens, then EOS, then padding."""
+    torch.manual_seed(3)
+    model = Seq2SeqTransformer(_config()).eval()
+    src = _batch(batch=4)
+    decode_step = model._decode_step
+
+    def favouring_specials(tokens, cache):
+        step = cache.length
+        logits = decode_step(tokens, cache).clone()  # (rows, V), rows sentence-major
+        logits[:, [PAD, BOS]] += 100.0
+        logits[:, EOS] -= 100.0
+        if step == 4:  # the first half of the sentences end here, the others run to max_len
+            logits[:logits.shape[0] // 2, EOS] += 300.0
+        return logits
+
+    monkeypatch.setattr(model, "_decode_step", favouring_specials)
+    for out in (model.greedy_decode(src, max_len=9), model.beam_search(src, beam_size=3, max_len=9)):
+        assert not (out == BOS).any()
+        ended = (out == EOS).cumsum(1) > 0
+        shifted = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], 1)  # after the row's EOS
+        assert torch.equal(out == PAD, shifted), out
+        assert ended.any() and not ended[:, -1].all()
+
+
 def test_copy_task_learns():
     torch.manual_seed(0)
     model = Seq2SeqTransformer(_config(d_model=32, dim_feedforward=64, num_encoder_layers=1,

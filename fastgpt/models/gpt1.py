@@ -33,6 +33,7 @@ ignored. Token ids are checked against the vocabulary in eager mode (one device 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -46,6 +47,11 @@ from fastgpt.ops.attention import scaled_dot_product_attention
 from fastgpt.ops.linear_gelu import gelu_ffn
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for a cross-entropy: half precision upcast to float32, float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 @dataclass
@@ -109,6 +115,15 @@ class KVCache:
         self.length = 0
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+
+    def check(self, batch: int, length: int) -> None:
+        """Raises ValueError unless `length` more positions of a batch of `batch` rows fit."""
+        if self.length + length > self.capacity:
+            raise ValueError(f"KVCache: {self.length} cached + {length} new positions exceed its capacity "
+                             f"{self.capacity}")
+        if self.keys and next(iter(self.keys.values())).shape[0] != batch:
+            raise ValueError(f"KVCache: holds a batch of {next(iter(self.keys.values())).shape[0]} rows, got "
+                             f"input_ids with {batch}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v (B, H, T, D) at positions [length, length + T); returns all keys and values so far."""
@@ -230,7 +245,7 @@ class GPT1(nn.Module):
         weight = self.tokens_embed.weight
         if ids.device != weight.device:
             raise ValueError(f"GPT1: expected {name} on the model's device ({weight.device}), got {ids.device}")
-        if self.check_token_ids and not torch.compiler.is_compiling():
+        if self.check_token_ids and ids.numel() and not torch.compiler.is_compiling():
             low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"GPT1: {name} holds token ids outside the vocabulary [0, {self.config.vocab_size}): "
@@ -239,6 +254,8 @@ class GPT1(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The last block's output (B, T, C)."""
         self._check_ids("input_ids", input_ids, 0 if cache is None else cache.length)
+        if cache is not None:
+            cache.check(input_ids.shape[0], input_ids.shape[1])
         return self._hidden_states(input_ids, cache)
 
     def _hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -256,11 +273,12 @@ class GPT1(nn.Module):
             return F.linear(hidden, self.tokens_embed.weight)
         return self.lm_head(hidden)
 
-    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
+                 name: str = "labels") -> torch.Tensor:
         if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"GPT1: expected labels of shape {tuple(input_ids.shape)} (that of input_ids), got {got}")
-        shifted = logits[:, :-1].float()  # logits at t predict the label at t + 1
+            raise ValueError(f"GPT1: expected {name} of shape {tuple(input_ids.shape)} (that of input_ids), got {got}")
+        shifted = _loss_dtype(logits[:, :-1])  # logits at t predict the label at t + 1
         return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -278,6 +296,9 @@ class GPT1(nn.Module):
         language-modelling loss (the paper's auxiliary objective, weight 0.5)."""
         if self.config.num_labels == 0:
             raise ValueError("GPT1.classify: the model has no classifier; build it with GPT1Config(num_labels=N)")
+        if lm_labels is not None and labels is None:
+            raise ValueError("GPT1.classify: lm_labels (the auxiliary loss) needs labels; for the language-modelling "
+                             "loss alone call the model: model(input_ids, labels=...)")
         hidden = self.hidden_states(input_ids)
         batch, length = input_ids.shape
         if extract_index is None:
@@ -289,9 +310,9 @@ class GPT1(nn.Module):
         logits = self.classifier(self.clf_dropout(pooled))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(_loss_dtype(logits), labels)
             if lm_labels is not None:
-                loss = loss + lm_weight * self._lm_loss(self._logits(hidden), lm_labels, input_ids)
+                loss = loss + lm_weight * self._lm_loss(self._logits(hidden), lm_labels, input_ids, "lm_labels")
         return GPT1ClassifierOutput(logits, loss)
 
     def _extract_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -318,12 +339,14 @@ class GPT1(nn.Module):
         Keys and values are cached; once the context is full, each step re-reads the last n_positions tokens
         (the window slides, so cached positions would be stale). Runs in the module's current mode: call .eval()
         for generation without dropout."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() != 2:
+            self._check_ids("input_ids", input_ids)  # the shape error, before the window is sliced
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"GPT1.generate: expected max_new_tokens >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"GPT1.generate: expected temperature >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"GPT1.generate: expected top_k >= 1, got {top_k}")
+        if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+            raise ValueError(f"GPT1.generate: expected temperature to be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"GPT1.generate: expected top_k to be an int >= 1, got {top_k!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"GPT1.generate: expected top_p in (0, 1], got {top_p}")
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
@@ -360,7 +383,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifted so the largest is 0 before the division: a tiny temperature sends the others to -inf, not to nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -413,12 +437,17 @@ def from_hf(hf_model) -> GPT1:
     config = GPT1Config(vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd, n_layer=hf.n_layer,
                         n_head=hf.n_head, n_inner=4 * hf.n_embd, gelu_approximate="tanh",
                         resid_pdrop=hf.resid_pdrop, embd_pdrop=hf.embd_pdrop, attn_pdrop=hf.attn_pdrop,
-                        layer_norm_epsilon=hf.layer_norm_epsilon, initializer_range=hf.initializer_range)
+                        layer_norm_epsilon=hf.layer_norm_epsilon, initializer_range=hf.initializer_range,
+                        tie_word_embeddings=hf.tie_word_embeddings)
+    hf_state = hf_model.state_dict()
+    if not config.tie_word_embeddings and "lm_head.weight" not in hf_state:
+        raise ValueError("from_hf: the model's config unties the output head (tie_word_embeddings=False) but it "
+                         "has no head (an OpenAIGPTModel): pass the OpenAIGPTLMHeadModel")
     state = {}
-    for key, value in hf_model.state_dict().items():
+    for key, value in hf_state.items():
         key = key.removeprefix("transformer.")
-        if key == "lm_head.weight" or key.endswith(".attn.bias"):  # the tied head; the causal-mask buffer
-            continue
+        if (key == "lm_head.weight" and config.tie_word_embeddings) or key.endswith(".attn.bias"):
+            continue  # the tied head (the token embedding); the causal-mask buffer
         state[key] = value.t() if key.endswith(_CONV1D) else value
     weight = next(hf_model.parameters())
     model = GPT1(config).to(device=weight.device, dtype=weight.dtype)
@@ -431,16 +460,18 @@ def to_hf(model: GPT1):
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
     c = model.config
-    if c.gelu_approximate != "tanh" or c.n_inner != 4 * c.n_embd or not c.tie_word_embeddings or c.num_labels:
-        raise ValueError("to_hf: OpenAIGPTLMHeadModel has the tanh GELU, n_inner = 4 * n_embd, a tied head and no "
-                         f"classifier; this model has {asdict(c)}")
+    if c.gelu_approximate != "tanh" or c.n_inner != 4 * c.n_embd or c.num_labels:
+        raise ValueError("to_hf: OpenAIGPTLMHeadModel has the tanh GELU, n_inner = 4 * n_embd and no classifier; "
+                         f"this model has {asdict(c)}")
     hf_config = OpenAIGPTConfig(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
                                 n_layer=c.n_layer, n_head=c.n_head, afn="gelu", resid_pdrop=c.resid_pdrop,
                                 embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop,
-                                layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range)
+                                layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.initializer_range,
+                                tie_word_embeddings=c.tie_word_embeddings)
     weight = model.tokens_embed.weight
     hf_model = OpenAIGPTLMHeadModel(hf_config).to(device=weight.device, dtype=weight.dtype)
-    state = {f"transformer.{k}": (v.t() if k.endswith(_CONV1D) else v) for k, v in model.state_dict().items()}
-    state["lm_head.weight"] = model.tokens_embed.weight.detach()
+    state = {f"transformer.{k}": (v.t() if k.endswith(_CONV1D) else v) for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    state["lm_head.weight"] = (model.tokens_embed.weight if c.tie_word_embeddings else model.lm_head.weight).detach()
     hf_model.load_state_dict(state, strict=True)
     return hf_model.train(model.training)

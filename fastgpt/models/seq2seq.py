@@ -210,7 +210,8 @@ class Seq2SeqTransformer(nn.Module):
             if not isinstance(labels, torch.Tensor) or labels.shape != tgt.shape:
                 raise ValueError(f"Seq2SeqTransformer: expected labels of shape {tuple(tgt.shape)} (that of tgt), "
                                  f"got {getattr(labels, 'shape', type(labels).__name__)}")
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision upcast
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=self.config.pad_id, label_smoothing=self.config.label_smoothing)
         return Seq2SeqOutput(logits, loss)
 
@@ -271,6 +272,11 @@ class Seq2SeqTransformer(nn.Module):
         cache.length += 1
         return self._logits(x[:, -1])
 
+    def _never_emitted(self) -> list[int]:
+        """Ids a decoder may not produce: padding and BOS (EOS ends a row, then padding follows)."""
+        c = self.config
+        return sorted({c.pad_id, c.bos_id} - {c.eos_id})
+
     def _max_len(self, src: torch.Tensor, max_len: int | None) -> int:
         """Generated tokens at most: BOS takes position 0 and the last token is never fed back, so up to
         config.max_len."""
@@ -294,6 +300,7 @@ class Seq2SeqTransformer(nn.Module):
                 logits = self._decode_step(tokens[:, -1:], cache)
             else:
                 logits = self.decode(tokens, memory, src_padding)[:, -1]
+            logits[:, self._never_emitted()] = float("-inf")
             next_token = torch.where(finished, c.pad_id, logits.argmax(dim=-1))
             finished |= next_token == c.eos_id
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -325,6 +332,7 @@ class Seq2SeqTransformer(nn.Module):
 
         for _ in range(max_len):
             log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).float(), dim=-1)  # (B*K, V)
+            log_probs[:, self._never_emitted()] = float("-inf")  # scores stay the model's log-probabilities
             vocab = log_probs.shape[-1]
             # A finished hypothesis continues only with padding, at no cost.
             done_row = torch.full((vocab,), float("-inf"), device=device)

@@ -15,7 +15,8 @@ Only plain sub-modules are fused away: a Linear, LayerNorm, Dropout or activatio
 has hooks (pruning, adapters, profilers) runs its own forward, as in PyTorch.
 
 Differences from PyTorch: no nested-tensor fast path (so, in eval mode with a key-padding mask, the outputs at
-padded positions are computed like any other rather than set to 0; the outputs at real positions are the same);
+padded positions are computed like any other rather than set to 0; the outputs at real positions are the same; an
+encoder layer handed a nested batch, as torch.nn.TransformerEncoder does there, runs it padded);
 a causal mask is detected (as PyTorch does when is_causal is None) only outside torch.compile, where the mask is
 then applied as a mask: same result, without the kernels' causal fast path. Pass is_causal=True to get it.
 """
@@ -130,6 +131,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if src.is_nested:
+            return _over_nested(self, src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
@@ -140,6 +143,21 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(_feed_forward(self, x))
+
+
+def _over_nested(layer: TransformerEncoderLayer, src: torch.Tensor, src_mask, src_key_padding_mask,
+                 is_causal: bool) -> torch.Tensor:
+    """The layer over a nested batch of sequences (B, ragged L, E), as torch.nn.TransformerEncoder hands its layers
+    in inference with a key-padding mask (its fast path, chosen for any subclass of torch's layer): run padded, with
+    the key-padding mask the lengths give, and nested again."""
+    if not layer.self_attn.batch_first or src.dim() != 3 or src_mask is not None or src_key_padding_mask is not None:
+        raise ValueError("TransformerEncoderLayer: a nested src takes neither src_mask nor src_key_padding_mask (its "
+                         "lengths are the padding) and needs batch_first=True")
+    lengths = [row.shape[0] for row in src.unbind()]
+    padded = src.to_padded_tensor(0.0)  # (B, L, E)
+    padding = torch.arange(padded.shape[1], device=src.device) >= torch.tensor(lengths, device=src.device)[:, None]
+    out = layer(padded, src_key_padding_mask=padding, is_causal=is_causal)  # (B, L, E)
+    return torch.nested.as_nested_tensor([row[:n] for row, n in zip(out, lengths)])
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
