@@ -151,12 +151,21 @@ def forced_backend() -> str | None:
     return _FORCED[-1] if _FORCED else _ENV_BACKEND
 
 
+def _differentiated_by_definition() -> bool:
+    """Inside torch.func transforms (grad, vjp, jvp, jacrev, vmap...) and forward-mode AD (a dual_level): the
+    kernels' autograd formulas are reverse-mode only and opaque to functorch (tangents were dropped, grad failed),
+    so the op runs on reference, which the transforms differentiate and batch through its PyTorch ops."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def select(device: torch.device, supports: Callable[[str], bool],
            preference: Sequence[str] | None = None) -> str:
     """Picks the backend for one call of an op whose tensors live on `device`.
 
     `supports(name)` says whether backend `name`'s kernel handles these inputs (dtype, sizes, layout).
     """
+    if not torch.compiler.is_compiling() and _differentiated_by_definition():
+        return "reference"
     forced = _FORCED[-1] if _FORCED else _ENV_BACKEND
     candidates = (forced,) if forced is not None else (preference or DEFAULT_PREFERENCE.get(device.type, ()))
     for name in candidates:

@@ -156,9 +156,11 @@ def _scores(qk, offs_m, offs_n, Lq, Lk, mask_base, stride_mm, stride_mn, qk_scal
         else:
             # Finite entries are floored at MASK_FLOOR so that the log2 scaling stays finite: Hugging Face masks
             # hold torch.finfo(dtype).min, which times log2(e) overflows, and a row hidden that way would turn
-            # into a fully masked one (output 0) where PyTorch averages the values. -inf entries stay -inf.
+            # into a fully masked one (output 0) where PyTorch averages the values. -inf entries stay -inf; a NaN
+            # stays NaN (max would floor it: the row must come out NaN, as PyTorch's does).
             mask = mask.to(tl.float32)
-            s = tl.where(mask == float("-inf"), float("-inf"), s + tl.maximum(mask, MASK_FLOOR) * 1.4426950408889634)
+            floored = tl.maximum(mask, MASK_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+            s = tl.where(mask == float("-inf"), float("-inf"), s + floored * 1.4426950408889634)
     if CHECK_CAUSAL:
         s = tl.where(offs_n <= offs_m, s, float("-inf"))
     if CHECK_KEYS:

@@ -151,6 +151,21 @@ def test_fully_masked_rows(device, backend, kind):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nan_in_additive_mask_reaches_its_row(device, backend):
+    """A NaN in an additive mask makes its query row NaN, as in PyTorch (the kernels' floor for huge negative masks
+    must not hide it); the other rows are unaffected."""
+    q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 9, 11, 32, 32)
+    mask = torch.randn(1, 2, 9, 11, device=device)
+    mask[0, 1, 4, 6] = float("nan")
+    with fastgpt.use_backend(backend):
+        out = scaled_dot_product_attention(q, k, v, mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+    assert out[0, 1, 4].isnan().all() and expected[0, 1, 4].isnan().all()
+    out[0, 1, 4] = expected[0, 1, 4] = 0.0
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_additive_mask_at_dtype_min(device, backend, dtype):
     """Hugging Face's masks hold torch.finfo(dtype).min, not -inf, where a key is hidden. In float32 and bfloat16 a
@@ -294,6 +309,26 @@ def test_empty_sequences(device, backend):
         assert dk.shape == k.shape and dv.shape == v.shape
         q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 3, 5, 0, 4)
         torch.testing.assert_close(scaled_dot_product_attention(q, k, v), v.mean(-2, keepdim=True).expand(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_numbers_in_any_form(device, backend):
+    """dropout_p and scale as PyTorch takes them: a NumPy scalar or a 0-d tensor is the number it holds."""
+    np = pytest.importorskip("numpy")
+    q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 5, 7, 32, 32)
+    with fastgpt.use_backend(backend):
+        expected = scaled_dot_product_attention(q, k, v, scale=0.5)
+        for scale in (np.float32(0.5), torch.tensor(0.5)):
+            torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=scale), expected)
+        torch.manual_seed(3)
+        expected = scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+        for dropout_p in (np.float32(0.25), torch.tensor(0.25)):
+            torch.manual_seed(3)
+            torch.testing.assert_close(scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), expected)
+        with pytest.raises(ValueError, match=r"expected dropout_p in \[0, 1\), got True"):
+            scaled_dot_product_attention(q, k, v, dropout_p=True)
+        with pytest.raises(ValueError, match="expected scale to be a finite number or None, got 'a'"):
+            scaled_dot_product_attention(q, k, v, scale="a")
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -81,3 +81,61 @@ def test_environment_variable_forces_a_backend():
     assert result.stdout.strip() == "reference", result.stderr
     result = _python("import fastgpt", FASTGPT_BACKEND="fast")
     assert result.returncode != 0 and "FASTGPT_BACKEND: unknown backend 'fast'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Differentiation beyond first-order reverse mode: the kernels' backward ops have no autograd formula and functorch
+# cannot see through them, so torch.func transforms and forward-mode AD run the ops on reference, and a backward
+# with create_graph=True through a kernel is refused (its second-order gradient would silently be zero).
+
+def _op_calls():
+    """Each public op on small float32 inputs (all differentiable), as (name, function, inputs)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    return [
+        ("scaled_dot_product_attention", fastgpt.ops.scaled_dot_product_attention,
+         (rand(2, 2, 5, 16), rand(2, 2, 7, 16), rand(2, 2, 7, 16))),  # head dim 16: the kernels take it
+        ("layer_norm", lambda x, w, b: fastgpt.ops.layer_norm(x, 9, w, b), (rand(3, 9), rand(9), rand(9))),
+        ("add_layer_norm", lambda x, r, w, b: fastgpt.ops.add_layer_norm(x, r, 9, w, b),
+         (rand(3, 9), rand(3, 9), rand(9), rand(9))),
+        ("linear_gelu", fastgpt.ops.linear_gelu, (rand(3, 6), rand(5, 6), rand(5))),
+        ("gelu_ffn", fastgpt.ops.gelu_ffn, (rand(3, 6), rand(10, 6), rand(10), rand(6, 10), rand(6))),
+    ]
+
+
+KERNEL_BACKENDS = [name for name in fastgpt.available_backends("cpu") if name != "reference"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,function,inputs", _op_calls(), ids=[c[0] for c in _op_calls()])
+def test_func_transforms_and_forward_ad_run_on_reference(backend, name, function, inputs):
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    with fastgpt.use_backend("reference"):
+        expected_jvp = torch.func.jvp(function, inputs, tangents)[1]
+        expected_grad = torch.func.grad(lambda *a: function(*a).square().sum(), argnums=0)(*inputs)
+    with fastgpt.use_backend(backend):
+        torch.testing.assert_close(torch.func.jvp(function, inputs, tangents)[1], expected_jvp)
+        torch.testing.assert_close(torch.func.grad(lambda *a: function(*a).square().sum(), argnums=0)(*inputs),
+                                   expected_grad)
+        with torch.autograd.forward_ad.dual_level():
+            dual = function(*(torch.autograd.forward_ad.make_dual(t, d) for t, d in zip(inputs, tangents)))
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(dual).tangent, expected_jvp)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,function,inputs", _op_calls(), ids=[c[0] for c in _op_calls()])
+def test_create_graph_through_a_kernel_is_refused(backend, name, function, inputs):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    with fastgpt.use_backend("reference"):
+        first = torch.autograd.grad(function(*inputs).square().sum(), inputs[0], create_graph=True)[0]
+    assert first.requires_grad  # the reference differentiates twice
+    with fastgpt.use_backend(backend):
+        out = function(*inputs).square().sum()
+        with pytest.raises(RuntimeError, match="backward is not differentiable .*create_graph=True.* reference"):
+            torch.autograd.grad(out, inputs[0], create_graph=True)
+        out = function(*inputs).square().sum()
+        # A first-order backward still runs (float32 kernels: their accuracy is tests/test_<op>.py's to check).
+        torch.testing.assert_close(torch.autograd.grad(out, inputs[0])[0], first.detach(), rtol=1e-4, atol=1e-4)

@@ -219,6 +219,19 @@ def test_dropout_only_in_training(backend):
     torch.testing.assert_close(evaluated, F.layer_norm(x + r, (32,)))
 
 
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_dropout_p_in_any_form(backend):
+    """dropout_p as PyTorch takes it: a NumPy scalar or a 0-d tensor draws the float's mask."""
+    np = pytest.importorskip("numpy")
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    with fastgpt.use_backend(backend):
+        torch.manual_seed(5)
+        expected = add_layer_norm(x, r, (32,), dropout_p=0.25)
+        for dropout_p in (np.float32(0.25), torch.tensor(0.25)):
+            torch.manual_seed(5)
+            torch.testing.assert_close(add_layer_norm(x, r, (32,), dropout_p=dropout_p), expected)
+
+
 # --- fallback: inputs a kernel does not take go to reference, and still give the right answer ----------------
 
 @pytest.mark.parametrize("backend", [b for b in fastgpt.available_backends("cpu") if b != "reference"])

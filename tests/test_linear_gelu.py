@@ -349,6 +349,17 @@ def test_empty_input(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_no_input_features(device, backend):
+    """d_model 0: the hidden layer is act(b1), as F.linear computes."""
+    w1, b1 = torch.randn(16, 0, device=device), torch.randn(16, device=device)
+    w2, b2 = torch.randn(5, 16, device=device), torch.randn(5, device=device)
+    x = torch.randn(3, 0, device=device)
+    with fastgpt.use_backend(backend):
+        out = gelu_ffn(x, w1, b1, w2, b2)
+    torch.testing.assert_close(out, F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2))
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_bias_at_an_odd_offset(device, backend):
     """A bias viewed 2 bytes past an aligned address: cuBLASLt's bias epilogue reads it in 16-byte vectors, so the
     CUDA kernel must copy it rather than hand it over."""
@@ -386,6 +397,9 @@ BAD_INPUTS = [
      r"expected dropout_p in \[0, 1\)"),
     (lambda: feed_forward(torch.randn(4, 8), _W, _B, _W.t(), None, activation="swish"), ValueError,
      "expected activation to be one of gelu, gelu_tanh, relu"),
+    (lambda: gelu_ffn(torch.randn(4, 8), _W, _B, [[1.0]], None), TypeError, "expected w2 to be a torch.Tensor"),
+    (lambda: gelu_ffn(torch.randn(4, 8), _W, _B, _W.t(), None, dropout_p=torch.tensor(True)), ValueError,
+     r"expected dropout_p in \[0, 1\)"),
 ]
 
 

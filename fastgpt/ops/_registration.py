@@ -15,9 +15,32 @@ def register_kernel_op(fwd_op, bwd_op, fwd_fake: Callable, bwd_fake: Callable,
 
     torch.library.register_fake(fwd_op)(fwd_fake)
     torch.library.register_fake(bwd_op)(bwd_fake)
-    backward = autograd_for(bwd_op)
+    # The op's qualified name: a custom_op's (Triton) _qualname, an OpOverload's (C++) name().
+    name = getattr(fwd_op, "_qualname", None) or fwd_op.name()
+    backward = first_order_only(name, autograd_for(bwd_op))
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
     return eager_call(fwd_op, backward, setup_context)
+
+
+def refuse_create_graph(op_name: str) -> None:
+    """Raises when a backward runs with create_graph=True (grad mode on inside the backward): the kernels' backward
+    ops have no autograd formula of their own, so a gradient of the gradient would silently be zero. torch.compile
+    traces backwards with grad mode off and is left alone."""
+    import torch
+
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op_name}: the kernels' backward is not differentiable (backward with create_graph=True, "
+                           f"for a gradient of a gradient); run this op on the reference backend: "
+                           f"with fastgpt.use_backend('reference')")
+
+
+def first_order_only(op_name: str, backward: Callable) -> Callable:
+    """`backward`, refusing create_graph=True (refuse_create_graph)."""
+    def checked(ctx, *grads):
+        refuse_create_graph(op_name)
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def eager_call(op, backward: Callable, setup_context: Callable) -> Callable:
@@ -25,7 +48,8 @@ def eager_call(op, backward: Callable, setup_context: Callable) -> Callable:
     a plain autograd.Function (argument defaults refilled, a redispatch): 5 of the 33 us of a small LayerNorm call
     with grad on a CPU, 3 of 16 without (the kernel itself takes 7).
     In eager mode an autograd.Function with the very same setup_context and backward runs the op below autograd;
-    under torch.compile and torch.func transforms the registered op itself is called, which they trace."""
+    under torch.compile the registered op itself is called, which it traces (torch.func transforms never get here:
+    backends.select sends them to reference)."""
     import torch
 
     class Function(torch.autograd.Function):
@@ -43,7 +67,7 @@ def eager_call(op, backward: Callable, setup_context: Callable) -> Callable:
             return backward(ctx, *grads)
 
     def call(*args):
-        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if torch.compiler.is_compiling():
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return Function.apply(*args)

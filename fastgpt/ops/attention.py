@@ -35,7 +35,7 @@ import torch
 
 from fastgpt import backends
 from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
-from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops._checks import check_dropout_p, check_like, check_scale, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import attention_dropout_keep, draw_seed
 
@@ -133,10 +133,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     elif heads != kv_heads:
         raise ValueError(f"{_OP}: expected query and key with the same number of heads ({heads} vs {kv_heads}); "
                          f"pass enable_gqa=True for grouped-query attention")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{_OP}: expected dropout_p in [0, 1), got {dropout_p}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{_OP}: expected scale to be a finite number or None, got {scale}")
+    check_dropout_p(_OP, dropout_p)
+    check_scale(_OP, scale)
     if attn_mask is not None:
         if is_causal:
             raise ValueError(f"{_OP}: pass either attn_mask or is_causal=True, not both")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
-from fastgpt.ops._checks import check_like, check_tensor
+from fastgpt.ops._checks import check_dropout_p, check_like, check_tensor
 from fastgpt.ops._registration import register_kernel_op
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
@@ -134,8 +134,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: in
 
 def _check(op, input, residual, normalized_shape, weight, bias, dropout_p) -> tuple[int, ...]:
     check_tensor(op, "input" if residual is None else "x", input)
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{op}: expected dropout_p in [0, 1), got {dropout_p}")
+    check_dropout_p(op, dropout_p)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
@@ -179,6 +178,7 @@ def _kernel_supports(backend, input, weight, bias, cols) -> bool:
 
 def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps, dropout_p, requested_dropout_p):
     normalized_shape = _check(op, input, residual, normalized_shape, weight, bias, requested_dropout_p)
+    dropout_p = float(dropout_p)
     cols = math.prod(normalized_shape)
     rows = input.numel() // cols
     seed = draw_seed() if dropout_p > 0 else None

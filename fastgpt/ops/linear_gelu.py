@@ -29,13 +29,15 @@ Kernels take contiguous (M, K) inputs and (N, K) weights of one dtype (float32, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fastgpt import backends
 from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
-from fastgpt.ops._checks import check_like, check_tensor
-from fastgpt.ops._registration import register_kernel_op
+from fastgpt.ops._checks import check_dropout_p, check_like, check_tensor
+from fastgpt.ops._registration import refuse_create_graph, register_kernel_op
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
 APPROXIMATIONS = ("none", "tanh")
@@ -167,6 +169,7 @@ class _FeedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_create_graph(f"fastgpt.ops.gelu_ffn ({ctx.backend})")
         with autocast_disabled(grad_out.device.type):
             return _FeedForward._backward(ctx, grad_out)
 
@@ -270,15 +273,15 @@ def _NO_SEED() -> torch.Tensor:
 def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recompute):
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     _check_linear(op, x, w1, b1, "x", "w1", "b1")
+    check_tensor(op, "w2", w2)
     if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"{op}: expected w2 of shape (d_model, {w1.shape[0]}), got {tuple(w2.shape)}")
     _check_linear(op, x.new_empty(0, w1.shape[0]), w2, b2, "the hidden activation", "w2", "b2")
-    if isinstance(dropout_p, bool) or not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{op}: expected dropout_p in [0, 1), got {dropout_p!r}")
-    p = float(dropout_p) if training else 0.0
+    p = check_dropout_p(op, dropout_p)
+    p = p if training else 0.0
     seed = draw_seed() if p > 0.0 else _NO_SEED()
     backend = backends.select(x.device, lambda name: _kernel_supports(name, x, w1) and w2.numel() > 0)
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (tokens, d_model); -1 cannot be inferred for width 0
     if backend == "reference":
         act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[activation]
         out = F.linear(act(F.linear(x2d, w1, b1)), w2, b2)
