@@ -174,7 +174,19 @@ def test_finetune_command_and_its_errors(pretrained, tmp_path, capsys):
         (["classify", "--checkpoint", str(pretrained), "--text", "a"], "holds a gpt1-lm"),
         (args[:-2] + ["--max-length", "999"], "longer than the model's context"),
         (args[:-2] + ["--epochs", "0"], "--epochs must be >= 1"),
+        (args[:-2] + ["--grad-clip", "-1"], "--grad-clip must be >= 0 (0: no clipping)"),
+        (args[:-2] + ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
         (["finetune", "--checkpoint", str(tmp_path / "nothing")], "does not exist"),
     ]:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_grad_clip_zero_clips_nothing(pretrained, tmp_path):
+    # 0 is "no clipping", not a bound of 0 that zeroes every gradient: the run learns as with no effective bound.
+    settings = dict(epochs=1, data=[str(_task_file(tmp_path / "small.jsonl", 64, 0))])
+    unclipped = finetune(_config(pretrained, tmp_path, grad_clip=0.0, out_dir=str(tmp_path / "zero"), **settings),
+                         log=quiet)
+    loose = finetune(_config(pretrained, tmp_path, grad_clip=1e9, out_dir=str(tmp_path / "loose"), **settings),
+                     log=quiet)
+    assert unclipped["history"] == loose["history"]

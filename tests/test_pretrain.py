@@ -125,6 +125,13 @@ def test_sample_command(corpus, cache_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("--- ''\n")
 
 
+def test_empty_prompt_samples_from_end_of_text(corpus, cache_dir, tmp_path):
+    # The run's evaluation samples start an empty prompt as `fastgpt sample` does (it crashed the run before).
+    assert main(_cli([str(corpus)], cache_dir, tmp_path / "run", "--prompt", "", "--sample-tokens", "4")) == 0
+    samples = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sample" in r]
+    assert [r["sample_prompt"] for r in samples] == [""] and samples[0]["sample"]
+
+
 _CRASH_SCRIPT = """
 import os, sys, torch
 from fastgpt.train import checkpoint
@@ -226,6 +233,15 @@ def test_a_run_directory_holds_one_run(corpus, cache_dir, tmp_path, capsys):
     ckpt_io.claim_run_dir(run, ckpt_io.find_checkpoint(run))  # resuming from the latest is this run's own
 
 
+def test_grad_clip_zero_clips_nothing(corpus, cache_dir, tmp_path):
+    # 0 is "no clipping" (as for train-translator), not a bound of 0 that zeroes every gradient.
+    settings = dict(max_steps=4, eval_interval=100, sample_tokens=0)
+    unclipped = pretrain(tiny(corpus, cache_dir, tmp_path / "zero", grad_clip=0.0, **settings), log=quiet)
+    loose = pretrain(tiny(corpus, cache_dir, tmp_path / "loose", grad_clip=1e9, **settings), log=quiet)
+    assert unclipped["losses"] == loose["losses"] and unclipped["losses"][-1] < unclipped["losses"][0]
+    assert all(r["grad_norm"] > 0 for r in read_metrics(tmp_path / "zero" / "metrics.jsonl") if "grad_norm" in r)
+
+
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):
     pretrain(tiny(corpus, cache_dir, tmp_path, max_steps=8, checkpoint_interval=2, keep_checkpoints=2), log=quiet)
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000006", "step_0000008"]
@@ -289,6 +305,12 @@ def _cli(corpus_or_data, cache_dir, out_dir, *extra):
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--n-embd", "15"), "multiple of --n-head"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--device", "cuda:0"), "no CUDA GPU"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--fsdp",), "--fsdp needs CUDA GPUs"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--grad-clip", "-1"), "--grad-clip must be >= 0"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--min-lr-ratio", "-3"), "--min-lr-ratio must be in [0, 1]"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--lr", "0"), "--lr must be > 0"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--beta2", "1"), "--beta2 must be in [0, 1)"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--adam-eps", "nan"), "--adam-eps must be > 0"),
     ],
 )
 def test_bad_inputs_exit_cleanly(tmp_path, capsys, make_data, extra, message):

@@ -293,6 +293,12 @@ def test_config_errors():
         make_config(batch_tokens=100, max_tokens=128)
     with pytest.raises(ValueError, match="--dropout"):
         make_config(dropout=1.0)
+    with pytest.raises(ValueError, match=r"--grad-clip must be >= 0 \(0: no clipping\), got -1"):
+        make_config(grad_clip=-1.0)
+    with pytest.raises(ValueError, match=r"--beta2 must be in \[0, 1\)"):
+        make_config(beta2=1.0)
+    with pytest.raises(ValueError, match="--adam-eps must be > 0"):
+        make_config(adam_eps=0.0)
     assert make_config("base").d_model == 512 and make_config("base", d_model=256).d_model == 256
 
 

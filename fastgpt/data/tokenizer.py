@@ -57,3 +57,9 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(END_OF_TEXT)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids. An empty prompt starts a new document: the end-of-text token that separates documents
+    in training (the model needs at least one token to continue)."""
+    return tokenizer.encode(prompt).ids or [eot_id(tokenizer)]

@@ -141,6 +141,21 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Pretr
     return config
 
 
+def check_range(config, name: str, low: float, high: float | None = None, *, open_low: bool = False,
+                open_high: bool = False, note: str = "") -> None:
+    """Refuse setting `name` of `config` outside [low, high] (an end left out when open; no high: unbounded),
+    naming its flag; `note` says what the range means. NaN is refused too: every comparison with it is false."""
+    value = getattr(config, name)
+    above = value > low if open_low else value >= low
+    below = high is None or (value < high if open_high else value <= high)
+    if not (above and below):
+        if high is None:
+            expected = f"{'>' if open_low else '>='} {low}"
+        else:
+            expected = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"--{name.replace('_', '-')} must be {expected}{note}, got {value}")
+
+
 def validate(c: PretrainConfig) -> None:
     positive = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
                 "log_interval", "eval_interval", "eval_batches", "checkpoint_interval", "keep_checkpoints")
@@ -149,9 +164,16 @@ def validate(c: PretrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.n_embd % c.n_head:
         raise ValueError(f"--n-embd ({c.n_embd}) must be a multiple of --n-head ({c.n_head})")
-    if not 0.0 <= c.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {c.dropout}")
-    if c.warmup_steps < 0 or c.lr <= 0:
-        raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    check_range(c, "val_fraction", 0, 1, open_low=True, open_high=True)
+    check_range(c, "dropout", 0, 1, open_high=True)
+    check_range(c, "lr", 0, open_low=True)
+    check_range(c, "min_lr_ratio", 0, 1, note=" (of --lr, where the cosine ends)")
+    check_range(c, "warmup_steps", 0)
+    check_range(c, "weight_decay", 0)
+    check_range(c, "beta1", 0, 1, open_high=True)
+    check_range(c, "beta2", 0, 1, open_high=True)
+    check_range(c, "adam_eps", 0, open_low=True)
+    check_range(c, "grad_clip", 0, note=" (0: no clipping)")
+    check_range(c, "sample_tokens", 0)
     if c.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {c.precision!r}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..data.classification import ClassificationData, classification_task
 from . import checkpoint as ckpt_io
+from .config import check_range
 from .distributed import resolve_device
 from .pretrain import autocast, autocast_dtype, backend_context
 from .sample import load_model
@@ -48,7 +49,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     lm_weight: float = 0.5
     clf_dropout: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: none
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"
@@ -62,10 +63,12 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2 (a token and the extract token), got {self.max_length}")
-        if self.lr <= 0 or not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError("--lr must be > 0 and --warmup-fraction in [0, 1)")
-        if self.lm_weight < 0 or not 0.0 <= self.clf_dropout < 1.0:
-            raise ValueError("--lm-weight must be >= 0 and --clf-dropout in [0, 1)")
+        check_range(self, "lr", 0, open_low=True)
+        check_range(self, "warmup_fraction", 0, 1, open_high=True)
+        check_range(self, "weight_decay", 0)
+        check_range(self, "lm_weight", 0)
+        check_range(self, "clf_dropout", 0, 1, open_high=True)
+        check_range(self, "grad_clip", 0, note=" (0: no clipping)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -192,8 +195,9 @@ def _finetune(c: FinetuneConfig, device: torch.device, log) -> dict:
                 loss = model.classify(input_ids, train_labels[batch].to(device), extract_index,
                                       lm_labels if c.lm_weight > 0 else None, c.lm_weight).loss
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            if c.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

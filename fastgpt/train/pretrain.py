@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import BatchSampler, prepare_data, validation_batches
+from ..data.tokenizer import prompt_ids
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import PretrainConfig
@@ -116,7 +117,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens, device, amp_dtyp
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for prompt in prompts:
-            ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long, device=device)
+            ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
             with autocast(device, amp_dtype):
                 out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40)
             texts.append(tokenizer.decode(out[0].tolist()))
@@ -350,10 +351,12 @@ class Run:
                     self.scaler.scale(loss).backward()
                 step_loss += loss.detach()
             self.scaler.unscale_(self.optimizer)
+            # --grad-clip 0 clips nothing; an infinite bound still measures the norm for the log line.
+            max_norm = c.grad_clip or math.inf
             if c.fsdp:
-                grad_norm = model.clip_grad_norm_(c.grad_clip)
+                grad_norm = model.clip_grad_norm_(max_norm)
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             lr = self.scheduler.get_last_lr()[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.tokenizer import eot_id
+from ..data.tokenizer import prompt_ids
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 from .distributed import resolve_device
@@ -32,9 +32,7 @@ def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 200, tempe
         torch.manual_seed(seed)
         texts = []
         for prompt in prompts:
-            # An empty prompt starts a new document: the end-of-text token that separates documents in training.
-            ids = tokenizer.encode(prompt).ids or [eot_id(tokenizer)]
-            ids = torch.tensor([ids], dtype=torch.long, device=dev)
+            ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=dev)
             with autocast(dev, amp_dtype):
                 out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
             texts.append(tokenizer.decode(out[0].tolist()))

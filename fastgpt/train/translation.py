@@ -29,6 +29,7 @@ from ..data.parallel import Pair, ParallelData, parallel_task
 from ..data.tokenizer import train_tokenizer
 from . import checkpoint as ckpt_io
 from .bleu import corpus_bleu
+from .config import check_range
 from .distributed import resolve_device
 from .pretrain import autocast, autocast_dtype, backend_context, rng_state, set_rng_state
 
@@ -92,10 +93,14 @@ class TranslationConfig:
         if self.batch_tokens < 2 * self.max_tokens:
             raise ValueError(f"--batch-tokens ({self.batch_tokens}) must hold one pair of the longest kind: at "
                              f"least 2 x --max-tokens ({2 * self.max_tokens})")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("--dropout and --label-smoothing must be in [0, 1)")
-        if self.warmup_steps < 1 or self.lr_scale <= 0 or self.grad_clip < 0:
-            raise ValueError("--warmup-steps must be >= 1, --lr-scale > 0 and --grad-clip >= 0")
+        check_range(self, "dropout", 0, 1, open_high=True)
+        check_range(self, "label_smoothing", 0, 1, open_high=True)
+        check_range(self, "warmup_steps", 1)
+        check_range(self, "lr_scale", 0, open_low=True)
+        check_range(self, "beta1", 0, 1, open_high=True)
+        check_range(self, "beta2", 0, 1, open_high=True)
+        check_range(self, "adam_eps", 0, open_low=True)
+        check_range(self, "grad_clip", 0, note=" (0: no clipping)")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"--test-limit must be >= 1, got {self.test_limit}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
