@@ -190,3 +190,12 @@ def test_grad_clip_zero_clips_nothing(pretrained, tmp_path):
     loose = finetune(_config(pretrained, tmp_path, grad_clip=1e9, out_dir=str(tmp_path / "loose"), **settings),
                      log=quiet)
     assert unclipped["history"] == loose["history"]
+
+
+def test_a_fresh_run_leaves_an_existing_runs_files_alone(pretrained, tmp_path):
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "summary.json").write_text("the user's\n")
+    with pytest.raises(ckpt_io.CheckpointError, match=rf"--out-dir {run} already holds a run \(summary.json\)"):
+        finetune(_config(pretrained, tmp_path, out_dir=str(run)), log=quiet)
+    assert (run / "summary.json").read_text() == "the user's\n" and not (run / "checkpoints").exists()

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,8 @@ def test_resume_equals_uninterrupted(corpus, cache_dir, tmp_path):
     # Dropout on: resuming must also restore the RNG that draws the dropout masks.
     config = tiny(corpus, cache_dir, tmp_path / "full", dropout=0.1)
     full = pretrain(config, log=quiet)
-    step4 = tmp_path / "full" / "checkpoints" / "step_0000004"
-    assert step4.is_dir()
+    step4 = tmp_path / "resumed" / "checkpoints" / "step_0000004"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / step4.name, step4)  # a resume goes on in its run directory
     resumed = pretrain(dataclasses.replace(config, out_dir=str(tmp_path / "resumed")), resume=str(step4), log=quiet)
     assert len(full["losses"]) == 8 and len(resumed["losses"]) == 4
     assert resumed["losses"] == full["losses"][4:]  # bit-exact, step for step
@@ -225,7 +226,7 @@ def test_a_run_directory_holds_one_run(corpus, cache_dir, tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(tiny(corpus, cache_dir, run, max_steps=4, checkpoint_interval=2, keep_checkpoints=2), log=quiet)
     before = [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")]
-    with pytest.raises(ckpt_io.CheckpointError, match="already holds the checkpoints of another run"):
+    with pytest.raises(ckpt_io.CheckpointError, match=r"--out-dir .* already holds a run \(config.json, .*checkpoints\)"):
         pretrain(tiny(corpus, cache_dir, run, max_steps=2), log=quiet)
     with pytest.raises(ckpt_io.CheckpointError, match="later checkpoints"):
         pretrain(tiny(corpus, cache_dir, run, max_steps=6), resume=str(run / "checkpoints" / before[0]), log=quiet)
@@ -240,6 +241,63 @@ def test_grad_clip_zero_clips_nothing(corpus, cache_dir, tmp_path):
     loose = pretrain(tiny(corpus, cache_dir, tmp_path / "loose", grad_clip=1e9, **settings), log=quiet)
     assert unclipped["losses"] == loose["losses"] and unclipped["losses"][-1] < unclipped["losses"][0]
     assert all(r["grad_norm"] > 0 for r in read_metrics(tmp_path / "zero" / "metrics.jsonl") if "grad_norm" in r)
+
+
+def test_a_fresh_run_leaves_an_existing_runs_files_alone(corpus, cache_dir, tmp_path):
+    """No checkpoints, but a config.json (or a summary, or metrics) of the user's: a fresh run does not overwrite
+    it, nor append its metrics to an old run's."""
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / name).write_text("the user's\n")
+        with pytest.raises(ckpt_io.CheckpointError, match=rf"--out-dir {run} already holds a run \({name}\)"):
+            pretrain(tiny(corpus, cache_dir, run), log=quiet)
+        assert [p.name for p in run.iterdir()] == [name] and (run / name).read_text() == "the user's\n"
+
+
+def test_resume_continues_in_its_run_directory(corpus, cache_dir, tmp_path, monkeypatch):
+    """A run started with relative paths, moved, and resumed from another working directory goes on in its own
+    directory (not a new one at the saved relative --out-dir) and finds its data (saved as an absolute path)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(corpus, work / "corpus.txt")
+    monkeypatch.chdir(work)
+    assert main(_cli(["corpus.txt"], cache_dir, "run", "--max-steps", "2")) == 0
+    saved = json.loads((work / "run" / "config.json").read_text())
+    assert saved["data"] == [str(work / "corpus.txt")] and saved["out_dir"] == str(work / "run")
+    (work / "run").rename(tmp_path / "moved")
+    monkeypatch.chdir(elsewhere)
+    assert main(["pretrain", "--resume", str(tmp_path / "moved"), "--max-steps", "3"]) == 0
+    assert not list(elsewhere.iterdir()) and not (work / "run").exists()
+    assert ckpt_io.find_checkpoint(tmp_path / "moved").name == "step_0000003"
+    assert json.loads((tmp_path / "moved" / "config.json").read_text())["out_dir"] == str(tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_refuses_what_it_cannot_honour(corpus, cache_dir, tmp_path, capsys):
+    """Flags that would change the data order, the model or the restored optimizer settings are refused on
+    --resume, not ignored and then recorded as the run's; so are another --out-dir and a --max-steps already
+    reached. Flags a resume honours (--max-steps, --log-interval...) pass."""
+    run = tmp_path / "run"
+    assert main(_cli([str(corpus)], cache_dir, run, "--max-steps", "2")) == 0
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
+    resume = ["pretrain", "--resume", str(run)]
+    for extra, message in [
+        (("--batch-size", "8", "--vocab-size", "999"),
+         "start a new run to change --vocab-size (the run's 300, given 999), --batch-size (the run's 4, given 8)"),
+        (("--lr", "0.5"), "--lr (the run's 0.001, given 0.5)"),
+        (("--data", str(tmp_path / "other.txt")), f"--data (the run's ['{corpus}'], given ['{tmp_path / 'other.txt'}'])"),
+        (("--out-dir", str(tmp_path / "elsewhere")), "a resumed run continues in its checkpoint's run directory"),
+        (("--max-steps", "1"), "--max-steps 1: "),
+        ((), "--max-steps 2: "),  # the run is done: nothing to resume
+    ]:
+        assert main([*resume, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert (run / "config.json").read_text() == config
+    assert [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")] == ["step_0000002"]
+    assert main([*resume, "--max-steps", "3", "--log-interval", "1", "--out-dir", str(run)]) == 0
 
 
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):

@@ -369,6 +369,33 @@ def test_resume_continues_exactly(task_dir, trained, tmp_path):
     assert resumed["bleu"] == trained["bleu"]
 
 
+def test_a_fresh_run_leaves_an_existing_runs_files_alone(task_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("the user's\n")
+    with pytest.raises(CheckpointError, match=rf"--out-dir {run} already holds a run \(summary.json\)"):
+        train_translator(small_config(task_dir, out_dir=str(run)), log=lambda *_: None)
+    assert (run / "summary.json").read_text() == "the user's\n" and not (run / "checkpoints").exists()
+
+
+def test_resume_refuses_what_it_cannot_honour(trained, tmp_path, capsys):
+    """As pretrain's: flags that change the data order (--batch-tokens crashed with an IndexError), the model or
+    the restored optimizer settings are refused, not ignored and recorded; so are another --out-dir and a
+    --max-steps the run has reached."""
+    run = Path(trained["run_dir"])
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    resume = ["train-translator", "--resume", str(run), "--max-steps", "300"]
+    for extra, message in [
+        (["--batch-tokens", "600"], "start a new run to change --batch-tokens (the run's 1200, given 600)"),
+        (["--vocab-size", "999", "--lr-scale", "2"], "--vocab-size (the run's 300, given 999), --lr-scale"),
+        (["--out-dir", str(tmp_path / "x")], "a resumed run continues in its checkpoint's run directory"),
+        (["--max-steps", "240"], "--max-steps 240: "),
+    ]:
+        assert cli_main(resume + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
 def test_translate_command(trained, capsys, task_dir):
     sources, references = zip(*(line.split("\t") for line in (task_dir / "test.tsv").read_text().splitlines()[:3]))
     assert cli_main(["translate", "--checkpoint", trained["run_dir"], "--device", "cpu"]

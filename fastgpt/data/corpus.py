@@ -189,6 +189,14 @@ def resolve_sources(data: list[str] | None) -> list[Source]:
     return sources
 
 
+def absolute_source(spec: str) -> str:
+    """A --data value that names local files (a file, a directory, a glob) as an absolute path, so that it means the
+    same from any working directory; the embedded corpus and hf: datasets as they are."""
+    if spec == "shakespeare" or spec.startswith("hf:"):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def _local_files(spec: str) -> tuple[Path, ...]:
     path = Path(spec).expanduser()
     if glob.has_magic(spec):

@@ -9,7 +9,8 @@ It is written into a hidden temporary directory and renamed into place only when
 POSIX filesystems), so a process killed mid-write leaves at most a `.tmp-*` directory, which loaders ignore and the
 next save deletes; the previous checkpoint stays intact. A step saved again (a run resumed and stopped at the same
 step) is exchanged with the old one in one atomic renameat2 (Linux). Older checkpoints beyond `keep` are removed
-after the rename, never later steps. A run directory holds one run: claim_run_dir refuses another run's.
+after the rename, never later steps. A run directory holds one run: claim_run_dir refuses another run's, and a
+resumed run continues in its checkpoint's run directory (run_dir_of).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import absolute_paths
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -105,21 +109,60 @@ def _step(ckpt: Path) -> int:
     return int(_STEP_DIR.match(ckpt.name).group(1))
 
 
+# What a run writes into its directory besides checkpoints/ (pretrain all of them, finetune and train-translator
+# summary.json): another run's, or the user's own files, are not a fresh run's to overwrite or append to.
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "loss_curve.png", "tensorboard")
+
+
 def claim_run_dir(out_dir: Path, resume_from: Path | None = None) -> None:
-    """Refuse to write a run into `out_dir` when it holds another run's checkpoints (their pruning would delete
-    them, and a later step of theirs would pass for this run's latest) or, resuming, checkpoints later than the one
-    resumed from (another trajectory, which the new one would shadow)."""
-    root = Path(out_dir) / "checkpoints"
+    """Refuse a fresh run into `out_dir` when it holds any of a run's files (it would overwrite the settings and the
+    summary there, append to the metrics, prune the checkpoints, and a later step there would pass for this run's
+    latest) and, resuming from a checkpoint in `out_dir`, one older than the latest there (another trajectory,
+    which the new one would shadow)."""
+    out_dir = Path(out_dir)
+    root = out_dir / "checkpoints"
     existing = list_checkpoints(root)
-    if not existing:
+    if resume_from is None:
+        found = [name for name in RUN_FILES if (out_dir / name).exists()] + (["checkpoints"] if existing else [])
+        if found:
+            resume = f", or continue that run with --resume {out_dir}" if existing else ""
+            raise CheckpointError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}): write this one to "
+                                  f"another --out-dir{resume}")
         return
-    ours = resume_from is not None and Path(resume_from).resolve().parent == root.resolve()
-    if not ours:
-        raise CheckpointError(f"{out_dir} already holds the checkpoints of another run (latest {existing[-1].name}): "
-                              f"resume that run, or write this one to another directory")
-    if Path(resume_from).resolve() != existing[-1].resolve():
+    if existing and Path(resume_from).resolve() != existing[-1].resolve():
         raise CheckpointError(f"resuming from {Path(resume_from).name} while {root} holds later checkpoints "
                               f"(latest {existing[-1].name}): resume from the latest, or move the later ones away")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory of checkpoint <run>/checkpoints/step_N (absolute): a resumed run continues there, wherever
+    the run has moved since and whatever the working directory."""
+    ckpt = Path(os.path.abspath(ckpt))
+    if ckpt.parent.name != "checkpoints":
+        raise CheckpointError(f"--resume {ckpt}: not in a run's checkpoints/ directory, so there is no run to "
+                              f"continue (copy it to RUN/checkpoints/{ckpt.name} and resume RUN)")
+    return ckpt.parent.parent
+
+
+def check_resume(meta: dict, current: dict, resumable: Collection[str], ckpt: Path, run_dir: Path) -> None:
+    """Refuse to resume checkpoint `ckpt` (its checkpoint.json: `meta`) with settings `current` that it cannot
+    honour, naming the flags, rather than ignore them and record them as the run's. A resumed run keeps the data
+    and its order, the model, and the optimizer settings its saved state restores; only the settings in `resumable`
+    may change. Paths compare as absolute (see config.absolute_paths). The run goes on in `run_dir`: another
+    --out-dir is refused, and so is a --max-steps the checkpoint has already reached."""
+    saved, current = absolute_paths(meta["config"]), absolute_paths(current)
+    out_dir = current.get("out_dir")
+    if out_dir is not None and out_dir != saved.get("out_dir") and Path(out_dir) != run_dir:
+        raise CheckpointError(f"--out-dir {out_dir}: a resumed run continues in its checkpoint's run directory "
+                              f"{run_dir}")
+    changed = [f"--{k.replace('_', '-')} (the run's {saved.get(k)!r}, given {v!r})" for k, v in current.items()
+               if k not in resumable and k != "out_dir" and v != saved.get(k)]
+    if changed:
+        raise CheckpointError(f"--resume {ckpt}: a resumed run keeps the data, the model and the optimizer settings "
+                              f"it was saved with; start a new run to change {', '.join(changed)}")
+    if current["max_steps"] <= meta["step"]:
+        raise CheckpointError(f"--max-steps {current['max_steps']}: {ckpt} is at step {meta['step']} already; "
+                              f"pass a larger --max-steps to train on")
 
 
 def _split_aliases(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

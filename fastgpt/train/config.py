@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+
+from ..data.corpus import absolute_source
 
 
 @dataclasses.dataclass
@@ -70,6 +73,13 @@ class PretrainConfig:
     def model_settings(self) -> dict:
         return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
 
+
+# The settings a resumed run may change: the length of the run and its schedule's shape, clipping, the device and
+# kernels, and the bookkeeping. The others fix the data and its order, the model, the optimizer settings that the
+# checkpoint's optimizer state restores (lr, betas, eps, weight decay), or that state's layout (--fsdp saves it by
+# parameter name, DDP by index; --precision fp16's gradient scaler): a resume refuses new values for them.
+RESUMABLE = ("max_steps", "min_lr_ratio", "warmup_steps", "grad_clip", "device", "compile", "backend", "cache_dir", "log_interval", "eval_interval", "eval_batches", "sample_tokens", "prompts",
+             "checkpoint_interval", "keep_checkpoints", "tensorboard")
 
 DEFAULT_PROMPTS = ("To be, or not to be", "My lord,", "O Romeo")
 
@@ -139,6 +149,19 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Pretr
     config = PretrainConfig(**values)
     validate(config)
     return config
+
+
+def absolute_paths(values: dict) -> dict:
+    """A run's settings (any command's) with the local paths in them absolute, as runs save them: a resumed run
+    finds its data and its directory from any working directory."""
+    out = dict(values)
+    for key in ("data", "val_data", "test_data"):
+        if out.get(key):
+            out[key] = [absolute_source(spec) for spec in out[key]]
+    for key in ("cache_dir", "out_dir"):
+        if out.get(key):
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
+    return out
 
 
 def check_range(config, name: str, low: float, high: float | None = None, *, open_low: bool = False,

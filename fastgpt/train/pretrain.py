@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ from ..data import BatchSampler, prepare_data, validation_batches
 from ..data.tokenizer import prompt_ids
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
-from .config import PretrainConfig
+from .config import RESUMABLE, PretrainConfig, absolute_paths
 from .metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from .schedule import make_optimizer, make_scheduler, parameter_dims
 
@@ -142,14 +143,18 @@ class Run:
                                          "torchrun on CPU runs DDP over gloo")
         if c.fsdp and not info.distributed:
             raise dist_utils.LaunchError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
-        self.out_dir = Path(c.out_dir or f"runs/{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        c.out_dir = str(self.out_dir)  # saved with the run, so that --resume finds its way back
         resume_meta, resume_weights, resume_state = None, None, None
         self.resume_from = ckpt_io.find_checkpoint(self.resume) if self.resume else None
-        ckpt_io.claim_run_dir(self.out_dir, self.resume_from)
         if self.resume_from is not None:
             resume_meta, resume_weights, resume_state = ckpt_io.load_checkpoint(self.resume_from)
             ckpt_io.require_kind(resume_meta, self.resume_from, ckpt_io.LANGUAGE_MODEL)
+            self.out_dir = ckpt_io.run_dir_of(self.resume_from)
+            ckpt_io.check_resume(resume_meta, dataclasses.asdict(c), RESUMABLE, self.resume_from, self.out_dir)
+        else:
+            self.out_dir = Path(os.path.abspath(c.out_dir or f"runs/{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        ckpt_io.claim_run_dir(self.out_dir, self.resume_from)
+        # Saved with the run as absolute paths: --resume finds the run's data and directory from anywhere.
+        self.config = c = PretrainConfig(**{**absolute_paths(dataclasses.asdict(c)), "out_dir": str(self.out_dir)})
 
         self.log(f"fastgpt pretrain: preset {c.preset}, {info.world_size} process(es) on {info.device}")
         self.log("settings: " + json.dumps(dataclasses.asdict(c)))

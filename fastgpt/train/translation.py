@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..data.parallel import Pair, ParallelData, parallel_task
 from ..data.tokenizer import train_tokenizer
 from . import checkpoint as ckpt_io
 from .bleu import corpus_bleu
-from .config import check_range
+from .config import absolute_paths, check_range
 from .distributed import resolve_device
 from .pretrain import autocast, autocast_dtype, backend_context, rng_state, set_rng_state
 
@@ -106,6 +107,11 @@ class TranslationConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
+
+# The settings a resumed run may change (see config.RESUMABLE): the others fix the data (the pairs, their split and
+# batches), the model, or the optimizer settings that the checkpoint's optimizer state restores.
+RESUMABLE = ("max_steps", "warmup_steps", "grad_clip", "eval_interval", "beam_size", "length_penalty", "test_limit",
+             "device", "backend", "cache_dir", "log_interval", "checkpoint_interval")
 
 PRESETS: dict[str, dict] = {
     # 3+3 layers x 256, 4 heads, FFN 1024 (7.6M parameters): the CPU default, 19 minutes of training on 2 cores
@@ -266,24 +272,30 @@ def train_translator(config: TranslationConfig, resume: str | None = None, log=p
 def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) -> dict:
     from ..models.seq2seq import Seq2SeqTransformer
 
-    task: ParallelData = parallel_task(c.data, c.val_data, c.test_data, Path(c.cache_dir) if c.cache_dir else None,
-                                       c.seed)
-    state = None
+    ckpt, state = None, None
     if resume:
         ckpt = ckpt_io.find_checkpoint(resume)
         meta, weights, state = ckpt_io.load_checkpoint(ckpt)
         ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
+        out_dir = ckpt_io.run_dir_of(ckpt)
+        ckpt_io.check_resume(meta, dataclasses.asdict(c), RESUMABLE, ckpt, out_dir)
+    else:
+        out_dir = Path(os.path.abspath(c.out_dir or f"runs/translator-{time.strftime('%Y%m%d-%H%M%S')}"))
+    ckpt_io.claim_run_dir(out_dir, ckpt)
+    # Saved with the run as absolute paths: --resume finds the run's data and directory from anywhere.
+    c = TranslationConfig(**{**absolute_paths(dataclasses.asdict(c)), "out_dir": str(out_dir)})
+
+    task: ParallelData = parallel_task(c.data, c.val_data, c.test_data, Path(c.cache_dir) if c.cache_dir else None,
+                                       c.seed)
+    if resume:
         tokenizer = ckpt_io.checkpoint_tokenizer(ckpt)
-        out_dir = ckpt.parent.parent
-        ckpt_io.claim_run_dir(out_dir, ckpt)
     else:
         started = time.perf_counter()
         tokenizer = train_tokenizer((text for p in task.train for text in (p.source, p.target)), c.vocab_size,
                                     SPECIAL_TOKENS)
         log(f"tokenizer: byte-level BPE of {tokenizer.get_vocab_size():,} over both languages "
             f"({time.perf_counter() - started:.1f} s)")
-        out_dir = Path(c.out_dir or f"runs/translator-{time.strftime('%Y%m%d-%H%M%S')}")
-        ckpt_io.claim_run_dir(out_dir)
+
     def fits(row):
         return len(row[0]) <= c.max_tokens and len(row[1]) <= c.max_tokens
 
