@@ -71,6 +71,7 @@ def test_shakespeare_corpus_is_clean():
 
 def test_normalize_text():
     assert normalize_text("  Cafe\u0301\r\nline  \t\r\n\n\n\n\x00end\x07 ") == "Caf\u00e9\nline\n\nend"
+    assert normalize_text("\ufeffhello") == "hello"  # a UTF-8 file's byte-order mark is not text
 
 
 def _words(n, seed=0):

@@ -94,6 +94,20 @@ def test_file_formats(tmp_path):
     assert task.labels == ["3", "4"] and len(task.train) == 8 and len(task.val) == 2
 
 
+def test_file_formats_keep_the_text_as_written(tmp_path):
+    # TSV has no quoting: a leading quote is text (csv's default stripped it and merged lines up to the next quote).
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"open quote\tx\n"both" ends\ty\nplain\tx\n')
+    task = classification_task([str(tmp_path / "q.tsv")], [str(tmp_path / "q.tsv")])
+    assert [e.text for e in task.train] == ['"open quote', '"both" ends', "plain"]
+    # A raw U+2028 is valid inside a JSON string, not the end of a line; a leading byte-order mark is no text.
+    (tmp_path / "u.jsonl").write_text('\ufeff{"text": "a\u2028b", "label": "x"}\r\n{"text": "c", "label": "y"}\n',
+                                      encoding="utf-8")
+    assert [e.text for e in classification_task([str(tmp_path / "u.jsonl")], [str(tmp_path / "u.jsonl")]).train] \
+        == ["a\u2028b", "c"]
+    (tmp_path / "b.csv").write_text("\ufefftext,label\np,x\nq,y\n", encoding="utf-8")
+    assert classification_task([str(tmp_path / "b.csv")], [str(tmp_path / "b.csv")]).labels == ["x", "y"]
+
+
 @pytest.mark.parametrize("content,suffix,message", [
     ('{"text": "a"}\n', ".jsonl", "needs a non-empty"),
     ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', ".jsonl", "at least 2 labels"),

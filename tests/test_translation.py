@@ -209,6 +209,14 @@ def test_read_pairs_formats(tmp_path):
         assert [(p.source, p.target) for p in pairs] == [("hola", "hello"), ("adiós, amigo", "goodbye, friend")]
 
 
+def test_read_pairs_keep_the_text_as_written(tmp_path):
+    # A raw U+2028 is valid in a JSON string and a TSV field, not the end of a line; a byte-order mark is no text.
+    (tmp_path / "u.jsonl").write_text('\ufeff{"source": "a\u2028b", "target": "c"}\n', encoding="utf-8")
+    (tmp_path / "u.tsv").write_text('\ufeffa\u2028b\tc\n"q\t"r\n', encoding="utf-8")
+    assert [(p.source, p.target) for p in read_pairs(tmp_path / "u.jsonl")] == [("a\u2028b", "c")]
+    assert [(p.source, p.target) for p in read_pairs(tmp_path / "u.tsv")] == [("a\u2028b", "c"), ('"q', '"r')]
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("b.tsv", "one\ttwo\tthree\n", "expected 2 columns"),
     ("b.tsv", "\n\n", "holds no sentence pairs"),

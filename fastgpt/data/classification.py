@@ -95,7 +95,9 @@ def _read_rows(path: Path) -> list[LabelledText]:
     try:
         if path.suffix.lower() in (".jsonl", ".json"):
             rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            # Lines end at "\n" only: str.splitlines() also splits at U+2028 and the like, which a JSON string may
+            # hold raw. (A "\r" left at a line's end is JSON whitespace.)
+            for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -106,8 +108,12 @@ def _read_rows(path: Path) -> list[LabelledText]:
                     raise DataError(f"{path}:{n}: expected a JSON object with \"text\" and \"label\", got "
                                     f"{type(rows[-1]).__name__}")
         elif path.suffix.lower() in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+            tsv = path.suffix.lower() == ".tsv"
+            # TSV has no quoting: a text may start with a quote, which csv's default would take for the start of a
+            # quoted field, stripping it and merging lines up to the next quote.
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if tsv else ",",
+                                           quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
         else:
             raise DataError(f"--data file {path}: expected .jsonl, .csv or .tsv, got {path.suffix or 'no suffix'!r}")
     except UnicodeDecodeError as e:

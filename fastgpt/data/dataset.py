@@ -29,7 +29,7 @@ from .corpus import DataError, Document, resolve_sources
 from .tokenizer import eot_id, load_tokenizer, normalize_text, train_tokenizer
 
 # Bump when the preparation below changes its output for the same inputs and settings.
-PREPARE_FORMAT_VERSION = 1
+PREPARE_FORMAT_VERSION = 2  # 2: a leading byte-order mark is dropped
 
 
 def default_cache_dir() -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import html
+import io
 import json
 import os
 import random
@@ -213,13 +214,15 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     if not path.is_file():
         raise DataError(f"--data file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"--data file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     suffix = path.suffix.lower()
     rows: list[tuple[int, object]] = []
     if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines() also splits at U+2028 and the like, which a JSON string may hold
+        # raw. (A "\r" left at a line's end is JSON whitespace.)
+        for number, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -229,7 +232,8 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
                     raise DataError(f"{path}:{number}: expected an object with \"source\" and \"target\"")
                 rows.append((number, (record["source"], record["target"])))
     elif suffix in (".tsv", ".csv"):
-        reader = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
+        # A file object's lines, not str.splitlines(), which would also split a sentence at U+2028 and the like.
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",",
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
         for number, row in enumerate(reader, 1):
             if not any(cell.strip() for cell in row):

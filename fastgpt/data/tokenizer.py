@@ -22,9 +22,10 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 def normalize_text(text: str) -> str:
-    """Unicode NFC; CRLF/CR -> LF; no control characters but tab and newline; no trailing spaces on a line;
-    at most one blank line in a row; no leading or trailing blank space in the document."""
-    text = unicodedata.normalize("NFC", text)
+    """No byte-order mark (U+FEFF, which editors on Windows put at the start of a UTF-8 file); Unicode NFC; CRLF/CR
+    -> LF; no control characters but tab and newline; no trailing spaces on a line; at most one blank line in a
+    row; no leading or trailing blank space in the document."""
+    text = unicodedata.normalize("NFC", text.removeprefix("\ufeff"))
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = _TRAILING_SPACE.sub("\n", text)
