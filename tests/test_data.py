@@ -14,6 +14,7 @@ from fastgpt.data import (
     clean_play_markdown,
     normalize_text,
     prepare_data,
+    resolve_sources,
     shakespeare_documents,
     validation_batches,
 )
@@ -215,6 +216,14 @@ def test_bad_data_inputs(tmp_path, make, match):
     with pytest.raises(DataError, match=match):
         prepare_data(make(d), vocab_size=300, cache_dir=tmp_path / "cache", log=lambda m: None)
     assert not list((tmp_path / "cache").glob("*"))  # nothing cached, no staging directory left
+
+
+def test_an_existing_path_is_not_a_pattern(tmp_path):
+    # book[1].txt exists: it is the file meant, not a pattern matching book1.txt.
+    _write(tmp_path / "book[1].txt", "one")
+    _write(tmp_path / "book1.txt", "other")
+    assert resolve_sources([str(tmp_path / "book[1].txt")])[0].files == (tmp_path / "book[1].txt",)
+    assert resolve_sources([str(tmp_path / "book[0-9].txt")])[0].files == (tmp_path / "book1.txt",)
 
 
 def _write(path, content):

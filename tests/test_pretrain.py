@@ -387,6 +387,32 @@ def _write(path, text):
     return path
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"max_steps": "10"}', "max_steps must be int, got '10'"),
+    ('{"max_steps": 10.5}', "max_steps must be int, got 10.5"),
+    ('{"tensorboard": 1}', "tensorboard must be bool, got 1"),
+    ('{"prompts": ["a", 1]}', "prompts must be list[str], got ['a', 1]"),
+    ('{"backend": 3}', "backend must be str | None, got 3"),
+    ('{"epochs": 3}', "unknown settings ['epochs']"),
+    ('["max_steps"]', "expected a JSON object of settings, got list"),
+    ('{"max_steps": ', "not JSON"),
+])
+def test_config_file_values_are_type_checked(tmp_path, capsys, content, message):
+    (tmp_path / "config.json").write_text(content)
+    assert main(["pretrain", "--config", str(tmp_path / "config.json"), "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"fastgpt pretrain: error: --config {tmp_path / 'config.json'}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_string_for_a_list(corpus, cache_dir, tmp_path):
+    # "data": "corpus.txt" is the one file (it was iterated as the sources "c", "o", "r", ...).
+    settings = {**dataclasses.asdict(tiny(corpus, cache_dir, tmp_path / "run", max_steps=1)), "data": str(corpus)}
+    settings.pop("preset")
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "config.json")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == [str(corpus)]
+
+
 def test_unknown_preset(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--preset", "huge"])

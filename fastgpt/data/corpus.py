@@ -171,8 +171,9 @@ def _read_text_file(path: Path) -> Document:
 def resolve_sources(data: list[str] | None) -> list[Source]:
     """--data values -> sources. None or [] means the embedded Shakespeare corpus.
 
-    Each value is a file, a directory (its *.txt/*.md/*.text/*.rst files, recursively), a glob pattern, or
-    `hf:NAME[:CONFIG]` for a Hugging Face dataset (its "text" column, train split).
+    Each value is a file, a directory (its *.txt/*.md/*.text/*.rst files, recursively), a glob pattern (unless a
+    file or directory has that name), or `hf:NAME[:CONFIG]` for a Hugging Face dataset (its "text" column, train
+    split).
     """
     if not data:
         return [Source("shakespeare", "shakespeare")]
@@ -199,11 +200,9 @@ def absolute_source(spec: str) -> str:
 
 def _local_files(spec: str) -> tuple[Path, ...]:
     path = Path(spec).expanduser()
-    if glob.has_magic(spec):
-        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True)) if Path(p).is_file()]
-        if not files:
-            raise DataError(f"--data pattern {spec!r} matches no files")
-    elif path.is_dir():
+    # An existing path is that path, even where its name holds glob characters: as a pattern, book[1].txt would
+    # match book1.txt, or nothing.
+    if path.is_dir():
         files = sorted(
             p for p in path.rglob("*")
             if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
@@ -212,6 +211,10 @@ def _local_files(spec: str) -> tuple[Path, ...]:
             raise DataError(f"--data directory {spec!r} has no text files ({', '.join(TEXT_SUFFIXES)})")
     elif path.is_file():
         files = [path]
+    elif glob.has_magic(spec):
+        files = [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DataError(f"--data pattern {spec!r} matches no files")
     else:
         raise DataError(
             f"--data path {spec!r} does not exist (expected a text file, a directory, a glob, or hf:DATASET_NAME)"

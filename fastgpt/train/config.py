@@ -19,6 +19,8 @@ import argparse
 import dataclasses
 import json
 import os
+import types
+import typing
 
 from ..data.corpus import absolute_source
 
@@ -128,6 +130,51 @@ def add_field_flags(parser: argparse.ArgumentParser, config_cls, skip=(), types=
             parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(), help=help_text)
 
 
+def read_config_file(path: str) -> dict:
+    """The settings in --config file `path`, each checked against its PretrainConfig field's type (a run would
+    otherwise fail far from the cause, or iterate a string where a list was meant); a string where a list of
+    strings is expected (`"data": "corpus.txt"`) is that one-item list."""
+    with open(path) as f:
+        try:
+            file_values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not JSON ({e})") from None
+    if not isinstance(file_values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(file_values).__name__}")
+    hints = typing.get_type_hints(PretrainConfig)
+    unknown = set(file_values) - set(hints)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown settings {sorted(unknown)}")
+    checked = {}
+    for key, value in file_values.items():
+        hint = hints[key]
+        if isinstance(value, str) and _conforms([value], hint):
+            value = [value]
+        if not _conforms(value, hint):
+            raise ValueError(f"--config {path}: {key} must be {_type_name(hint)}, got {value!r}")
+        checked[key] = float(value) if hint is float else value
+    return checked
+
+
+def _conforms(value, hint) -> bool:
+    """Whether JSON `value` is of type `hint` (a field's: int, float, bool, str, list[str], X | None); JSON's
+    true and false are not numbers here, and an integer is a float."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_conforms(value, arm) for arm in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> PretrainConfig:
     """Preset (or a resumed run's saved settings), then --config, then the flags that were given."""
     if saved is not None:
@@ -136,12 +183,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> Pretr
         preset = args.preset or "tiny"
         values = {**dataclasses.asdict(PretrainConfig()), **PRESETS[preset], "preset": preset}
     if args.config:
-        with open(args.config) as f:
-            file_values = json.load(f)
-        unknown = set(file_values) - {f.name for f in dataclasses.fields(PretrainConfig)}
-        if unknown:
-            raise ValueError(f"--config {args.config}: unknown settings {sorted(unknown)}")
-        values.update(file_values)
+        values.update(read_config_file(args.config))
     for field in dataclasses.fields(PretrainConfig):
         given = getattr(args, field.name, None)
         if given is not None:
