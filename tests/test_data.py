@@ -115,6 +115,15 @@ def test_prepare_round_trip_splits_and_dtype(corpus_dir, tmp_path):
     assert 0 < data.meta["unigram_val_loss"] < np.log(300)
 
 
+def test_special_token_spelling_in_a_document_is_text(tmp_path):
+    # Only the document boundary is an end-of-text token, not the string "<|endoftext|>" in someone's text.
+    f = _write(tmp_path / "doc.txt", _words(200) + "a <|endoftext|> b\n" + _words(200, seed=1))
+    data = prepare_data([str(f)], vocab_size=300, cache_dir=tmp_path / "cache", log=lambda m: None)
+    tokens = data.train.tolist() + data.val.tolist()
+    assert tokens.count(data.meta["eot_id"]) == 1 and tokens[-1] == data.meta["eot_id"]
+    assert "a <|endoftext|> b" in data.tokenizer().decode(tokens)
+
+
 def test_token_dtype():
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32 and token_dtype(40478) == np.uint16
 

@@ -12,7 +12,7 @@ from fastgpt.cli import main
 from fastgpt.data import DataError
 from fastgpt.data.classification import GENRES, PASSAGE_CHARS, classification_task, passages
 from fastgpt.train import checkpoint as ckpt_io
-from fastgpt.train.finetune import (EXTRACT, FinetuneConfig, classifier_from_pretrained, classify, collate,
+from fastgpt.train.finetune import (EXTRACT, FinetuneConfig, classifier_from_pretrained, classify, collate, encode,
                                     finetune)
 from fastgpt.train.pretrain import pretrain
 from fastgpt.train.sample import load_model
@@ -146,6 +146,16 @@ def test_classifier_keeps_the_pretrained_model(pretrained):
         assert model.classify(torch.cat([ids, torch.full((2, 1), vocab)], 1)).logits.shape == (2, 3)
     with pytest.raises(ValueError, match="the tokenizer does not match"):
         classifier_from_pretrained(lm, 3, vocab + 5, 0.1)
+
+
+def test_extract_token_spelling_in_text_is_text(pretrained):
+    # Only encode() places the extract token, at the end: not a text that happens to spell it.
+    _, tokenizer, _ = load_model(str(pretrained), torch.device("cpu"))
+    tokenizer.add_special_tokens([EXTRACT])
+    extract_id = tokenizer.token_to_id(EXTRACT)
+    [row] = encode(tokenizer, [f"the king {EXTRACT} the queen"], 64, extract_id)
+    assert row.count(extract_id) == 1 and row[-1] == extract_id
+    assert tokenizer.decode(row[:-1]) == f"the king {EXTRACT} the queen"
 
 
 def test_collate_pads_after_the_extract_token():

@@ -21,8 +21,8 @@ from fastgpt.data.parallel import Pair, clean_osis, read_pairs, read_ztext, spli
 from fastgpt.train.bleu import corpus_bleu, tokenize_13a
 from fastgpt.train.checkpoint import CheckpointError
 from fastgpt.data.tokenizer import load_tokenizer
-from fastgpt.train.translation import (BOS, EOS, PAD, SPECIAL_TOKENS, collate, make_batches, make_config, noam_multiplier,
-                                       train_translator, translate)
+from fastgpt.train.translation import (BOS, EOS, PAD, SPECIAL_TOKENS, collate, encode_pairs, make_batches, make_config,
+                                       noam_multiplier, train_translator, translate)
 
 # ---------------------------------------------------------------------------------------------------------------
 # BLEU
@@ -361,6 +361,16 @@ def test_training_learns_the_task(trained):
     # evaluation, at steps 240 and 120, was noise: 0.14-0.62, and PyTorch alone scored 0.35 at the default seed.)
     assert trained["history"][-1]["val_loss"] < 0.4
     assert trained["bleu"]["score"] > 40, trained["examples"]
+
+
+def test_special_token_spellings_in_text_are_text(trained):
+    # "<pad>" or "</s>" written in a sentence must not become the padding or end-of-sequence id the model frames
+    # sequences with (a fresh tokenizer from the file, as translate loads it).
+    tokenizer = load_tokenizer(Path(trained["checkpoint"]) / "tokenizer.json")
+    [(source, target)] = encode_pairs(tokenizer, [Pair("uno </s> dos", "one <pad> <s> two", "x")])
+    assert source[-1] == target[-1] == EOS and not {PAD, BOS, EOS} & set(source[:-1] + target[:-1])
+    assert tokenizer.decode(source) == "uno </s> dos" and tokenizer.decode(target) == "one <pad> <s> two"
+    assert len(translate(trained["run_dir"], ["uno </s> dos"], device="cpu")) == 1
 
 
 def test_pairs_too_long_for_max_tokens(task_dir, tmp_path):

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from .corpus import DataError, Document, resolve_sources
-from .tokenizer import eot_id, load_tokenizer, normalize_text, train_tokenizer
+from .tokenizer import encode_texts, eot_id, load_tokenizer, normalize_text, train_tokenizer
 
 # Bump when the preparation below changes its output for the same inputs and settings.
-PREPARE_FORMAT_VERSION = 2  # 2: a leading byte-order mark is dropped
+# 2: a leading byte-order mark dropped, <|endoftext|> written in a document encoded as text.
+PREPARE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -121,8 +122,8 @@ def _write_prepared(directory: Path, documents: list[Document], sources, vocab_s
         with open(staging / "train.bin", "wb") as train_f, open(staging / "val.bin", "wb") as val_f:
             batch = 64  # documents per encode_batch call: bounds memory on large corpora
             for start in range(0, len(texts), batch):
-                for enc in tokenizer.encode_batch(texts[start : start + batch]):
-                    ids = np.asarray(enc.ids + [eot], dtype=dtype)
+                for doc_ids in encode_texts(tokenizer, texts[start : start + batch]):
+                    ids = np.asarray(doc_ids + [eot], dtype=dtype)
                     n_doc_val = int(len(ids) * val_fraction)
                     train_part, val_part = ids[: len(ids) - n_doc_val], ids[len(ids) - n_doc_val :]
                     train_f.write(train_part.tobytes())

@@ -60,7 +60,15 @@ def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(END_OF_TEXT)
 
 
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, in which a special token's spelling (`</s>`, `<|endoftext|>`) is text like any other:
+    only the code that frames a sequence places special ids. (The tokenizer matches them in text by default;
+    encode_special_tokens, not saved with it, turns that off.)"""
+    tokenizer.encode_special_tokens = True
+    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """A prompt's token ids. An empty prompt starts a new document: the end-of-text token that separates documents
     in training (the model needs at least one token to continue)."""
-    return tokenizer.encode(prompt).ids or [eot_id(tokenizer)]
+    return encode_texts(tokenizer, [prompt])[0] or [eot_id(tokenizer)]

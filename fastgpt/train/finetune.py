@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classification import ClassificationData, classification_task
+from ..data.tokenizer import encode_texts
 from . import checkpoint as ckpt_io
 from .config import check_range
 from .distributed import resolve_device
@@ -96,7 +97,7 @@ def classifier_from_pretrained(lm, num_labels: int, extract_id: int, clf_dropout
 
 def encode(tokenizer, texts: list[str], max_length: int, extract_id: int) -> list[list[int]]:
     """Each text's first max_length - 1 tokens, then the extract token."""
-    return [encoding.ids[: max_length - 1] + [extract_id] for encoding in tokenizer.encode_batch(texts)]
+    return [ids[: max_length - 1] + [extract_id] for ids in encode_texts(tokenizer, texts)]
 
 
 def collate(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..data.parallel import Pair, ParallelData, parallel_task
-from ..data.tokenizer import train_tokenizer
+from ..data.tokenizer import encode_texts, train_tokenizer
 from . import checkpoint as ckpt_io
 from .bleu import corpus_bleu
 from .config import absolute_paths, check_range
@@ -159,9 +159,9 @@ def model_config(c: TranslationConfig, vocab_size: int):
 
 def encode_pairs(tokenizer, pairs: list[Pair]) -> list[tuple[list[int], list[int]]]:
     """(source ids + EOS, target ids + EOS) per pair."""
-    sources = tokenizer.encode_batch([p.source for p in pairs])
-    targets = tokenizer.encode_batch([p.target for p in pairs])
-    return [(s.ids + [EOS], t.ids + [EOS]) for s, t in zip(sources, targets)]
+    sources = encode_texts(tokenizer, [p.source for p in pairs])
+    targets = encode_texts(tokenizer, [p.target for p in pairs])
+    return [(s + [EOS], t + [EOS]) for s, t in zip(sources, targets)]
 
 
 def make_batches(lengths: list[tuple[int, int]], batch_tokens: int, seed: int) -> list[list[int]]:
@@ -251,7 +251,7 @@ def bleu_on(model, tokenizer, pairs: list[Pair], c: TranslationConfig, device, a
     """Corpus BLEU of the model's translations of pairs (sources longer than the position table are cut)."""
     limit = model.config.max_len
     sources = [ids[:limit - 1] + [EOS] if len(ids) >= limit else ids + [EOS]
-               for ids in (e.ids for e in tokenizer.encode_batch([p.source for p in pairs]))]
+               for ids in encode_texts(tokenizer, [p.source for p in pairs])]
     outputs = translate_ids(model, sources, c.beam_size, c.length_penalty, device, amp_dtype)
     hypotheses = tokenizer.decode_batch(outputs)
     return corpus_bleu(hypotheses, [p.target for p in pairs]), hypotheses
@@ -423,7 +423,7 @@ def translate(checkpoint: str, texts: list[str], beam_size: int = 4, length_pena
     with backend_context(backend):
         model, tokenizer, meta = load_translator(checkpoint, dev)
         limit = model.config.max_len
-        sources = [e.ids + [EOS] for e in tokenizer.encode_batch(texts)]
+        sources = [ids + [EOS] for ids in encode_texts(tokenizer, texts)]
         too_long = [i for i, s in enumerate(sources) if len(s) >= limit]
         if too_long:
             raise ValueError(f"text {too_long[0] + 1} is {len(sources[too_long[0]])} tokens long; this model reads at "
