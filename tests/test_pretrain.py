@@ -116,6 +116,24 @@ def test_resume_equals_uninterrupted(corpus, cache_dir, tmp_path):
     assert any("val_ppl" in r for r in records) and any("sample" in r for r in records)
 
 
+def test_resume_loses_no_steps_metrics(corpus, cache_dir, tmp_path):
+    # A checkpoint between two log lines (every 4 steps, logs every 3): a run killed after it and resumed has
+    # every step's loss in metrics.jsonl, once.
+    config = tiny(corpus, cache_dir, tmp_path / "run", max_steps=6, log_interval=3, checkpoint_interval=4,
+                  eval_interval=100, sample_tokens=0)
+    class Killed(Exception):
+        pass
+
+    def killed_after_checkpoint(line):
+        if line.startswith("checkpoint "):
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(config, log=killed_after_checkpoint)
+    pretrain(config, resume=str(tmp_path / "run"), log=quiet)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_sample_command(corpus, cache_dir, tmp_path, capsys):
     pretrain(tiny(corpus, cache_dir, tmp_path / "run", max_steps=4), log=quiet)
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "6"]) == 0

@@ -371,7 +371,10 @@ class Run:
             self.tokens_seen += self.tokens_per_step
             interval_losses.append(dist_utils.all_reduce_mean(step_loss, info))
 
-            if self.step % c.log_interval == 0 or self.step == c.max_steps:
+            checkpoint_due = self.step % c.checkpoint_interval == 0 and self.step < c.max_steps
+            # A checkpoint closes the log window too: a run resumed from it redoes only the steps after it, so the
+            # losses since the last log line go on record before it is saved.
+            if self.step % c.log_interval == 0 or self.step == c.max_steps or checkpoint_due:
                 values = torch.stack(interval_losses).tolist()
                 losses.extend(values)
                 elapsed = time.perf_counter() - interval_start
@@ -390,7 +393,7 @@ class Run:
                 interval_start, interval_losses = time.perf_counter(), []
             if self.step % c.eval_interval == 0 and self.step < c.max_steps:
                 self._eval_and_sample(samples=True)
-            if self.step % c.checkpoint_interval == 0 and self.step < c.max_steps:
+            if checkpoint_due:
                 self.save()
 
         train_time = time.perf_counter() - start_time
