@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeatable; default: empty)")
     smp.add_argument("--max-new-tokens", type=int, default=200)
     smp.add_argument("--temperature", type=float, default=0.8)
-    smp.add_argument("--top-k", type=int, default=40)
+    smp.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
     smp.add_argument("--top-p", type=float, default=None)
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--device", default="auto")

@@ -142,6 +142,23 @@ def test_sample_command(corpus, cache_dir, tmp_path, capsys):
     # No prompt: the model starts a new document from the end-of-text token.
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.startswith("--- ''\n")
+    # --top-k 0 is off (GPT1.generate refused it); the CLI's errors name its flags.
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "6", "--top-k", "0"]) == 0
+    for flags, message in [(("--top-k", "-1"), "--top-k must be >= 0 (0: off), got -1"),
+                           (("--temperature", "nan"), "--temperature must be >= 0"),
+                           (("--top-p", "0"), "--top-p must be in (0, 1]"),
+                           (("--device", "foo"), "--device must be auto, cpu, cuda or cuda:N, got 'foo'")]:
+        assert main(["sample", "--checkpoint", str(tmp_path / "run"), *flags]) == 2
+        assert f"fastgpt sample: error: {message}" in capsys.readouterr().err
+
+
+def test_backend_that_cannot_run_here(corpus, cache_dir, tmp_path, capsys, monkeypatch):
+    # As on a CPU machine without TRITON_INTERPRET: the CLI's error line, not a RuntimeError traceback.
+    monkeypatch.setattr(fastgpt, "available_backends", lambda device: ["reference"])
+    assert main(_cli([str(corpus)], cache_dir, tmp_path / "run", "--backend", "triton")) == 2
+    assert "fastgpt pretrain: error: --backend triton cannot run on cpu on this machine (here: reference)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_prompt_samples_from_end_of_text(corpus, cache_dir, tmp_path):
@@ -387,6 +404,8 @@ def _cli(corpus_or_data, cache_dir, out_dir, *extra):
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--beta2", "1"), "--beta2 must be in [0, 1)"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--adam-eps", "nan"), "--adam-eps must be > 0"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--device", "foo"), "--device must be auto, cpu, cuda"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--backend", "nope"), "--backend must be one of"),
     ],
 )
 def test_bad_inputs_exit_cleanly(tmp_path, capsys, make_data, extra, message):

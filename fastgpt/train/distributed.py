@@ -38,7 +38,10 @@ class DistInfo:
 def resolve_device(requested: str, local_rank: int, world_size: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # not a device string at all ("foo")
+        raise LaunchError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:

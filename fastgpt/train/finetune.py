@@ -146,7 +146,7 @@ def evaluation(log_probs: torch.Tensor, labels: torch.Tensor, names: list[str]) 
 def finetune(config: FinetuneConfig, log=print) -> dict:
     config.validate()
     device = resolve_device(config.device, 0, 1)
-    with backend_context(config.backend):
+    with backend_context(config.backend, device):
         return _finetune(config, device, log)
 
 
@@ -241,7 +241,7 @@ def load_classifier(path: str, device: torch.device):
 def classify(checkpoint: str, texts: list[str], device: str = "auto", backend: str | None = None) -> list[dict]:
     """For each text, {label: probability}, most probable first."""
     dev = resolve_device(device, 0, 1)
-    with backend_context(backend):
+    with backend_context(backend, dev):
         model, tokenizer, meta = load_classifier(checkpoint, dev)
         rows = encode(tokenizer, texts, meta["max_length"], model.config.extract_token_id)
         amp_dtype = autocast_dtype(FinetuneConfig(checkpoint=checkpoint), dev)

@@ -76,11 +76,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def backend_context(name: str | None):
+def backend_context(name: str | None, device: torch.device):
+    """Every fastgpt op on backend --backend `name` (None: each op's own choice), refused up front, naming the flag,
+    when that backend cannot run on `device` here: inside, its ops would fall back to the reference one by one, or
+    fail with a RuntimeError mid-run."""
     if name is None:
         return contextlib.nullcontext()
     import fastgpt
 
+    if name not in fastgpt.BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(fastgpt.BACKENDS)}, got {name!r}")
+    available = fastgpt.available_backends(device)
+    if name not in available:
+        raise ValueError(f"--backend {name} cannot run on {device.type} on this machine (here: {', '.join(available)})")
     return fastgpt.use_backend(name)
 
 
@@ -284,7 +292,7 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        with backend_context(self.config.backend):
+        with backend_context(self.config.backend, self.info.device):
             try:
                 self._prepare()
                 return self._loop()

@@ -25,8 +25,17 @@ def load_model(path: str, device: torch.device):
 def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 40, top_p: float | None = None, seed: int = 0, device: str = "auto",
            backend: str | None = None) -> list[str]:
+    """Continuations of `prompts`; top_k 0 (or None) and top_p None sample from the whole distribution."""
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     dev = resolve_device(device, 0, 1)
-    with backend_context(backend):
+    with backend_context(backend, dev):
         model, tokenizer, meta = load_model(checkpoint, dev)
         amp_dtype = autocast_dtype(PretrainConfig(**{**meta["config"], "precision": "auto"}), dev)
         torch.manual_seed(seed)
@@ -34,6 +43,7 @@ def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 200, tempe
         for prompt in prompts:
             ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=dev)
             with autocast(dev, amp_dtype):
-                out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+                out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                     top_p=top_p)
             texts.append(tokenizer.decode(out[0].tolist()))
     return texts

@@ -265,7 +265,7 @@ def bleu_on(model, tokenizer, pairs: list[Pair], c: TranslationConfig, device, a
 def train_translator(config: TranslationConfig, resume: str | None = None, log=print) -> dict:
     config.validate()
     device = resolve_device(config.device, 0, 1)
-    with backend_context(config.backend):
+    with backend_context(config.backend, device):
         return _train(config, resume, device, log)
 
 
@@ -420,7 +420,7 @@ def translate(checkpoint: str, texts: list[str], beam_size: int = 4, length_pena
     if beam_size < 1:
         raise ValueError(f"--beam-size must be >= 1, got {beam_size}")
     dev = resolve_device(device, 0, 1)
-    with backend_context(backend):
+    with backend_context(backend, dev):
         model, tokenizer, meta = load_translator(checkpoint, dev)
         limit = model.config.max_len
         sources = [ids + [EOS] for ids in encode_texts(tokenizer, texts)]
