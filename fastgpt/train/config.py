@@ -80,8 +80,9 @@ class PretrainConfig:
 # kernels, and the bookkeeping. The others fix the data and its order, the model, the optimizer settings that the
 # checkpoint's optimizer state restores (lr, betas, eps, weight decay), or that state's layout (--fsdp saves it by
 # parameter name, DDP by index; --precision fp16's gradient scaler): a resume refuses new values for them.
-RESUMABLE = ("max_steps", "min_lr_ratio", "warmup_steps", "grad_clip", "device", "compile", "backend", "cache_dir", "log_interval", "eval_interval", "eval_batches", "sample_tokens", "prompts",
-             "checkpoint_interval", "keep_checkpoints", "tensorboard")
+RESUMABLE = ("max_steps", "min_lr_ratio", "warmup_steps", "grad_clip", "device", "compile", "backend", "cache_dir",
+             "log_interval", "eval_interval", "eval_batches", "sample_tokens", "prompts", "checkpoint_interval",
+             "keep_checkpoints", "tensorboard")
 
 DEFAULT_PROMPTS = ("To be, or not to be", "My lord,", "O Romeo")
 
