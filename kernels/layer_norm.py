@@ -18,9 +18,9 @@ Wide rows (WIDE): past WIDE_FORWARD (forward) and WIDE_BACKWARD (backward) eleme
 program's registers (ptxas spills, bench/triton_compile.py), so a program walks the row in BLOCK_N chunks instead,
 twice: the forward gathers the statistics, merging each chunk's (count, mean, sum of squared deviations) of
 z - z[0] into the row's as Chan, Golub and LeVeque do (one stable pass), then normalises; the backward gathers
-mean(g) and mean(g * xhat), then writes dz. The row is read twice (the second time mostly from L2). The backward's dweight and
-dbias then come from a column kernel, each program summing dy * xhat and dy over a slab of rows for a block of
-columns: wide rows leave no registers to keep the whole row's sums.
+mean(g) and mean(g * xhat), then writes dz. The row is read twice (the second time mostly from L2). The backward's
+dweight and dbias then come from a column kernel, each program summing dy * xhat and dy over a slab of rows for a
+block of columns: wide rows leave no registers to keep the whole row's sums.
 
 Dropout keeps x[row, col] iff its uniform in the Philox stream (row, 0, 1) is >= p (word col % 4 of the call at
 col // 4: fastgpt/ops/philox.py), scaling kept values by 1 / (1 - p); the backward pass draws the same uniforms
