@@ -29,8 +29,8 @@ import fastgpt
 from fastgpt.ops.attention import _reference, scaled_dot_product_attention
 from fastgpt.ops.philox import draw_seed, stream_uniforms
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
-                     optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
+from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
+                     matmul_ceilings, optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -116,14 +116,21 @@ def bench_shape(B: int, H: int, L: int, D: int, causal: bool, dropout_p: float, 
 
 def _bench_impl(impl, fn, inputs, checks, causal, dropout_p, count, shape, dtype, device, ceiling_tflops,
                 extra) -> list[Row]:
-    q0, k0, v0, _ = inputs[0]
+    q0, k0, v0, do0 = inputs[0]
     for p, b, h, expected, peers_too in checks:
         if not (peers_too or impl.startswith("fastgpt")):
             continue
         torch.manual_seed(0)  # the seed the expectation's mask was drawn with
-        error = (fn(q0, k0, v0, causal, p)[b:b + 1, h:h + 2].double() - expected).abs().max().item()
+        got = fn(q0, k0, v0, causal, p)
+        error = (got[b:b + 1, h:h + 2].double() - expected).abs().max().item()
         assert error < {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype], \
             f"{impl} (dropout {p}) is wrong at {shape} {dtype}, batch {b} heads {h}-{h + 1}: max error {error}"
+        if p == 0.0:  # the gradients of the same heads: each (batch, head) is its own problem
+            grads = [g[b:b + 1, h:h + 2] for g in torch.autograd.grad(got, (q0, k0, v0), do0)]
+            leaves = [t[b:b + 1, h:h + 2].detach().double().requires_grad_() for t in (q0, k0, v0)]
+            reference = _reference(*leaves, None, None, 0.0, causal, q0.shape[-1] ** -0.5)
+            check_gradients(f"{impl} at {shape} {dtype}, batch {b} heads {h}-{h + 1}", grads,
+                            torch.autograd.grad(reference, leaves, do0[b:b + 1, h:h + 2].double()), dtype)
     out = []
     graphs = [(fn(q, k, v, causal, dropout_p), (q, k, v), do) for q, k, v, do in inputs]
     calls = {

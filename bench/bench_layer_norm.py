@@ -29,8 +29,8 @@ import fastgpt
 from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
 from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment, fastgpt_backends,
-                     finish, optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
+from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, copy_bandwidth_gbs, environment,
+                     fastgpt_backends, finish, optional_peer, peak_memory_mb, rotations, standard_parser, time_calls)
 
 # GPT-1's residual dropout: the rate the add_layer_norm rows are timed at.
 DROPOUT_P = 0.1
@@ -68,8 +68,9 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
                 module = cache.get(x.shape[-1])
                 if module is None:
                     module = cache[x.shape[-1]] = make_module(x.shape[-1]).to(x.device)
-                module.weight, module.bias = torch.nn.Parameter(w, w.requires_grad), torch.nn.Parameter(b)
-                return module(x)
+                # The call's w and b in place of the module's parameters: gradients reach them (Parameters made
+                # of them would be new leaves, cut off from the gradient the benchmark asks for).
+                return torch.func.functional_call(module, {"weight": w, "bias": b}, (x,))
             return run
         return build
 
@@ -139,6 +140,13 @@ def bench_shape(op: str, rows: int, cols: int, dtype: torch.dtype, device: torch
         x0, w0, b0 = (t.double() for t in first)
         checks.append((None, F.layer_norm(x0, (cols,), w0, b0), True))
     out = []
+    dy = inputs[0][1]
+    leaves = [t.detach().double().requires_grad_() for t in first]
+    if add:
+        expected_grads = torch.autograd.grad(F.layer_norm(leaves[1] + leaves[0], (cols,), *leaves[2:]), leaves,
+                                             dy.double())
+    else:
+        expected_grads = torch.autograd.grad(F.layer_norm(leaves[0], (cols,), *leaves[1:]), leaves, dy.double())
     for impl, fn in impls.items():
         for p, expected, peers_too in checks:
             if not (peers_too or impl.startswith("fastgpt")):
@@ -147,6 +155,9 @@ def bench_shape(op: str, rows: int, cols: int, dtype: torch.dtype, device: torch
             got = fn(*first, *(() if p is None else (p,)))
             error = (got.double() - expected).abs().max().item()
             assert error < tolerance, f"{impl} {op} (dropout {p}) is wrong at {rows}x{cols} {dtype}: max error {error}"
+            if not p:  # no dropout: the gradients too
+                check_gradients(f"{impl} {op} at {rows}x{cols} {dtype}", torch.autograd.grad(got, first, dy),
+                                expected_grads, dtype)
         graphs = [(fn(*args, *timed), args, dy) for args, dy in inputs]
         calls = {
             "fwd": [lambda args=args: fn(*args, *timed) for args, _ in inputs],

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
-                     peak_memory_mb, rotations, skip, standard_parser, time_calls)
+from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
+                     matmul_ceilings, peak_memory_mb, rotations, skip, standard_parser, time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -72,13 +72,20 @@ def bench_shape(tokens: int, d_model: int, d_ff: int, dtype: torch.dtype, device
         inputs.append(((x, w1, b1, w2, b2), torch.randn(tokens, d_model, device=device, dtype=dtype)))
     params0 = inputs[0][0]
     check_rows = min(tokens, 2048)  # the float64 check on a slice of the tokens keeps it cheap
-    expected = eager(params0[0][:check_rows].double(), *(p.double() for p in params0[1:]))
+    leaves = [params0[0][:check_rows].detach().double().requires_grad_()] + \
+        [p.detach().double().requires_grad_() for p in params0[1:]]
+    expected = eager(*leaves)
+    dy = inputs[0][1][:check_rows]
+    expected_grads = torch.autograd.grad(expected, leaves, dy.double())
     out = []
     for impl, fn in impls.items():
-        got = fn(*params0)[:check_rows]
+        x_rows = params0[0][:check_rows].detach().requires_grad_()
+        got = fn(x_rows, *params0[1:])
         error = (got.double() - expected).abs().max().item()
         assert error < {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype], \
             f"{impl} is wrong at {tokens}x{d_model}->{d_ff} {dtype}: max error {error}"
+        check_gradients(f"{impl} at {tokens}x{d_model}->{d_ff} {dtype}",
+                        torch.autograd.grad(got, (x_rows, *params0[1:]), dy), expected_grads, dtype)
         graphs = [(fn(*params), params, dy) for params, dy in inputs]
         calls = {
             "fwd": [lambda params=params: fn(*params) for params, _ in inputs],

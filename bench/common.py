@@ -107,6 +107,19 @@ def device_slug(info: dict) -> str:
     return backends.device_slug(info["device"])
 
 
+# A benchmark times only what it has checked. The gradient check's bound, relative to each gradient's largest
+# magnitude, catches a wrong backward (zeros, a missing term, garbage); its accuracy is the tests' to verify.
+GRAD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 1e-1}
+
+
+def check_gradients(name: str, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+                    dtype: torch.dtype) -> None:
+    """Asserts each gradient in `got` is `expected`'s (float64) within GRAD_TOLERANCE[dtype] of its magnitude."""
+    for i, (g, e) in enumerate(zip(got, expected)):
+        error = (g.double() - e).abs().max().item() / max(1.0, e.abs().max().item()) if e.numel() else 0.0
+        assert error < GRAD_TOLERANCE[dtype], f"{name}: gradient of input {i} is wrong: relative error {error:.3g}"
+
+
 def rotations(bytes_per_call: int) -> int:
     """How many copies of a call's inputs to cycle through so that the set exceeds the caches (at most 32)."""
     return max(1, min(32, -(-CACHE_BYTES // max(bytes_per_call, 1))))

@@ -23,10 +23,13 @@ want() { [[ $steps == *" $1 "* ]]; }
 # Each step is cut off so that the archive is still written inside the device's 600 s limit per command (a step
 # that runs out exits 124; what it wrote under bench/results/ so far comes back).
 deadline=$((SECONDS + ${GPU_SESSION_SECONDS:-570}))
-step() { local name=$1 left=$((deadline - SECONDS - 15)); shift; echo "=== $name"
-         if ((left <= 0)); then echo "    skipped: no time left in this call"; return; fi
+failed=""  # the steps that exited non-zero (or were skipped): the script's exit status says whether any did
+step() { local name=$1 left=$((deadline - SECONDS - 15)) status; shift; echo "=== $name"
+         if ((left <= 0)); then echo "    skipped: no time left in this call"; failed+=" $name"; return; fi
          timeout "$left" "$@" > "$logs/$name.log" 2>&1
-         echo "    exit $? ($(tail -n 1 "$logs/$name.log" | cut -c1-150))"; }
+         status=$?
+         ((status == 0)) || failed+=" $name"
+         echo "    exit $status ($(tail -n 1 "$logs/$name.log" | cut -c1-150))"; }
 
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
   > "$logs/environment.log" 2>&1
@@ -45,4 +48,5 @@ want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --m
 tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
 grep -hs "passed\|failed" "$logs/tests.log" | tail -n 1
 grep -hs "^done:" "$logs/pretrain-gpt1.log" | tail -n 1
-want bench && python -m bench.readme_table
+if want bench; then python -m bench.readme_table; fi
+if [[ -n $failed ]]; then echo "failed:$failed"; exit 1; fi
