@@ -15,6 +15,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +55,8 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        "commit": _commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     try:
         import triton
@@ -66,6 +70,20 @@ def environment(device: torch.device) -> dict:
     else:
         info.update(device=_cpu_name(), threads=torch.get_num_threads(), cpu_allocator=_steady_cpu_allocator())
     return info
+
+
+def _commit() -> str | None:
+    """The fastgpt commit measured (with "+changes" when the working tree differs from it), if this is a git
+    checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def _steady_cpu_allocator() -> str:
