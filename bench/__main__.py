@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, device_slug, environment
+from .common import RESULTS, device_flag, device_slug, environment
 
 SUITE = ("layer_norm", "attention", "linear_gelu", "model", "seq2seq")
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few small shapes")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(SUITE)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
 

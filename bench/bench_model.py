@@ -26,7 +26,7 @@ import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
-                     skip, standard_parser, time_calls)
+                     positive_int, skip, standard_parser, time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -144,7 +144,7 @@ def time_training_steps(impls: dict, batches: list, dtypes, device: torch.device
 
 def main(argv=None) -> None:
     parser = standard_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
     parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
     args = parser.parse_args(argv)
 

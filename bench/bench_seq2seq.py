@@ -25,7 +25,7 @@ import fastgpt
 from fastgpt.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 from .bench_model import run_settings, time_training_steps
-from .common import fastgpt_backends, finish, standard_parser
+from .common import fastgpt_backends, finish, positive_int, standard_parser
 
 
 def torch_twin(ours: Seq2SeqTransformer) -> Seq2SeqTransformer:
@@ -51,11 +51,11 @@ def step_flops(model: Seq2SeqTransformer, batch: int, src_len: int, tgt_len: int
 
 def main(argv=None) -> None:
     parser = standard_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=None, help="sentence pairs per step (default 64 on CUDA, "
+    parser.add_argument("--batch", type=positive_int, default=None, help="sentence pairs per step (default 64 on CUDA, "
                                                                 "16 on CPU)")
-    parser.add_argument("--src-len", type=int, default=64)
-    parser.add_argument("--tgt-len", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=None, help="shared vocabulary (default 37,000 as in the "
+    parser.add_argument("--src-len", type=positive_int, default=64)
+    parser.add_argument("--tgt-len", type=positive_int, default=64)
+    parser.add_argument("--vocab", type=positive_int, default=None, help="shared vocabulary (default 37,000 as in the "
                                                                 "paper; 8,000 with --quick)")
     args = parser.parse_args(argv)
 

@@ -293,18 +293,67 @@ def print_table(rows: list[Row], info: dict) -> None:
               f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>19}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")
 
 
+def device_flag(value: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has."""
+    import argparse
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {value!r}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine runs the benchmarks on "
+                                         f"{'cpu or cuda' if torch.cuda.is_available() else 'cpu only'}")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """argparse type of a size flag: an int >= 1."""
+    import argparse
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value!r}")
+    return number
+
+
+def _dtype_list(value: str) -> list[torch.dtype]:
+    import argparse
+    names = value.split(",")
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(DTYPE_NAMES)}, got {', '.join(unknown)}")
+    return [DTYPE_NAMES[n] for n in names]
+
+
+def _compile_modes(value: str) -> list[str]:
+    import argparse
+    modes = [] if value == "none" else value.split(",")
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected 'none' or some of {', '.join(COMPILE_MODES)}, got "
+                                         f"{', '.join(unknown)}")
+    return modes
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") -> "argparse.ArgumentParser":
     """The flags every benchmark takes (a benchmark adds its own): --device, --quick, --dtypes, --compile,
     --include-interpreter, --out. `python -m bench` forwards --device, --quick and --out."""
     import argparse
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
-    parser.add_argument("--dtypes", default=None, help=f"comma-separated, e.g. {dtypes_example}")
-    parser.add_argument("--compile", default=None,
+    parser.add_argument("--dtypes", type=_dtype_list, default=None,
+                        help=f"comma-separated, of {', '.join(DTYPE_NAMES)}; e.g. {dtypes_example}")
+    parser.add_argument("--compile", type=_compile_modes, default=None,
                         help="torch.compile modes to compare, comma-separated (default, max-autotune); 'none' skips")
     parser.add_argument("--include-interpreter", action="store_true",
-                        help="also time the triton backend on CPU through the interpreter (very slow)")
+                        help="also time the triton backend on CPU through the interpreter (very slow; needs "
+                             "TRITON_INTERPRET=1 in the environment)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     return parser
 
@@ -313,13 +362,11 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 
 def chosen_dtypes(args, default: Sequence[torch.dtype]) -> list[torch.dtype]:
-    return [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else list(default)
+    return args.dtypes if args.dtypes else list(default)
 
 
 def chosen_compile_modes(args, default: Sequence[str]) -> list[str]:
-    if args.compile is None:
-        return list(default)
-    return [] if args.compile == "none" else args.compile.split(",")
+    return list(default) if args.compile is None else args.compile
 
 
 def fastgpt_backends(device: torch.device, include_interpreter: bool, with_reference: bool = False) -> list[str]:
