@@ -105,17 +105,26 @@ def time_training_steps(impls: dict, batches: list, dtypes, device: torch.device
     """Rows timing one training step (forward, backward, gradients cleared) of every implementation in `impls`
     (name -> (module, loss function (module, batch) -> scalar, context manager factory)), rotating through
     `batches`, for each dtype (float32, or autocast to a 16-bit dtype). Before timing, every implementation's loss
-    on batches[0] is checked against the first one's (dropout off, float32)."""
+    on batches[0], and the norm of all its parameters' gradients, are checked against the first one's (dropout off,
+    float32). The norm is the same whatever the parameters' layout (fused or split projections, transposed weights)
+    and moves with any wrong gradient, where the loss at initialisation barely notices a model that ignores its
+    context."""
     cuda = device.type == "cuda"
-    with torch.no_grad():
-        expected = None
-        for name, (module, loss_fn, ctx) in impls.items():
-            module.eval()
-            with ctx():
-                loss = loss_fn(module, batches[0]).float().item()
-            expected = loss if expected is None else expected
-            assert math.isclose(loss, expected, rel_tol=1e-3), f"{name}: loss {loss} != {expected}"
-            module.train()
+    expected = None
+    for name, (module, loss_fn, ctx) in impls.items():
+        module.eval()
+        module.zero_grad(set_to_none=True)
+        with ctx():
+            loss = loss_fn(module, batches[0]).float()
+            loss.backward()
+        grads = [p.grad.double() for p in module.parameters() if p.grad is not None]
+        got = (loss.item(), torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        module.zero_grad(set_to_none=True)
+        expected = got if expected is None else expected
+        assert math.isclose(got[0], expected[0], rel_tol=1e-3), f"{name}: loss {got[0]} != {expected[0]}"
+        assert math.isclose(got[1], expected[1], rel_tol=1e-3), \
+            f"{name}: gradient norm {got[1]} != {expected[1]} (loss {got[0]})"
+        module.train()
 
     rows = []
     for dtype in dtypes:
