@@ -272,10 +272,11 @@ class Seq2SeqTransformer(nn.Module):
         cache.length += 1
         return self._logits(x[:, -1])
 
-    def _never_emitted(self) -> list[int]:
-        """Ids a decoder may not produce: padding and BOS (EOS ends a row, then padding follows)."""
+    def _never_emitted(self, device: torch.device) -> torch.Tensor:
+        """Ids a decoder may not produce: padding and BOS (EOS ends a row, then padding follows). Made once per
+        decoding call, on the device: an index list would be copied there at every step."""
         c = self.config
-        return sorted({c.pad_id, c.bos_id} - {c.eos_id})
+        return torch.tensor(sorted({c.pad_id, c.bos_id} - {c.eos_id}), dtype=torch.long, device=device)
 
     def _max_len(self, src: torch.Tensor, max_len: int | None) -> int:
         """Generated tokens at most: BOS takes position 0 and the last token is never fed back, so up to
@@ -295,12 +296,13 @@ class Seq2SeqTransformer(nn.Module):
         tokens = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long, device=src.device)
         cache = self._start_cache(memory, src_padding, max_len) if use_cache else None
         finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        never = self._never_emitted(src.device)
         for _ in range(max_len):
             if cache is not None:
                 logits = self._decode_step(tokens[:, -1:], cache)
             else:
                 logits = self.decode(tokens, memory, src_padding)[:, -1]
-            logits[:, self._never_emitted()] = float("-inf")
+            logits.index_fill_(1, never, float("-inf"))
             next_token = torch.where(finished, c.pad_id, logits.argmax(dim=-1))
             finished |= next_token == c.eos_id
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -326,13 +328,14 @@ class Seq2SeqTransformer(nn.Module):
         scores = scores.view(-1)
         lengths = torch.zeros(batch * beams, dtype=torch.long, device=device)
         finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
+        never = self._never_emitted(device)
 
         def penalty(n):
             return ((5.0 + n.float()) / 6.0) ** length_penalty
 
         for _ in range(max_len):
             log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).float(), dim=-1)  # (B*K, V)
-            log_probs[:, self._never_emitted()] = float("-inf")  # scores stay the model's log-probabilities
+            log_probs.index_fill_(1, never, float("-inf"))  # scores stay the model's log-probabilities
             vocab = log_probs.shape[-1]
             # A finished hypothesis continues only with padding, at no cost.
             done_row = torch.full((vocab,), float("-inf"), device=device)

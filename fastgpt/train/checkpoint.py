@@ -16,12 +16,14 @@ resumed run continues in its checkpoint's run directory (run_dir_of).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -163,6 +165,23 @@ def check_resume(meta: dict, current: dict, resumable: Collection[str], ckpt: Pa
     if current["max_steps"] <= meta["step"]:
         raise CheckpointError(f"--max-steps {current['max_steps']}: {ckpt} is at step {meta['step']} already; "
                               f"pass a larger --max-steps to train on")
+
+
+def open_run(config, run_name: str, resume_from: Path | None, resume_meta: dict | None,
+             resumable: Collection[str]):
+    """(run directory, settings as the run saves them) for a run with settings `config` (a dataclass with out_dir),
+    fresh or resumed from checkpoint `resume_from` (its checkpoint.json: `resume_meta`). A resumed run continues in
+    its checkpoint's run directory and may change only the `resumable` settings (check_resume); a fresh one goes to
+    --out-dir, by default runs/<run_name>-<time>. Either way the directory is claimed (claim_run_dir) and the paths
+    in the settings made absolute, so that --resume finds the run's data and directory from anywhere."""
+    if resume_from is not None:
+        out_dir = run_dir_of(resume_from)
+        check_resume(resume_meta, dataclasses.asdict(config), resumable, resume_from, out_dir)
+    else:
+        out_dir = Path(os.path.abspath(config.out_dir or f"runs/{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    claim_run_dir(out_dir, resume_from)
+    return out_dir, dataclasses.replace(config, **{**absolute_paths(dataclasses.asdict(config)),
+                                                   "out_dir": str(out_dir)})
 
 
 def _split_aliases(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

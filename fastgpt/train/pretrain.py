@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from ..data import BatchSampler, prepare_data, validation_batches
 from ..data.tokenizer import prompt_ids
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
-from .config import RESUMABLE, PretrainConfig, absolute_paths
+from .config import RESUMABLE, PretrainConfig
 from .metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from .schedule import make_optimizer, make_scheduler, parameter_dims
 
@@ -156,13 +155,8 @@ class Run:
         if self.resume_from is not None:
             resume_meta, resume_weights, resume_state = ckpt_io.load_checkpoint(self.resume_from)
             ckpt_io.require_kind(resume_meta, self.resume_from, ckpt_io.LANGUAGE_MODEL)
-            self.out_dir = ckpt_io.run_dir_of(self.resume_from)
-            ckpt_io.check_resume(resume_meta, dataclasses.asdict(c), RESUMABLE, self.resume_from, self.out_dir)
-        else:
-            self.out_dir = Path(os.path.abspath(c.out_dir or f"runs/{c.preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        ckpt_io.claim_run_dir(self.out_dir, self.resume_from)
-        # Saved with the run as absolute paths: --resume finds the run's data and directory from anywhere.
-        self.config = c = PretrainConfig(**{**absolute_paths(dataclasses.asdict(c)), "out_dir": str(self.out_dir)})
+        self.out_dir, c = ckpt_io.open_run(c, c.preset, self.resume_from, resume_meta, RESUMABLE)
+        self.config = c
 
         self.log(f"fastgpt pretrain: preset {c.preset}, {info.world_size} process(es) on {info.device}")
         self.log("settings: " + json.dumps(dataclasses.asdict(c)))

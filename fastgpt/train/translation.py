@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import random
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from ..data.parallel import Pair, ParallelData, parallel_task
 from ..data.tokenizer import encode_texts, train_tokenizer
 from . import checkpoint as ckpt_io
 from .bleu import corpus_bleu
-from .config import absolute_paths, check_range
+from .config import check_range
 from .distributed import resolve_device
 from .pretrain import autocast, autocast_dtype, backend_context, rng_state, set_rng_state
 
@@ -272,18 +270,12 @@ def train_translator(config: TranslationConfig, resume: str | None = None, log=p
 def _train(c: TranslationConfig, resume: str | None, device: torch.device, log) -> dict:
     from ..models.seq2seq import Seq2SeqTransformer
 
-    ckpt, state = None, None
+    ckpt, meta, state = None, None, None
     if resume:
         ckpt = ckpt_io.find_checkpoint(resume)
         meta, weights, state = ckpt_io.load_checkpoint(ckpt)
         ckpt_io.require_kind(meta, ckpt, ckpt_io.TRANSLATOR)
-        out_dir = ckpt_io.run_dir_of(ckpt)
-        ckpt_io.check_resume(meta, dataclasses.asdict(c), RESUMABLE, ckpt, out_dir)
-    else:
-        out_dir = Path(os.path.abspath(c.out_dir or f"runs/translator-{time.strftime('%Y%m%d-%H%M%S')}"))
-    ckpt_io.claim_run_dir(out_dir, ckpt)
-    # Saved with the run as absolute paths: --resume finds the run's data and directory from anywhere.
-    c = TranslationConfig(**{**absolute_paths(dataclasses.asdict(c)), "out_dir": str(out_dir)})
+    out_dir, c = ckpt_io.open_run(c, "translator", ckpt, meta, RESUMABLE)
 
     task: ParallelData = parallel_task(c.data, c.val_data, c.test_data, Path(c.cache_dir) if c.cache_dir else None,
                                        c.seed)
