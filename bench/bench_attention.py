@@ -30,7 +30,7 @@ from fastgpt.ops.attention import _reference, scaled_dot_product_attention
 from fastgpt.ops.philox import draw_seed, stream_uniforms
 
 from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
-                     matmul_ceilings, optional_peer, peak_memory_mb, rotations, skip, standard_parser, time_calls)
+                     matmul_ceilings, optional_peer, peak_memory_mb, rates_text, rotations, skip, standard_parser, time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
 
     info = environment(device)
     ceilings = matmul_ceilings(device, dtypes, info)
-    print(f"measured dense matmul rates (TFLOP/s): {info['matmul_tflops']}")
+    print(f"measured dense matmul rates: {rates_text(info)}")
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:

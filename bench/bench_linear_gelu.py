@@ -24,7 +24,7 @@ import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
 from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
-                     matmul_ceilings, peak_memory_mb, rotations, skip, standard_parser, time_calls)
+                     matmul_ceilings, peak_memory_mb, rates_text, rotations, skip, standard_parser, time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
 
     info = environment(device)
     ceilings = matmul_ceilings(device, dtypes, info)
-    print(f"measured matrix-product rates (TFLOP/s): {info['matmul_tflops']}")
+    print(f"measured matrix-product rates: {rates_text(info)}")
     impls = implementations(device, args.include_interpreter, compile_modes)
     rows = []
     for dtype in dtypes:

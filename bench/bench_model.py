@@ -26,7 +26,7 @@ import fastgpt
 from fastgpt.models.gpt1 import GPT1, GPT1Config, to_hf
 
 from .common import (Row, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish, matmul_ceilings,
-                     positive_int, skip, standard_parser, time_calls)
+                     positive_int, probability, rates_text, skip, standard_parser, time_calls)
 
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
@@ -154,7 +154,7 @@ def time_training_steps(impls: dict, batches: list, dtypes, device: torch.device
 def main(argv=None) -> None:
     parser = standard_parser(__doc__)
     parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
-    parser.add_argument("--dropout", type=float, default=0.1, help="GPT-1's 0.1 everywhere by default")
+    parser.add_argument("--dropout", type=probability, default=0.1, help="GPT-1's 0.1 everywhere by default")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -176,13 +176,13 @@ def main(argv=None) -> None:
     print(f"GPT-1 {ours.num_parameters() / 1e6:.1f}M parameters, {batch} x {length} tokens, "
           f"{flops * tokens / 1e12:.2f} TFLOP per step")
 
-    extra = {"batch": batch, "seq_len": length, "params": ours.num_parameters()}
+    extra = {"batch": batch, "seq_len": length, "params": ours.num_parameters(), "dropout": d}
     rows = time_training_steps(impls, ids, dtypes, device, tokens, flops * tokens, ceilings, datasheet, "model",
                                f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}", extra)
     finish("model", rows, info, args.out)
     sheet = f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""
     print(f"'of ceil' = MFU against the measured matrix-product rate in the row's dtype "
-          f"({info['matmul_tflops']} TFLOP/s){sheet}")
+          f"({rates_text(info)}){sheet}")
 
 
 if __name__ == "__main__":

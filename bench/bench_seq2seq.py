@@ -25,7 +25,7 @@ import fastgpt
 from fastgpt.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 from .bench_model import run_settings, time_training_steps
-from .common import fastgpt_backends, finish, positive_int, standard_parser
+from .common import fastgpt_backends, finish, positive_int, rates_text, standard_parser
 
 
 def torch_twin(ours: Seq2SeqTransformer) -> Seq2SeqTransformer:
@@ -41,10 +41,14 @@ def torch_twin(ours: Seq2SeqTransformer) -> Seq2SeqTransformer:
 
 
 def step_flops(model: Seq2SeqTransformer, batch: int, src_len: int, tgt_len: int) -> float:
+    """Matrix-product FLOPs of one training step (forward 2, backward 4 per multiply-add)."""
     c = model.config
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     encoder, decoder = count(model.transformer.encoder), count(model.transformer.decoder)
-    weights = 6.0 * batch * (src_len * encoder + tgt_len * (decoder + c.tgt_vocab_size * c.d_model))
+    # The cross-attention's key and value projections (2 d^2 per decoder layer) act on the source tokens.
+    memory_kv = c.num_decoder_layers * 2 * c.d_model ** 2
+    weights = 6.0 * batch * (src_len * (encoder + memory_kv)
+                             + tgt_len * (decoder - memory_kv + c.tgt_vocab_size * c.d_model))
     pairs = c.num_encoder_layers * src_len ** 2 + c.num_decoder_layers * (tgt_len ** 2 / 2 + tgt_len * src_len)
     return weights + 3.0 * 4.0 * c.d_model * batch * pairs
 
@@ -99,12 +103,13 @@ def main(argv=None) -> None:
           f"{params / 1e6:.1f}M parameters, {batch} pairs of {args.src_len} + {args.tgt_len} tokens, "
           f"{flops / 1e12:.3f} TFLOP per step")
     shape = f"{'tiny' if args.quick else 'base'} {batch}x({args.src_len}+{args.tgt_len})"
-    extra = {"batch": batch, "src_len": args.src_len, "tgt_len": args.tgt_len, "params": params}
+    extra = {"batch": batch, "src_len": args.src_len, "tgt_len": args.tgt_len, "params": params, "vocab": vocab,
+             "dropout": config.dropout}
     rows = time_training_steps(impls, batches, dtypes, device, tokens, flops, ceilings, datasheet, "seq2seq", shape,
                                extra)
     finish("seq2seq", rows, info, args.out)
     print(f"tokens/s counts source and target tokens; 'of ceil' = model FLOP rate over the measured matrix-product "
-          f"rate in the row's dtype ({info['matmul_tflops']} TFLOP/s)")
+          f"rate in the row's dtype ({rates_text(info)})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the 20th-80th percentile spread. On CUDA, CUDA events bracket each call; on CPU,
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import functools
@@ -243,6 +244,11 @@ def matmul_ceilings(device: torch.device, dtypes, info: dict) -> dict:
     return ceilings
 
 
+def rates_text(info: dict) -> str:
+    """The measured matrix-product rates of `info` for a printed line: 'float32 0.168, bfloat16 0.61 TFLOP/s'."""
+    return ", ".join(f"{dtype} {rate:.3g}" for dtype, rate in info["matmul_tflops"].items()) + " TFLOP/s"
+
+
 def cost(row) -> float:
     """What a row minimises: its peak memory for a memory measurement (unit MiB), else its time. `row` is a Row or
     its dict in a result file."""
@@ -280,22 +286,25 @@ def write_results(name: str, rows: list[Row], info: dict, out_dir: Path | None =
 
 def print_table(rows: list[Row], info: dict) -> None:
     print(f"\n{info['device']} | torch {info['torch']} | triton {info.get('triton')} | {info['date']}")
+    # Each column is as wide as its widest cell: a rate in tokens/s runs to 15 characters.
+    cells = [(r, f"{r.p20_ms:.4f}-{r.p80_ms:.4f}", f"{r.metric:.1f} {r.unit}",
+              f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-",
+              f"{r.speedup_vs_best_peer:.2f}x" if r.speedup_vs_best_peer is not None else "-") for r in rows]
     shape_w = max([16] + [len(r.shape) for r in rows]) + 2
     impl_w = max([22] + [len(r.impl) for r in rows]) + 2
+    spread_w = max([17] + [len(c[1]) for c in cells]) + 2
+    rate_w = max([12] + [len(c[2]) for c in cells]) + 2
     header = f"{'op':<17}{'shape':<{shape_w}}{'dtype':<10}{'pass':<9}{'impl':<{impl_w}}{'median ms':>11}" \
-             f"{'spread':>19}{'rate':>14}{'of ceil':>9}{'vs best':>9}"
+             f"{'spread':>{spread_w}}{'rate':>{rate_w}}{'of ceil':>9}{'vs best':>9}"
     print(header)
     print("-" * len(header))
-    for r in rows:
-        ceiling = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-"
-        speedup = f"{r.speedup_vs_best_peer:.2f}x" if r.speedup_vs_best_peer is not None else "-"
+    for r, spread, rate, ceiling, speedup in cells:
         print(f"{r.op:<17}{r.shape:<{shape_w}}{r.dtype:<10}{r.pass_:<9}{r.impl:<{impl_w}}{r.median_ms:>11.4f}"
-              f"{f'{r.p20_ms:.4f}-{r.p80_ms:.4f}':>19}{f'{r.metric:.1f} {r.unit}':>14}{ceiling:>9}{speedup:>9}")
+              f"{spread:>{spread_w}}{rate:>{rate_w}}{ceiling:>9}{speedup:>9}")
 
 
 def device_flag(value: str) -> str:
     """argparse type of --device: a device torch knows and this machine has."""
-    import argparse
     try:
         device = torch.device(value)
     except RuntimeError:
@@ -303,12 +312,14 @@ def device_flag(value: str) -> str:
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         raise argparse.ArgumentTypeError(f"{value!r}: this machine runs the benchmarks on "
                                          f"{'cpu or cuda' if torch.cuda.is_available() else 'cpu only'}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return value
 
 
 def positive_int(value: str) -> int:
     """argparse type of a size flag: an int >= 1."""
-    import argparse
     try:
         number = int(value)
     except ValueError:
@@ -318,8 +329,18 @@ def positive_int(value: str) -> int:
     return number
 
 
+def probability(value: str) -> float:
+    """argparse type of a dropout rate: a float in [0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value!r}")
+    return number
+
+
 def _dtype_list(value: str) -> list[torch.dtype]:
-    import argparse
     names = value.split(",")
     unknown = [n for n in names if n not in DTYPE_NAMES]
     if unknown:
@@ -328,7 +349,6 @@ def _dtype_list(value: str) -> list[torch.dtype]:
 
 
 def _compile_modes(value: str) -> list[str]:
-    import argparse
     modes = [] if value == "none" else value.split(",")
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
@@ -340,10 +360,9 @@ def _compile_modes(value: str) -> list[str]:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") -> "argparse.ArgumentParser":
+def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") -> argparse.ArgumentParser:
     """The flags every benchmark takes (a benchmark adds its own): --device, --quick, --dtypes, --compile,
     --include-interpreter, --out. `python -m bench` forwards --device, --quick and --out."""
-    import argparse
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")

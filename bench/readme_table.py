@@ -21,16 +21,25 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def _versions(envs: list[dict]) -> str:
+    """The software and dates of a device's result files: each value once, as the files may come from several runs."""
+    def values(key: str, default: str = "-") -> str:
+        return " / ".join(dict.fromkeys(str(env.get(key) or default) for env in envs))
+    dates = sorted(env["date"][:10] for env in envs)
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    return f"torch {values('torch')}, triton {values('triton')}, CUDA {values('cuda')}, {when}"
+
+
 def render(results: Path = RESULTS) -> str:
     sections = []
     for folder in sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []:
         lines = []
-        env = None
+        envs = []
         for path in sorted(folder.glob("*.json")):
             data = json.loads(path.read_text())
             if "environment" not in data:
                 continue  # a training run's record kept beside the benchmarks (finetune.json, translation.json)
-            env = data["environment"]
+            envs.append(data["environment"])
             groups: dict[tuple, list[dict]] = {}
             for row in data["rows"]:
                 groups.setdefault((row["op"], row["shape"], row["dtype"], row["pass_"]), []).append(row)
@@ -49,9 +58,8 @@ def render(results: Path = RESULTS) -> str:
                 lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['median_ms']:.3f} ms, "
                              f"{best['metric']:.1f} {best['unit']} | {peer['impl']} {peer['median_ms']:.3f} ms | "
                              f"{peer['median_ms'] / best['median_ms']:.2f}x | {source} |")
-        if lines and env is not None:
-            sections.append(f"**{env['device']}** (torch {env['torch']}, triton {env.get('triton')}, "
-                            f"CUDA {env.get('cuda', '-')}, {env['date'][:10]})\n\n"
+        if lines:
+            sections.append(f"**{envs[0]['device']}** ({_versions(envs)})\n\n"
                             "| op | shape | dtype | pass | fastgpt (best backend) | best peer | speed-up | source |\n"
                             "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
     return "\n\n".join(sections) or "No results recorded yet."

@@ -237,6 +237,9 @@ def test_bad_input():
         model.decode(src, memory, padding[:, :-1])
     with pytest.raises(ValueError, match="labels of shape"):
         model(src, src, src[:, :-1])
+    for penalty in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"beam_search: expected length_penalty in \[0, inf\)"):
+            model.beam_search(src, length_penalty=penalty)
     with pytest.raises(ValueError, match="share_embeddings needs one vocabulary"):
         _config(share_embeddings=True, tgt_vocab_size=14)
     state = model.state_dict()

@@ -307,6 +307,9 @@ def test_config_errors():
         make_config(beta2=1.0)
     with pytest.raises(ValueError, match="--adam-eps must be > 0"):
         make_config(adam_eps=0.0)
+    for penalty in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"--length-penalty must be in \[0, inf\)"):
+            make_config(length_penalty=penalty)
     assert make_config("base").d_model == 512 and make_config("base", d_model=256).d_model == 256
 
 
@@ -439,3 +442,5 @@ def test_translate_refuses_other_checkpoints(trained, tmp_path, capsys):
         translate(str(damaged), ["uno"], device="cpu")
     with pytest.raises(ValueError, match="--beam-size must be >= 1"):
         translate(trained["run_dir"], ["uno"], beam_size=0, device="cpu")
+    with pytest.raises(ValueError, match=r"--length-penalty must be in \[0, inf\)"):
+        translate(trained["run_dir"], ["uno"], length_penalty=float("nan"), device="cpu")

@@ -316,6 +316,9 @@ class Seq2SeqTransformer(nn.Module):
         """The best of beam_size hypotheses per row by log-probability / lp(length): (B, <= max_len) tokens."""
         if beam_size < 1:
             raise ValueError(f"Seq2SeqTransformer.beam_search: expected beam_size >= 1, got {beam_size}")
+        if not 0 <= length_penalty < math.inf:
+            raise ValueError(f"Seq2SeqTransformer.beam_search: expected length_penalty in [0, inf), got "
+                             f"{length_penalty}")
         c = self.config
         max_len = self._max_len(src, max_len)
         memory, src_padding = self.encode(src)

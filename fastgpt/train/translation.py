@@ -100,6 +100,7 @@ class TranslationConfig:
         check_range(self, "beta2", 0, 1, open_high=True)
         check_range(self, "adam_eps", 0, open_low=True)
         check_range(self, "grad_clip", 0, note=" (0: no clipping)")
+        check_range(self, "length_penalty", 0, float("inf"), open_high=True, note=" (0: no length normalisation)")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"--test-limit must be >= 1, got {self.test_limit}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -411,6 +412,8 @@ def translate(checkpoint: str, texts: list[str], beam_size: int = 4, length_pena
               device: str = "auto", backend: str | None = None) -> list[str]:
     if beam_size < 1:
         raise ValueError(f"--beam-size must be >= 1, got {beam_size}")
+    if not 0 <= length_penalty < float("inf"):
+        raise ValueError(f"--length-penalty must be in [0, inf) (0: no length normalisation), got {length_penalty}")
     dev = resolve_device(device, 0, 1)
     with backend_context(backend, dev):
         model, tokenizer, meta = load_translator(checkpoint, dev)

@@ -1,0 +1,124 @@
+"""The benchmarks' own arithmetic and checks: their FLOP counts against PyTorch's FLOP counter, the gradient check
+that guards every timing, the flags they refuse, and the tables they print and render into the README. The timings
+themselves are the benchmarks' business (bench/), never a test's."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastgpt
+from bench import common, readme_table
+from bench.bench_model import flops_per_token
+from bench.bench_seq2seq import step_flops
+from fastgpt.models.gpt1 import GPT1, GPT1Config
+from fastgpt.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+
+
+def _counted_flops(step) -> int:
+    """The matrix-product FLOPs PyTorch counts in step() (forward and backward) on the reference backend."""
+    with fastgpt.use_backend("reference"), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _vector_parameters(module: torch.nn.Module) -> int:
+    """Biases and norm weights: 6 FLOPs per token each in the 6N convention, none in a matrix product."""
+    return sum(p.numel() for p in module.parameters() if p.dim() < 2)
+
+
+@pytest.mark.parametrize("src_len,tgt_len", [(8, 16), (16, 8), (11, 11)])
+def test_seq2seq_step_flops_match_the_counted_products(src_len, tgt_len):
+    """The cross-attention's key and value projections run over the source: with src_len != tgt_len, counting them
+    per target token was off by 5-7% here."""
+    config = Seq2SeqConfig(97, 97, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3,
+                           dim_feedforward=64, share_embeddings=True, dropout=0.0)
+    torch.manual_seed(0)
+    model, batch = Seq2SeqTransformer(config), 2
+    src, tgt = torch.randint(3, 97, (batch, src_len)), torch.randint(3, 97, (batch, tgt_len))
+    counted = _counted_flops(lambda: model(src, tgt, tgt).loss.backward())
+    vectors = 6 * batch * (src_len * _vector_parameters(model.transformer.encoder)
+                           + tgt_len * _vector_parameters(model.transformer.decoder))
+    # The estimate skips the causal self-attention's upper triangle; the counter sees the dense product.
+    upper = 3 * 4 * config.d_model * batch * config.num_decoder_layers * tgt_len ** 2 / 2
+    assert step_flops(model, batch, src_len, tgt_len) - vectors + upper == counted
+
+
+def test_gpt1_flops_per_token_match_the_counted_products():
+    config = GPT1Config(vocab_size=101, n_positions=24, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model, batch = GPT1(config), 2
+    ids = torch.randint(0, 101, (batch, config.n_positions))
+    counted = _counted_flops(lambda: model(ids, labels=ids).loss.backward())
+    tokens = batch * config.n_positions
+    # 6N counts the token embedding once, as the tied output projection; the counter sees the projection's product.
+    vectors = 6 * tokens * _vector_parameters(model)
+    assert flops_per_token(model) * tokens - vectors == counted
+
+
+def test_check_gradients_refuses_a_wrong_backward():
+    torch.manual_seed(0)
+    expected = [torch.randn(5, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    common.check_gradients("ok", [e.float() for e in expected], expected, torch.float32)
+    with pytest.raises(AssertionError, match="zeros: gradient of input 1 is wrong"):
+        common.check_gradients("zeros", [expected[0].float(), torch.zeros(7)], expected, torch.float32)
+    with pytest.raises(AssertionError, match="half: gradient of input 0 is wrong"):
+        common.check_gradients("half", [0.5 * e.to(torch.bfloat16) for e in expected], expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    (common.positive_int, "0", "expected an int >= 1, got '0'"),
+    (common.positive_int, "two", "expected an int >= 1, got 'two'"),
+    (common.probability, "1", r"expected a probability in \[0, 1\), got '1'"),
+    (common.probability, "nan", r"expected a probability in \[0, 1\), got 'nan'"),
+    (common.device_flag, "foo", "expected a device such as cpu, cuda or cuda:1, got 'foo'"),
+    (common._dtype_list, "float32,float8", "float8"),
+    (common._compile_modes, "fastest", "expected 'none' or some of default"),
+])
+def test_benchmark_flags_name_what_they_expected(flag, value, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        flag(value)
+
+
+def test_device_flag_refuses_a_gpu_this_machine_lacks():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(argparse.ArgumentTypeError, match=f"'cuda:{count}'"):
+        common.device_flag(f"cuda:{count}")
+
+
+def _row(impl: str, median_ms: float, metric: float = 1.0, unit: str = "TFLOP/s") -> common.Row:
+    return common.Row("model", "gpt1 8x512", "bfloat16", "fwd+bwd", impl, median_ms, 0.9 * median_ms,
+                      1.1 * median_ms, metric, unit)
+
+
+def test_printed_table_columns_stay_aligned(capsys):
+    rows = [_row("fastgpt-csrc", 12.5, 1234567.8, "tokens/s"), _row("torch-eager", 1234.5, 12.3, "tokens/s")]
+    common.mark_speedups(rows)
+    common.print_table(rows, {"device": "test", "torch": "2", "triton": "3", "date": "today"})
+    header, rule, *lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(lines) == 2 and all(len(line) == len(header) == len(rule) for line in lines)
+    rate_end, speedup_end = header.index("rate") + len("rate"), len(header)  # right-aligned under their titles
+    assert [line[:rate_end].split()[-2:] for line in lines] == [["1234567.8", "tokens/s"], ["12.3", "tokens/s"]]
+    assert [line[:speedup_end].split()[-1] for line in lines] == ["98.76x", "-"]
+
+
+def test_readme_table_names_every_run_it_draws_on(tmp_path):
+    folder = tmp_path / "gpu"
+    folder.mkdir()
+    runs = {"attention": ("2.11.0", "2026-11-20T10:00:00+00:00"), "model": ("2.12.0", "2026-11-22T10:00:00+00:00")}
+    for op, (version, date) in runs.items():
+        rows = [_row("fastgpt-triton", 2.0), _row("fastgpt-csrc", 1.5), _row("torch-sdpa", 3.0), _row("torch-x", 4.0)]
+        for r in rows:
+            r.op = op
+        env = {"device": "NVIDIA H100", "torch": version, "triton": "3.6.0", "cuda": "12.8", "date": date}
+        (folder / f"{op}.json").write_text(json.dumps({"environment": env, "rows": [vars(r) for r in rows]}))
+    (folder / "translation.json").write_text(json.dumps({"bleu": 30.0}))  # a training record: not a benchmark
+    table = readme_table.render(tmp_path)
+    assert table.startswith("**NVIDIA H100** (torch 2.11.0 / 2.12.0, triton 3.6.0, CUDA 12.8, 2026-11-20 to "
+                            "2026-11-22)")
+    lines = [line for line in table.splitlines() if line.startswith("| attention") or line.startswith("| model")]
+    assert len(lines) == 2
+    assert all("fastgpt-csrc 1.500 ms" in line and "torch-sdpa 3.000 ms | 2.00x" in line for line in lines)
