@@ -2,7 +2,7 @@
 
 Presets:
   tiny   (default) GPT-1's architecture at 2 layers x 128, context 64, vocabulary 2,048 (0.67M parameters), 1,200
-         updates of 16 x 64 tokens: the README's main command, about 2 minutes of training on 2 idle CPU cores. Deeper tiny post-LN
+         updates of 16 x 64 tokens: the README's main command, under a minute of training on 2 idle CPU cores. Deeper tiny post-LN
          models sit at the unigram plateau for hundreds of updates (4 layers: still there after 450), which a
          CPU budget cannot afford.
   small  6 layers x 384, context 256, vocabulary 8,192, dropout 0.1: one GPU, or a patient CPU.

@@ -116,8 +116,8 @@ PRESETS: dict[str, dict] = {
     # 3+3 layers x 256, 4 heads, FFN 1024 (7.6M parameters): the CPU default, 19 minutes of training on 2 cores
     # (2.6 epochs of the Bible corpus, test BLEU 10.5: bench/results/cpu-amd-epyc-2-cores/translation.json).
     "tiny": {},
-    # The paper's base model and schedule (52M parameters with a 16k vocabulary; 65M with the paper's 37k), batches
-    # of 25k tokens: for a GPU.
+    # The paper's base model and schedule (52M parameters with a 16k vocabulary; 63.1M with the paper's shared 37k,
+    # which the paper reports as 65M), batches of 25k tokens: for a GPU.
     "base": dict(vocab_size=16000, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, batch_tokens=25000, max_steps=20000, warmup_steps=4000, eval_interval=1000,
                  checkpoint_interval=2000, log_interval=100),
