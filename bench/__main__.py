@@ -4,20 +4,19 @@
     fastgpt bench ...                      (the same, wherever fastgpt is installed)
 
 Runs each op's benchmark (bench/bench_<op>.py) in one process, so the device's ceilings (matrix-product rate, copy
-bandwidth) are measured once and shared; each writes bench/results/<device>/<op>.json and .csv. Then draws the
-plots (bench/plots.py) and prints where the results are. `python -m bench.readme_table --write` renders the
-README's performance table from the recorded results.
+bandwidth) are measured once and shared; each writes bench/results/<device>/<op>.json and .csv (a --quick run:
+.cache/bench-quick/<device>/). Then draws the plots (bench/plots.py) and prints where the results are.
+`python -m bench.readme_table --write` renders the README's performance table from the recorded results.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
 import torch
 
-from .common import RESULTS, device_flag, device_slug, environment
+from .common import device_flag, device_slug, environment, results_root
 
 SUITE = ("layer_norm", "attention", "linear_gelu", "model", "seq2seq")
 
@@ -28,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few small shapes")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(SUITE)}")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results; with --quick, "
+                                                    ".cache/bench-quick)")
     args = parser.parse_args(argv)
 
     names = SUITE if args.only is None else tuple(args.only.split(","))
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== {name} ===")
         module.main(forwarded)
         ran.append(name)
-    folder = Path(args.out or RESULTS) / device_slug(environment(torch.device(args.device)))
+    folder = results_root(args) / device_slug(environment(torch.device(args.device)))
     from .plots import draw_all
     for path in draw_all(folder):
         print(f"plot: {path}")

@@ -30,7 +30,8 @@ from fastgpt.ops.attention import _reference, scaled_dot_product_attention
 from fastgpt.ops.philox import draw_seed, stream_uniforms
 
 from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
-                     matmul_ceilings, optional_peer, peak_memory_mb, rates_text, rotations, skip, standard_parser, time_calls)
+                     matmul_ceilings, optional_peer, peak_memory_mb, rates_text, rotations, skip, standard_parser,
+                     time_calls)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -216,9 +217,9 @@ def main(argv=None) -> None:
     for dtype in dtypes:
         for B, H, L, D, causal, dropout_p in grid:
             rows += bench_shape(B, H, L, D, causal, dropout_p, dtype, device, impls, ceilings[dtype])
-    finish("attention", rows, info, args.out)
+    finish("attention", rows, info, args)
     if not args.quick:
-        finish("attention_memory", memory_sweep(dtypes[0], device, impls), info, args.out)
+        finish("attention_memory", memory_sweep(dtypes[0], device, impls), info, args)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def main(argv=None) -> None:
             rows += bench_shape("layer_norm", m, n, dtype, device, impls, ceiling)
         for m, n in add_grid:
             rows += bench_shape("add_layer_norm", m, n, dtype, device, add_impls, ceiling)
-    finish("layer_norm", rows, info, args.out)
+    finish("layer_norm", rows, info, args)
 
 
 if __name__ == "__main__":

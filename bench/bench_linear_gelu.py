@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     for dtype in dtypes:
         for tokens, d_model, d_ff in grid:
             rows += bench_shape(tokens, d_model, d_ff, dtype, device, impls, ceilings[dtype])
-    finish("linear_gelu", rows, info, args.out)
+    finish("linear_gelu", rows, info, args)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     extra = {"batch": batch, "seq_len": length, "params": ours.num_parameters(), "dropout": d}
     rows = time_training_steps(impls, ids, dtypes, device, tokens, flops * tokens, ceilings, datasheet, "model",
                                f"gpt1-{'tiny' if args.quick else '117M'} {batch}x{length}", extra)
-    finish("model", rows, info, args.out)
+    finish("model", rows, info, args)
     sheet = f"; data-sheet MFU in the JSON's extra (peak {datasheet} TFLOP/s)" if datasheet else ""
     print(f"'of ceil' = MFU against the measured matrix-product rate in the row's dtype "
           f"({rates_text(info)}){sheet}")

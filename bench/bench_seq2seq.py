@@ -107,7 +107,7 @@ def main(argv=None) -> None:
              "dropout": config.dropout}
     rows = time_training_steps(impls, batches, dtypes, device, tokens, flops, ceilings, datasheet, "seq2seq", shape,
                                extra)
-    finish("seq2seq", rows, info, args.out)
+    finish("seq2seq", rows, info, args)
     print(f"tokens/s counts source and target tokens; 'of ceil' = model FLOP rate over the measured matrix-product "
           f"rate in the row's dtype ({rates_text(info)})")
 

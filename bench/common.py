@@ -28,6 +28,8 @@ import torch
 from fastgpt import backends
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# A --quick run's results: a smoke run's numbers, kept apart from the recorded ones that the README's table shows.
+QUICK_RESULTS = Path(__file__).resolve().parent.parent / ".cache" / "bench-quick"
 CACHE_BYTES = 256 << 20  # rotate inputs through more than this: beyond H100's 50 MB L2 and CPU caches
 
 
@@ -373,7 +375,8 @@ def standard_parser(description: str, dtypes_example: str = "bfloat16,float32") 
     parser.add_argument("--include-interpreter", action="store_true",
                         help="also time the triton backend on CPU through the interpreter (very slow; needs "
                              "TRITON_INTERPRET=1 in the environment)")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results; with --quick, "
+                                                    ".cache/bench-quick)")
     return parser
 
 
@@ -418,12 +421,18 @@ def optional_peer(impls: dict, impl: str, device: torch.device, build: Callable[
         skip(impl, f"not installed ({error.name or error})")
 
 
-def finish(name: str, rows: list[Row], info: dict, out: str | None) -> Path:
-    """Speed-ups against the best peer, the result files, the printed table with the skipped competitors."""
+def results_root(args: argparse.Namespace) -> Path:
+    """Where a run's result files go: --out, else bench/results, or .cache/bench-quick for a --quick run."""
+    return Path(args.out) if args.out else QUICK_RESULTS if args.quick else RESULTS
+
+
+def finish(name: str, rows: list[Row], info: dict, args: argparse.Namespace) -> Path:
+    """Speed-ups against the best peer, the result files (under results_root(args)), the printed table with the
+    skipped competitors."""
     mark_speedups(rows)
     skipped = list(dict.fromkeys(SKIPPED))
     SKIPPED.clear()
-    path = write_results(name, rows, {**info, "skipped": skipped}, None if out is None else Path(out))
+    path = write_results(name, rows, {**info, "skipped": skipped}, results_root(args))
     print_table(rows, info)
     for line in skipped:
         print(f"skipped {line}")

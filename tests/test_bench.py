@@ -4,6 +4,7 @@ themselves are the benchmarks' business (bench/), never a test's."""
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,10 @@ def test_readme_table_names_every_run_it_draws_on(tmp_path):
     lines = [line for line in table.splitlines() if line.startswith("| attention") or line.startswith("| model")]
     assert len(lines) == 2
     assert all("fastgpt-csrc 1.500 ms" in line and "torch-sdpa 3.000 ms | 2.00x" in line for line in lines)
+
+
+def test_quick_runs_keep_out_of_the_recorded_results():
+    parser = common.standard_parser("test")
+    assert common.results_root(parser.parse_args([])) == common.RESULTS
+    assert common.results_root(parser.parse_args(["--quick"])) == common.QUICK_RESULTS != common.RESULTS
+    assert common.results_root(parser.parse_args(["--quick", "--out", "elsewhere"])) == Path("elsewhere")
