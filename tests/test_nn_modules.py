@@ -320,6 +320,29 @@ def test_torch_encoder_over_fastgpt_layers_in_inference(device, backend):
     assert not actual[padding].any()
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_encoder_over_a_nested_batch(device, backend):
+    """A nested batch handed to the encoder (torch.nn's runs it in inference) goes through every layer and the final
+    LayerNorm as in PyTorch; the LayerNorm takes both nested layouts."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True)
+    theirs = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(E), enable_nested_tensor=False)
+    ours = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True), 2,
+                                  norm=fnn.LayerNorm(E), enable_nested_tensor=False)
+    ours.load_state_dict(theirs.state_dict())
+    rows = [torch.randn(n, E, device=device) for n in (L, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype-nested-tensor notice
+        nested = torch.nested.nested_tensor(rows)
+    with torch.no_grad(), fastgpt.use_backend(backend):
+        got, expected = ours.to(device).eval()(nested), theirs.to(device).eval()(nested)
+        for g, e in zip(got.unbind(), expected.unbind(), strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        jagged = torch.nested.nested_tensor(rows, layout=torch.jagged)
+        for g, e in zip(ours.norm(jagged).unbind(), theirs.norm(jagged).unbind(), strict=True):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
 class _Adapter(torch.nn.Module):
     """A LoRA-style wrapper: the wrapped Linear's weight and bias, and a forward of its own."""
 

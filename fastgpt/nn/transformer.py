@@ -108,19 +108,26 @@ def _adopt(module: torch.nn.Module) -> None:
             child.__class__ = LayerNorm
 
 
-def _is_causal(mask: torch.Tensor | None, is_causal: bool | None, size: int, name: str) -> bool:
-    """PyTorch's rule: an explicit hint wins; otherwise a mask equal to the causal mask counts as causal."""
+def _is_causal(mask: torch.Tensor | None, is_causal: bool | None, size: int | None, name: str) -> bool:
+    """PyTorch's rule: an explicit hint wins; otherwise a mask equal to the causal mask counts as causal (of the
+    sequence's length, or of its own size when the length is unknown: a nested batch)."""
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"expected {name} to be a bool or floating-point mask, got {mask.dtype}")
     if is_causal is not None:
         return bool(is_causal)
-    if mask is None or mask.dim() != 2 or mask.shape != (size, size) or torch.compiler.is_compiling():
+    if mask is None or mask.dim() != 2 or torch.compiler.is_compiling():
+        return False
+    size = mask.shape[-2] if size is None else size
+    if mask.shape != (size, size):
         return False
     causal = torch.nn.Transformer.generate_square_subsequent_mask(size, device=mask.device, dtype=mask.dtype)
     return bool(torch.equal(mask, causal))
 
 
-def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
+def _seq_len(x: torch.Tensor, batch_first: bool) -> int | None:
+    """The sequence length, or None for a nested batch (ragged lengths; a nested tensor has no shape)."""
+    if x.is_nested:
+        return None
     return x.shape[1 if (batch_first and x.dim() == 3) else 0]
 
 

@@ -119,6 +119,10 @@ if backends.CSRC_LOADED:
 def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """torch.nn.functional.layer_norm, on fastgpt's kernels."""
+    if isinstance(input, torch.Tensor) and input.is_nested:
+        # Ragged rows have no (rows, cols) view for the kernels: PyTorch's nested kernels run them (torch.nn's
+        # TransformerEncoder hands its final norm a nested batch in inference).
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     return _layer_norm("layer_norm", input, None, normalized_shape, weight, bias, eps, 0.0, 0.0)
 
 
