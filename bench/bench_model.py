@@ -153,7 +153,8 @@ def time_training_steps(impls: dict, batches: list, dtypes, device: torch.device
 
 def main(argv=None) -> None:
     parser = standard_parser(__doc__)
-    parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="sequences per step (default 8 on CUDA, 2 on CPU)")
     parser.add_argument("--dropout", type=probability, default=0.1, help="GPT-1's 0.1 everywhere by default")
     args = parser.parse_args(argv)
 

@@ -51,9 +51,9 @@ def render(results: Path = RESULTS) -> str:
                 best, peer = min(ours, key=cost), min(peers, key=cost)
                 source = f"`{path.relative_to(results.parent.parent)}`"
                 if best["unit"] == "MiB":  # a memory measurement: peak MiB, and how many times less than the peer
+                    less = cost(peer) / max(cost(best), 1e-3)
                     lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['metric']:.1f} MiB peak "
-                                 f"| {peer['impl']} {peer['metric']:.1f} MiB | {cost(peer) / max(cost(best), 1e-3):.2f}x "
-                                 f"less | {source} |")
+                                 f"| {peer['impl']} {peer['metric']:.1f} MiB | {less:.2f}x less | {source} |")
                     continue
                 lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['median_ms']:.3f} ms, "
                              f"{best['metric']:.1f} {best['unit']} | {peer['impl']} {peer['median_ms']:.3f} ms | "
