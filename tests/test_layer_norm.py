@@ -248,6 +248,37 @@ def test_unsupported_inputs_fall_back_to_reference(backend, dtype, cols):
     torch.testing.assert_close(out, F.layer_norm(x, (cols,), w))
 
 
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_normalized_shape_integers_of_any_kind(backend):
+    """normalized_shape as torch.nn.LayerNorm and F.layer_norm take it: a NumPy integer, bare or in a tuple, is the
+    size it holds (a bare one failed as 'not iterable', one in a tuple as not a positive int)."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 4, 8)
+    expected = F.layer_norm(x, (4, 8))
+    with fastgpt.use_backend(backend):
+        torch.testing.assert_close(layer_norm(x, (np.int64(4), np.int32(8))), expected)
+        torch.testing.assert_close(layer_norm(x, x.shape[1:]), expected)
+        torch.testing.assert_close(layer_norm(x, np.int64(8)), F.layer_norm(x, (8,)))
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_input_with_float32_bias_and_no_weight(backend, dtype):
+    """A float32 bias without a weight on a half input, which the kernels take: the reference backend's backward
+    failed with PyTorch's own 'expected scalar type Half but found Float'."""
+    x = torch.randn(6, 16).to(dtype).requires_grad_()
+    b = torch.randn(16).requires_grad_()
+    grad = torch.randn(6, 16).to(dtype)
+    with fastgpt.use_backend(backend):
+        out, (dx, db) = _run(lambda x, b: layer_norm(x, 16, None, b), [x, b], grad)
+    expected, (ex, eb) = _run(lambda x, b: F.layer_norm(x, (16,), None, b),
+                              [t.detach().double().requires_grad_() for t in (x, b)], grad.double())
+    assert out.dtype == dtype and dx.dtype == dtype and db.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
+    torch.testing.assert_close(dx.double(), ex, atol=2e-2, rtol=0)
+    torch.testing.assert_close(db.double(), eb, atol=2e-2, rtol=0)
+
+
 def test_mixed_parameter_dtypes_fall_back():
     x = torch.randn(4, 8)
     w, b = torch.randn(8, dtype=torch.float16), torch.randn(8)
@@ -272,6 +303,9 @@ BAD_INPUTS = [
      "expected residual to have the same dtype"),
     (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(8), (8,)), ValueError, "expected residual of shape"),
     (lambda: layer_norm(torch.randn(4, 8), (0,)), ValueError, "positive ints"),
+    # () normalizes nothing: PyTorch refused it while the kernels returned the bias.
+    (lambda: layer_norm(torch.randn(4, 8), ()), ValueError, "normalized_shape with at least one dim"),
+    (lambda: layer_norm(torch.randn(4, 8), 8.0), TypeError, "expected normalized_shape to be an int or a sequence"),
     (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), (8,), dropout_p=1.0), ValueError,
      r"dropout_p in \[0, 1\)"),
     (lambda: layer_norm([1.0, 2.0], (2,)), TypeError, "torch.Tensor"),

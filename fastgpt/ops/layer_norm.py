@@ -25,6 +25,7 @@ Kernels take contiguous (M, N) rows; weight and bias (N,) in the input's dtype o
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -139,11 +140,22 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: in
 def _check(op, input, residual, normalized_shape, weight, bias, dropout_p) -> tuple[int, ...]:
     check_tensor(op, "input" if residual is None else "x", input)
     check_dropout_p(op, dropout_p)
-    if isinstance(normalized_shape, int):
+    # Sizes as torch.nn.LayerNorm and F.layer_norm take them: any integer (a NumPy one included; a bare int
+    # (np.int64) failed as 'not iterable', one inside a tuple as not an int), never a bool.
+    if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(normalized_shape)
-    if not all(isinstance(s, int) and s > 0 for s in normalized_shape):
+    try:
+        normalized_shape = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, "
+                        f"got {type(normalized_shape).__name__}") from None
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in normalized_shape):
         raise ValueError(f"{op}: expected normalized_shape to be positive ints, got {normalized_shape}")
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    # () normalizes nothing: PyTorch (the reference backend) refuses it, and the kernels, taking each element for a
+    # row of one, returned the bias.
+    if not normalized_shape:
+        raise ValueError(f"{op}: expected normalized_shape with at least one dim, got ()")
     if len(normalized_shape) > input.dim() or tuple(input.shape[input.dim() - len(normalized_shape):]) \
             != normalized_shape:
         raise ValueError(f"{op}: input of shape {tuple(input.shape)} does not end with "
@@ -192,6 +204,11 @@ def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps, dropou
             keep = elementwise_dropout_keep(seed, rows, cols, dropout_p, input.device).view(input.shape)
             input = input * keep.to(input.dtype) * (1.0 / (1.0 - dropout_p))
         z = input if residual is None else input + residual
+        if weight is None and bias is not None and bias.dtype != z.dtype:
+            # PyTorch's CPU backward of a float16/bfloat16 input with a float32 bias and no weight fails ('expected
+            # scalar type Half but found Float'), where the kernels take these parameters; a weight of ones (the
+            # same result) takes PyTorch's mixed-dtype path, which works.
+            weight = torch.ones_like(bias)
         return F.layer_norm(z, normalized_shape, weight, bias, eps)
     output, _mean, _rstd = _OPS[backend](
         input.reshape(rows, cols).contiguous(),
