@@ -312,6 +312,18 @@ def test_empty_sequences(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_no_heads_with_enable_gqa(device, backend):
+    """0 query heads over 0 key heads is an empty result with enable_gqa too, as without it and in PyTorch (it was
+    refused as 'query's heads (0) must be a multiple of key's (0)'); 0 key heads for some query heads is refused."""
+    q, k, v, _ = _inputs(device, torch.float32, 2, 0, 0, 3, 5, 16, 16)
+    with fastgpt.use_backend(backend):
+        assert scaled_dot_product_attention(q, k, v, enable_gqa=True).shape == (2, 0, 3, 16)
+        q, _, _, _ = _inputs(device, torch.float32, 2, 2, 0, 3, 5, 16, 16)
+        with pytest.raises(ValueError, match="multiple of key's"):
+            scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_numbers_in_any_form(device, backend):
     """dropout_p and scale as PyTorch takes them: a NumPy scalar or a 0-d tensor is the number it holds."""
     np = pytest.importorskip("numpy")

@@ -127,7 +127,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
     heads, kv_heads = query.shape[-3], key.shape[-3]
     if enable_gqa:
-        if kv_heads == 0 or heads % kv_heads:
+        # No heads at all (0 and 0) is an empty result, as without enable_gqa and in PyTorch; 0 key heads for
+        # query heads is not.
+        if (heads % kv_heads) if kv_heads else heads:
             raise ValueError(f"{_OP}: with enable_gqa, query's heads ({heads}) must be a multiple of key's "
                              f"({kv_heads})")
     elif heads != kv_heads:
