@@ -53,14 +53,15 @@ def eager_call(op, backward: Callable, setup_context: Callable) -> Callable:
     import torch
 
     class Function(torch.autograd.Function):
+        # forward takes ctx and calls setup_context itself: with a separate setup_context staticmethod,
+        # Function.apply binds the arguments through inspect.signature on every call (18 of the 54 us of a small
+        # LayerNorm call with grad on a CPU).
         @staticmethod
-        def forward(*args):
+        def forward(ctx, *args):
             with torch._C._AutoDispatchBelowAutograd():
-                return op(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
+                output = op(*args)
+            setup_context(ctx, args, output)
+            return output
 
         @staticmethod
         def backward(ctx, *grads):

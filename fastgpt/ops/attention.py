@@ -114,11 +114,14 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"{_OP}: expected query, key and value with the same number of dims, got "
                          f"{query.dim()}, {key.dim()} and {value.dim()}")
-    try:
-        batch_shape = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
-    except RuntimeError:
-        raise ValueError(f"{_OP}: expected query, key and value with broadcastable batch dims, got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}") from None
+    # torch.broadcast_shapes costs several us a call (most of the checks' time): equal batch dims skip it.
+    batch_shape = tuple(query.shape[:-3])
+    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        try:
+            batch_shape = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        except RuntimeError:
+            raise ValueError(f"{_OP}: expected query, key and value with broadcastable batch dims, got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}") from None
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"{_OP}: expected key's head dim to equal query's ({query.shape[-1]}), "
                          f"got {key.shape[-1]}")
@@ -146,12 +149,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             raise TypeError(f"{_OP}: expected attn_mask to be bool or of query's dtype ({query.dtype}), "
                             f"got {attn_mask.dtype}")
         target = (*batch_shape, *query.shape[-3:-1], key.shape[-2])
-        try:
-            torch.broadcast_shapes(attn_mask.shape, target)
-            broadcastable = len(attn_mask.shape) <= len(target)
-        except RuntimeError:
-            broadcastable = False
-        if not broadcastable or torch.broadcast_shapes(attn_mask.shape, target) != target:
+        # Broadcastable to target, not beyond it: each of the mask's trailing dims is 1 or target's.
+        if attn_mask.dim() > len(target) or any(m != 1 and m != t for m, t in zip(attn_mask.shape[::-1],
+                                                                                  target[::-1])):
             raise ValueError(f"{_OP}: expected attn_mask broadcastable to {target} (..., H, Lq, Lk), "
                              f"got {tuple(attn_mask.shape)}")
     return batch_shape
@@ -249,7 +249,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                             scale, enable_gqa)[0]
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     batch_shape = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    query, key, value = (t.expand(*batch_shape, *t.shape[-3:]) for t in (query, key, value))
+    query, key, value = (t if t.shape[:-3] == batch_shape else t.expand(*batch_shape, *t.shape[-3:])
+                         for t in (query, key, value))
     head_dim = query.shape[-1]
     scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else float(scale)
     dropout_p = float(dropout_p)
@@ -277,7 +278,7 @@ def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal
     *batch_shape, heads, lq, _ = query.shape
     lk = key.shape[-2]
     batch = math.prod(batch_shape)
-    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    q, k, v = (t if t.dim() == 4 else t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
     mask = None
     if attn_mask is not None:  # a broadcast view: size-1 dims become zero strides, nothing is copied
         mask = attn_mask.expand(*batch_shape, heads, lq, lk).reshape(batch, heads, lq, lk)
