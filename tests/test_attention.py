@@ -416,3 +416,29 @@ def test_faster_kernel_rule_reads_recorded_results():
     assert attention.faster_kernel(rows, "bfloat16", 64, False, 512) is None
     assert attention.faster_kernel(rows, "float16", 64, True, 512) is None
     assert attention.faster_kernel([], "bfloat16", 64, True, 512) is None
+
+
+def test_gpu_preference_reads_the_recorded_results_once(monkeypatch):
+    """The backend order on a GPU comes from its recorded benchmark, read and scanned once per GPU and shape: the
+    file is not read again on every call."""
+    reads = []
+
+    def recorded_rows(op, device_name):
+        reads.append((op, device_name))
+        return [{"impl": impl, "pass_": "fwd+bwd", "dtype": "bfloat16", "median_ms": ms,
+                 "extra": {"seq_len": 512, "head_dim": 64, "causal": True}}
+                for impl, ms in (("fastgpt-csrc", 2.0), ("fastgpt-triton", 1.0))]
+
+    monkeypatch.setattr(attention.backends, "recorded_rows", recorded_rows)
+    caches = (attention._recorded_rows, attention._preference_on_gpu)
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        for _ in range(3):
+            assert attention._preference_on_gpu("Test GPU", "bfloat16", 64, True, 500)[0] == "triton"
+            assert attention._preference_on_gpu("Test GPU", "bfloat16", 128, True, 500) == \
+                tuple(attention.backends.DEFAULT_PREFERENCE["cuda"])
+    finally:
+        for cache in caches:  # the test's rows must not stay in them
+            cache.cache_clear()
+    assert reads == [("attention", "Test GPU")]

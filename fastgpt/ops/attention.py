@@ -29,6 +29,7 @@ counters (j // 4, i, b*H + h, 0), word j % 4.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -224,19 +225,24 @@ def faster_kernel(rows: list[dict], dtype: str, head_dim: int, causal: bool, seq
     return min(paired[nearest], key=paired[nearest].get).removeprefix("fastgpt-")
 
 
-_RECORDED: dict[str, list[dict]] = {}
-
-
 @torch.compiler.assume_constant_result
-def _cuda_preference(dtype: str, head_dim: int, causal: bool, seq_len: int) -> tuple[str, ...]:
-    """The backend order on the current GPU for this shape: the measured faster kernel first (faster_kernel), else
-    the default order. A constant to torch.compile: it reads files, once per GPU."""
-    name = torch.cuda.get_device_name()
-    if name not in _RECORDED:
-        _RECORDED[name] = backends.recorded_rows("attention", name)
-    first = faster_kernel(_RECORDED[name], dtype, head_dim, causal, seq_len)
+def _cuda_preference(device_index: int, dtype: str, head_dim: int, causal: bool, seq_len: int) -> tuple[str, ...]:
+    """The backend order on GPU `device_index` for this shape: the measured faster kernel first (faster_kernel), else
+    the default order. A constant to torch.compile."""
+    return _preference_on_gpu(torch.cuda.get_device_name(device_index), dtype, head_dim, causal, seq_len)
+
+
+# Cached: the recorded rows are read from a file and scanned once per GPU and shape, not on every call.
+@functools.lru_cache(maxsize=4096)
+def _preference_on_gpu(device_name: str, dtype: str, head_dim: int, causal: bool, seq_len: int) -> tuple[str, ...]:
+    first = faster_kernel(_recorded_rows(device_name), dtype, head_dim, causal, seq_len)
     default = backends.DEFAULT_PREFERENCE["cuda"]
     return default if first is None else (first, *(b for b in default if b != first))
+
+
+@functools.cache
+def _recorded_rows(device_name: str) -> list[dict]:
+    return backends.recorded_rows("attention", device_name)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -258,7 +264,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
     preference = None
     if query.device.type == "cuda":
-        preference = _cuda_preference(str(query.dtype).removeprefix("torch."), head_dim, bool(is_causal),
+        preference = _cuda_preference(query.device.index, str(query.dtype).removeprefix("torch."), head_dim, bool(is_causal),
                                       key.shape[-2])
     backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask),
                               preference)
