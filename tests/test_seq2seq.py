@@ -246,3 +246,27 @@ def test_bad_input():
     state["transformer.encoder.layers.0.linear1.weight"] = state["transformer.encoder.layers.0.linear1.weight"][:3]
     with pytest.raises(RuntimeError, match="size mismatch for transformer.encoder.layers.0.linear1.weight"):
         model.load_state_dict(state)
+
+
+def test_empty_batch():
+    # The id range check took aminmax of no ids (RuntimeError: 'cannot compute aminmax over an empty dimension'),
+    # and the decoders' head split a view with -1 over 0 elements.
+    model = Seq2SeqTransformer(_config()).eval()
+    src, tgt = torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)
+    assert model(src, tgt, tgt).logits.shape == (0, 3, 13)
+    assert model.greedy_decode(src, max_len=4).shape[0] == 0
+    assert model.beam_search(src, beam_size=2, max_len=4).shape[0] == 0
+
+
+def test_non_integer_beam_size_and_max_len():
+    # Were taken up to repeat_interleave / range(), which failed with TypeErrors naming neither argument.
+    model = Seq2SeqTransformer(_config()).eval()
+    src = _batch()
+    for beam_size in (2.5, 2.0, True):
+        with pytest.raises(ValueError, match="beam_search: expected beam_size to be an int >= 1"):
+            model.beam_search(src, beam_size=beam_size, max_len=3)
+    for max_len in (3.0, 3.5):
+        with pytest.raises(ValueError, match=r"expected max_len to be an int in \[1, 40\]"):
+            model.greedy_decode(src, max_len=max_len)
+        with pytest.raises(ValueError, match=r"expected max_len to be an int in \[1, 40\]"):
+            model.beam_search(src, max_len=max_len)

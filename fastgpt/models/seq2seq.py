@@ -97,7 +97,8 @@ def sinusoids(length: int, width: int) -> torch.Tensor:
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, E) -> (B, H, T, E / H)."""
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+    # The head width spelled out: view's -1 is ambiguous for an empty batch.
+    return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
 
 
 class _DecoderCache:
@@ -164,7 +165,7 @@ class Seq2SeqTransformer(nn.Module):
         if ids.device != self.positions.device:
             raise ValueError(f"Seq2SeqTransformer: expected {name} on the model's device "
                              f"({self.positions.device}), got {ids.device}")
-        if not torch.compiler.is_compiling():
+        if ids.numel() and not torch.compiler.is_compiling():  # aminmax refuses an empty batch
             low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
             if low < 0 or high >= vocab_size:
                 raise ValueError(f"Seq2SeqTransformer: {name} holds token ids outside the vocabulary "
@@ -283,8 +284,10 @@ class Seq2SeqTransformer(nn.Module):
         config.max_len."""
         limit = self.config.max_len
         max_len = min(src.shape[1] + 50, limit) if max_len is None else max_len
-        if not 1 <= max_len <= limit:
-            raise ValueError(f"Seq2SeqTransformer: expected max_len in [1, {limit}] (config.max_len), got {max_len}")
+        # An int, not a bool or float: range(max_len) would fail with a message naming neither.
+        if not (isinstance(max_len, int) and not isinstance(max_len, bool) and 1 <= max_len <= limit):
+            raise ValueError(f"Seq2SeqTransformer: expected max_len to be an int in [1, {limit}] (config.max_len), "
+                             f"got {max_len!r}")
         return max_len
 
     @torch.no_grad()
@@ -314,8 +317,8 @@ class Seq2SeqTransformer(nn.Module):
     def beam_search(self, src: torch.Tensor, beam_size: int = 4, length_penalty: float = 0.6,
                     max_len: int | None = None) -> torch.Tensor:
         """The best of beam_size hypotheses per row by log-probability / lp(length): (B, <= max_len) tokens."""
-        if beam_size < 1:
-            raise ValueError(f"Seq2SeqTransformer.beam_search: expected beam_size >= 1, got {beam_size}")
+        if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
+            raise ValueError(f"Seq2SeqTransformer.beam_search: expected beam_size to be an int >= 1, got {beam_size!r}")
         if not 0 <= length_penalty < math.inf:
             raise ValueError(f"Seq2SeqTransformer.beam_search: expected length_penalty in [0, inf), got "
                              f"{length_penalty}")
