@@ -357,3 +357,20 @@ def test_bad_config():
         GPT1Config(resid_pdrop=1.0)
     with pytest.raises(ValueError, match="gelu_approximate"):
         GPT1Config(gelu_approximate="exact")
+
+
+def test_float64_sampling_tells_near_ties_apart():
+    # _sample rounded the logits to float32 whatever the model's dtype: token 9's logit 1e-10 above token 7's rounded
+    # to the same value, and greedy generation of a float64 model picked 7, not the argmax of its logits.
+    model = _small(tie_word_embeddings=False).double().eval()
+    with torch.no_grad():
+        last = model.h[-1].ln_2
+        last.weight.zero_()
+        last.bias.fill_(1.0)  # every hidden state is all ones: the logits are the head's row sums
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[7] = 0.1
+        model.lm_head.weight[9] = 0.1 * (1 + 1e-10)
+    ids = torch.randint(0, VOCAB, (2, 3))
+    assert model(ids).logits[:, -1].argmax(-1).tolist() == [9, 9]
+    assert model.generate(ids, 2, temperature=0)[:, 3:].tolist() == [[9, 9], [9, 9]]
+    assert model.generate(ids, 2, temperature=1e-12)[:, 3:].tolist() == [[9, 9], [9, 9]]

@@ -270,3 +270,19 @@ def test_non_integer_beam_size_and_max_len():
             model.greedy_decode(src, max_len=max_len)
         with pytest.raises(ValueError, match=r"expected max_len to be an int in \[1, 40\]"):
             model.beam_search(src, max_len=max_len)
+
+
+def test_float64_beam_search_tells_near_ties_apart():
+    # Beam search scored in float32 whatever the model's dtype: token 4's logit 1e-9 above token 3's rounded to the
+    # same float32 value, and a beam of 2 returned 3 4 3 where a float64 model's best (and greedy) is 4 4 4.
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(_config(tie_output=False)).double().eval()
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.bias.zero_()
+        model.output.bias[3], model.output.bias[4] = 1.0, 1.0 + 1e-9
+    src = _batch()
+    expected = torch.full((3, 3), 4)
+    assert torch.equal(model.greedy_decode(src, max_len=3), expected)
+    for beam_size in (1, 2, 3):
+        assert torch.equal(model.beam_search(src, beam_size=beam_size, max_len=3), expected)

@@ -237,7 +237,8 @@ class GPT1(nn.Module):
             raise TypeError(f"GPT1: expected {name} to be an integer tensor, got {got}")
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"GPT1: expected {name} of shape (batch, length) with length >= 1, got "
-                             f"{tuple(ids.shape)}" + (" (use .unsqueeze(0) for one sequence)" if ids.dim() == 1 else ""))
+                             f"{tuple(ids.shape)}"
+                             + (" (use .unsqueeze(0) for one sequence)" if ids.dim() == 1 else ""))
         if past + ids.shape[1] > self.config.n_positions:
             raise ValueError(f"GPT1: sequence of {past + ids.shape[1]} tokens"
                              f"{f' ({past} cached + {ids.shape[1]} new)' if past else ''} is longer than the "
@@ -380,7 +381,7 @@ class GPT1(nn.Module):
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
             generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, V)."""
-    logits = logits.float()
+    logits = _loss_dtype(logits)  # half precision upcast; a float64 model's logits stay float64 (no rounded ties)
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Shifted so the largest is 0 before the division: a tiny temperature sends the others to -inf, not to nan.

@@ -329,7 +329,10 @@ class Seq2SeqTransformer(nn.Module):
         memory = memory.repeat_interleave(beams, dim=0)  # (B * K, S, E): hypothesis rows, sentence-major
         cache = self._start_cache(memory, src_padding.repeat_interleave(beams, dim=0), max_len)
         tokens = torch.full((batch * beams, 1), c.bos_id, dtype=torch.long, device=device)
-        scores = torch.full((batch, beams), float("-inf"), device=device)
+        # Scores in float32, or float64 for a float64 model: rounding a float64 model's log-probabilities to float32
+        # ties near-equal hypotheses, and the beam then keeps whichever topk happens to pick.
+        dtype = torch.promote_types(memory.dtype, torch.float32)
+        scores = torch.full((batch, beams), float("-inf"), dtype=dtype, device=device)
         scores[:, 0] = 0.0  # one live hypothesis to start with: the beams would all be the same
         scores = scores.view(-1)
         lengths = torch.zeros(batch * beams, dtype=torch.long, device=device)
@@ -337,14 +340,14 @@ class Seq2SeqTransformer(nn.Module):
         never = self._never_emitted(device)
 
         def penalty(n):
-            return ((5.0 + n.float()) / 6.0) ** length_penalty
+            return ((5.0 + n.to(dtype)) / 6.0) ** length_penalty
 
         for _ in range(max_len):
-            log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).float(), dim=-1)  # (B*K, V)
+            log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).to(dtype), dim=-1)  # (B*K, V)
             log_probs.index_fill_(1, never, float("-inf"))  # scores stay the model's log-probabilities
             vocab = log_probs.shape[-1]
             # A finished hypothesis continues only with padding, at no cost.
-            done_row = torch.full((vocab,), float("-inf"), device=device)
+            done_row = torch.full((vocab,), float("-inf"), dtype=dtype, device=device)
             done_row[c.pad_id] = 0.0
             log_probs = torch.where(finished[:, None], done_row, log_probs)
             candidates = scores[:, None] + log_probs  # (B*K, V)
