@@ -234,6 +234,9 @@ def test_classification_head():
     assert model.classifier.weight.grad is not None and model.tokens_embed.weight.grad is not None
     explicit = model.classify(ids, extract_index=torch.tensor([6, 8]))
     torch.testing.assert_close(explicit.logits, out.logits)
+    for index in ([6, -1], [9, 8]):  # -1 would have pooled the last position, 9 failed inside the gather
+        with pytest.raises(ValueError, match=r"extract_index in \[0, 9\) \(positions of input_ids\)"):
+            model.classify(ids, extract_index=torch.tensor(index))
     with pytest.raises(ValueError, match="has no extract token"):
         model.classify(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="lm_labels .* needs labels"):
@@ -310,12 +313,15 @@ def test_bad_generate_arguments(monkeypatch):
     prompt = torch.tensor([[3, 5]])
     with pytest.raises(ValueError, match=r"input_ids holds token ids outside the vocabulary \[0, 61\)"):
         model.generate(torch.tensor([[3, 61]]), 2)
-    with pytest.raises(ValueError, match=r"eos_token_id in \[0, 61\)"):
+    with pytest.raises(ValueError, match=r"eos_token_id to be an int in \[0, 61\)"):
         model.generate(prompt, 2, eos_token_id=61)
     with pytest.raises(ValueError, match="max_new_tokens >= 0"):
         model.generate(prompt, -1)
-    with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
-        model.generate(prompt, 2, top_p=0.0)
+    for top_p in (0.0, "0.9"):
+        with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
+            model.generate(prompt, 2, top_p=top_p)
+    with pytest.raises(ValueError, match=r"eos_token_id to be an int"):
+        model.generate(prompt, 2, eos_token_id=2.0)
     with pytest.raises(ValueError, match="unsqueeze"):
         model.generate(prompt[0], 2)
     for temperature in (float("nan"), float("inf"), -1.0):

@@ -307,6 +307,12 @@ class GPT1(nn.Module):
         elif not isinstance(extract_index, torch.Tensor) or extract_index.shape != (batch,):
             raise ValueError(f"GPT1.classify: expected extract_index of shape ({batch},), got "
                              f"{getattr(extract_index, 'shape', type(extract_index).__name__)}")
+        elif extract_index.numel() and not torch.compiler.is_compiling():
+            # A negative or too-large position would index from the end or fail inside the gather.
+            low, high = torch.stack(torch.aminmax(extract_index)).tolist()  # one device sync
+            if low < 0 or high >= length:
+                raise ValueError(f"GPT1.classify: expected extract_index in [0, {length}) (positions of "
+                                 f"input_ids), got values from {low} to {high}")
         pooled = hidden[torch.arange(batch, device=hidden.device), extract_index]  # (B, C)
         logits = self.classifier(self.clf_dropout(pooled))
         loss = None
@@ -348,11 +354,12 @@ class GPT1(nn.Module):
             raise ValueError(f"GPT1.generate: expected temperature to be a finite number >= 0, got {temperature!r}")
         if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"GPT1.generate: expected top_k to be an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"GPT1.generate: expected top_p in (0, 1], got {top_p}")
-        if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
-            raise ValueError(f"GPT1.generate: expected eos_token_id in [0, {self.config.vocab_size}) (the "
-                             f"vocabulary), got {eos_token_id}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"GPT1.generate: expected top_p in (0, 1], got {top_p!r}")
+        if eos_token_id is not None and not (isinstance(eos_token_id, int)
+                                             and 0 <= eos_token_id < self.config.vocab_size):
+            raise ValueError(f"GPT1.generate: expected eos_token_id to be an int in [0, {self.config.vocab_size}) "
+                             f"(the vocabulary), got {eos_token_id!r}")
         context = self.config.n_positions
         tokens = input_ids
         window = tokens[:, -context:]
