@@ -286,3 +286,28 @@ def test_float64_beam_search_tells_near_ties_apart():
     assert torch.equal(model.greedy_decode(src, max_len=3), expected)
     for beam_size in (1, 2, 3):
         assert torch.equal(model.beam_search(src, beam_size=beam_size, max_len=3), expected)
+
+
+def test_a_row_decodes_the_same_alone_as_in_a_padded_batch():
+    """The default limit on generated tokens is each row's own source length + 50: taken from the padded batch's
+    width, a row that never emits EOS was cut at another length in a batch (58 tokens) than alone (52)."""
+    torch.manual_seed(0)
+    config = _config(max_len=80, tie_output=False)
+    model = Seq2SeqTransformer(config).eval()
+    with torch.no_grad():  # EOS never wins: every row runs to its limit
+        model.output.bias[config.eos_id] = -1e4
+    short, long = torch.tensor([[5, 6]]), torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+    batch = torch.full((2, 8), config.pad_id)
+    batch[0, :2], batch[1] = short[0], long[0]
+    for decode in (model.greedy_decode, lambda src: model.beam_search(src, beam_size=2)):
+        alone, together = [decode(row) for row in (short, long)], decode(batch)
+        assert [a.shape[1] for a in alone] == [52, 58]
+        for row, tokens in enumerate(alone):
+            assert torch.equal(together[row, :tokens.shape[1]], tokens[0])
+            assert (together[row, tokens.shape[1]:] == config.pad_id).all()
+    limits = torch.tensor([3, 5])
+    assert (model.greedy_decode(batch, max_len=limits) != config.pad_id).sum(1).tolist() == [3, 5]
+    with pytest.raises(ValueError, match=r"max_len's limits in \[1, 80\]"):
+        model.greedy_decode(batch, max_len=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(2,\)"):
+        model.greedy_decode(batch, max_len=torch.tensor([3]))

@@ -279,35 +279,49 @@ class Seq2SeqTransformer(nn.Module):
         c = self.config
         return torch.tensor(sorted({c.pad_id, c.bos_id} - {c.eos_id}), dtype=torch.long, device=device)
 
-    def _max_len(self, src: torch.Tensor, max_len: int | None) -> int:
-        """Generated tokens at most: BOS takes position 0 and the last token is never fed back, so up to
-        config.max_len."""
-        limit = self.config.max_len
-        max_len = min(src.shape[1] + 50, limit) if max_len is None else max_len
+    def _limits(self, src: torch.Tensor, max_len: int | torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Each row's limit on generated tokens (B,), and the most steps any row needs. BOS takes position 0 and the
+        last token is never fed back, so a limit is at most config.max_len. max_len: one int for every row, a (B,)
+        integer tensor, or None: each row's own source length + 50, so that a row decodes the same alone as in a
+        padded batch (a limit taken from the batch's width cut it at another length)."""
+        limit, rows = self.config.max_len, src.shape[0]
+        if max_len is None:
+            limits = ((src != self.config.pad_id).sum(dim=1) + 50).clamp(max=limit)
+        elif isinstance(max_len, torch.Tensor):
+            if max_len.shape != (rows,) or max_len.is_floating_point() or max_len.dtype == torch.bool:
+                raise ValueError(f"Seq2SeqTransformer: expected max_len to be an int or an integer tensor of shape "
+                                 f"({rows},) (one limit per row), got {max_len.dtype} of shape {tuple(max_len.shape)}")
+            limits = max_len.to(src.device, torch.long)
+            if rows and not 1 <= int(limits.min()) <= int(limits.max()) <= limit:
+                raise ValueError(f"Seq2SeqTransformer: expected max_len's limits in [1, {limit}] (config.max_len), "
+                                 f"got {limits.min().item()} to {limits.max().item()}")
         # An int, not a bool or float: range(max_len) would fail with a message naming neither.
-        if not (isinstance(max_len, int) and not isinstance(max_len, bool) and 1 <= max_len <= limit):
+        elif isinstance(max_len, int) and not isinstance(max_len, bool) and 1 <= max_len <= limit:
+            limits = torch.full((rows,), max_len, dtype=torch.long, device=src.device)
+        else:
             raise ValueError(f"Seq2SeqTransformer: expected max_len to be an int in [1, {limit}] (config.max_len), "
                              f"got {max_len!r}")
-        return max_len
+        return limits, int(limits.max()) if rows else 0
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, max_len: int | None = None, use_cache: bool = True) -> torch.Tensor:
-        """The likeliest next token at each step: (B, <= max_len) tokens, EOS then pad_id once a row is done."""
+        """The likeliest next token at each step: (B, <= max_len) tokens, EOS then pad_id once a row is done (or has
+        reached its limit, see _limits)."""
         c = self.config
-        max_len = self._max_len(src, max_len)
+        limits, steps = self._limits(src, max_len)
         memory, src_padding = self.encode(src)
         tokens = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long, device=src.device)
-        cache = self._start_cache(memory, src_padding, max_len) if use_cache else None
+        cache = self._start_cache(memory, src_padding, steps) if use_cache else None
         finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         never = self._never_emitted(src.device)
-        for _ in range(max_len):
+        for step in range(steps):
             if cache is not None:
                 logits = self._decode_step(tokens[:, -1:], cache)
             else:
                 logits = self.decode(tokens, memory, src_padding)[:, -1]
             logits.index_fill_(1, never, float("-inf"))
             next_token = torch.where(finished, c.pad_id, logits.argmax(dim=-1))
-            finished |= next_token == c.eos_id
+            finished |= (next_token == c.eos_id) | (limits <= step + 1)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             if bool(finished.all()):
                 break
@@ -316,18 +330,20 @@ class Seq2SeqTransformer(nn.Module):
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, beam_size: int = 4, length_penalty: float = 0.6,
                     max_len: int | None = None) -> torch.Tensor:
-        """The best of beam_size hypotheses per row by log-probability / lp(length): (B, <= max_len) tokens."""
+        """The best of beam_size hypotheses per row by log-probability / lp(length): (B, <= max_len) tokens (each
+        row within its limit, see _limits)."""
         if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
             raise ValueError(f"Seq2SeqTransformer.beam_search: expected beam_size to be an int >= 1, got {beam_size!r}")
         if not 0 <= length_penalty < math.inf:
             raise ValueError(f"Seq2SeqTransformer.beam_search: expected length_penalty in [0, inf), got "
                              f"{length_penalty}")
         c = self.config
-        max_len = self._max_len(src, max_len)
+        limits, steps = self._limits(src, max_len)
         memory, src_padding = self.encode(src)
         batch, beams, device = src.shape[0], beam_size, src.device
         memory = memory.repeat_interleave(beams, dim=0)  # (B * K, S, E): hypothesis rows, sentence-major
-        cache = self._start_cache(memory, src_padding.repeat_interleave(beams, dim=0), max_len)
+        limits = limits.repeat_interleave(beams)  # (B * K,): a sentence's, whichever of its hypotheses a row holds
+        cache = self._start_cache(memory, src_padding.repeat_interleave(beams, dim=0), steps)
         tokens = torch.full((batch * beams, 1), c.bos_id, dtype=torch.long, device=device)
         # Scores in float32, or float64 for a float64 model: rounding a float64 model's log-probabilities to float32
         # ties near-equal hypotheses, and the beam then keeps whichever topk happens to pick.
@@ -342,7 +358,7 @@ class Seq2SeqTransformer(nn.Module):
         def penalty(n):
             return ((5.0 + n.to(dtype)) / 6.0) ** length_penalty
 
-        for _ in range(max_len):
+        for step in range(steps):
             log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).to(dtype), dim=-1)  # (B*K, V)
             log_probs.index_fill_(1, never, float("-inf"))  # scores stay the model's log-probabilities
             vocab = log_probs.shape[-1]
@@ -359,7 +375,8 @@ class Seq2SeqTransformer(nn.Module):
             scores = candidates.view(batch, beams * vocab).gather(1, best).view(-1)
             tokens = torch.cat([tokens[rows], next_token[:, None]], dim=1)
             lengths = new_lengths[rows]
-            finished = finished[rows] | (next_token == c.eos_id)
+            # A hypothesis at its sentence's limit is done: it keeps its score and length from here on.
+            finished = finished[rows] | (next_token == c.eos_id) | (limits <= step + 1)
             cache.reorder(rows)
             if bool(finished.all()):
                 break

@@ -232,8 +232,9 @@ def translate_ids(model, sources: list[list[int]], beam_size: int, length_penalt
         src = torch.full((len(batch), max(len(sources[i]) for i in batch)), PAD, dtype=torch.long)
         for row, i in enumerate(batch):
             src[row, :len(sources[i])] = torch.tensor(sources[i])
-        # Room for a translation somewhat longer than its source, within the position table.
-        max_len = min(limit, int(1.5 * src.shape[1]) + 10)
+        # Room for a translation somewhat longer than its source, within the position table: each row's own, so
+        # that a sentence translates the same in any batch.
+        max_len = torch.tensor([min(limit, int(1.5 * len(sources[i])) + 10) for i in batch])
         with autocast(device, amp_dtype):
             if beam_size == 1:
                 ids = model.greedy_decode(src.to(device), max_len=max_len)
