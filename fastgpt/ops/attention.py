@@ -264,8 +264,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
     preference = None
     if query.device.type == "cuda":
-        preference = _cuda_preference(query.device.index, str(query.dtype).removeprefix("torch."), head_dim, bool(is_causal),
-                                      key.shape[-2])
+        # A CUDA tensor's device always names its index.
+        preference = _cuda_preference(query.device.index, str(query.dtype).removeprefix("torch."), head_dim,
+                                      bool(is_causal), key.shape[-2])
     backend = backends.select(query.device, lambda name: _kernel_supports(name, query, key, value, attn_mask),
                               preference)
     with autocast_disabled(query.device.type):

@@ -2,9 +2,9 @@
 
 Presets:
   tiny   (default) GPT-1's architecture at 2 layers x 128, context 64, vocabulary 2,048 (0.67M parameters), 1,200
-         updates of 16 x 64 tokens: the README's main command, under a minute of training on 2 idle CPU cores. Deeper tiny post-LN
-         models sit at the unigram plateau for hundreds of updates (4 layers: still there after 450), which a
-         CPU budget cannot afford.
+         updates of 16 x 64 tokens: the README's main command, under a minute of training on 2 idle CPU cores.
+         Deeper tiny post-LN models sit at the unigram plateau for hundreds of updates (4 layers: still there after
+         450), which a CPU budget cannot afford.
   small  6 layers x 384, context 256, vocabulary 8,192, dropout 0.1: one GPU, or a patient CPU.
   gpt1   GPT-1 as published (Radford et al. 2018): 12 x 768, 12 heads, context 512, vocabulary 40,478, dropout 0.1,
          Adam lr 2.5e-4 with 2,000 warm-up updates then cosine to 0, batch 64 x 512, weight decay 0.01.
