@@ -49,8 +49,9 @@ from fastgpt.ops.linear_gelu import gelu_ffn
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:
-    """Logits for a cross-entropy: half precision upcast to float32, float32 and float64 as they are."""
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for a cross-entropy or for sampling: half precision upcast to float32, float32 and float64 as they are
+    (a float64 model's near-equal logits stay apart)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -279,7 +280,7 @@ class GPT1(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"GPT1: expected {name} of shape {tuple(input_ids.shape)} (that of input_ids), got {got}")
-        shifted = _loss_dtype(logits[:, :-1])  # logits at t predict the label at t + 1
+        shifted = _upcast(logits[:, :-1])  # logits at t predict the label at t + 1
         return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -317,7 +318,7 @@ class GPT1(nn.Module):
         logits = self.classifier(self.clf_dropout(pooled))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(_loss_dtype(logits), labels)
+            loss = F.cross_entropy(_upcast(logits), labels)
             if lm_labels is not None:
                 loss = loss + lm_weight * self._lm_loss(self._logits(hidden), lm_labels, input_ids, "lm_labels")
         return GPT1ClassifierOutput(logits, loss)
@@ -388,7 +389,7 @@ class GPT1(nn.Module):
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
             generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, V)."""
-    logits = _loss_dtype(logits)  # half precision upcast; a float64 model's logits stay float64 (no rounded ties)
+    logits = _upcast(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Shifted so the largest is 0 before the division: a tiny temperature sends the others to -inf, not to nan.

@@ -292,9 +292,12 @@ class Seq2SeqTransformer(nn.Module):
                 raise ValueError(f"Seq2SeqTransformer: expected max_len to be an int or an integer tensor of shape "
                                  f"({rows},) (one limit per row), got {max_len.dtype} of shape {tuple(max_len.shape)}")
             limits = max_len.to(src.device, torch.long)
-            if rows and not 1 <= int(limits.min()) <= int(limits.max()) <= limit:
-                raise ValueError(f"Seq2SeqTransformer: expected max_len's limits in [1, {limit}] (config.max_len), "
-                                 f"got {limits.min().item()} to {limits.max().item()}")
+            if rows:
+                low, high = torch.stack(torch.aminmax(limits)).tolist()  # one device sync
+                if not 1 <= low <= high <= limit:
+                    raise ValueError(f"Seq2SeqTransformer: expected max_len's limits in [1, {limit}] "
+                                     f"(config.max_len), got {low} to {high}")
+                return limits, high
         # An int, not a bool or float: range(max_len) would fail with a message naming neither.
         elif isinstance(max_len, int) and not isinstance(max_len, bool) and 1 <= max_len <= limit:
             limits = torch.full((rows,), max_len, dtype=torch.long, device=src.device)
@@ -354,6 +357,9 @@ class Seq2SeqTransformer(nn.Module):
         lengths = torch.zeros(batch * beams, dtype=torch.long, device=device)
         finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
         never = self._never_emitted(device)
+        # A finished hypothesis continues only with padding, at no cost.
+        done_row = torch.full((c.tgt_vocab_size,), float("-inf"), dtype=dtype, device=device)
+        done_row[c.pad_id] = 0.0
 
         def penalty(n):
             return ((5.0 + n.to(dtype)) / 6.0) ** length_penalty
@@ -362,9 +368,6 @@ class Seq2SeqTransformer(nn.Module):
             log_probs = F.log_softmax(self._decode_step(tokens[:, -1:], cache).to(dtype), dim=-1)  # (B*K, V)
             log_probs.index_fill_(1, never, float("-inf"))  # scores stay the model's log-probabilities
             vocab = log_probs.shape[-1]
-            # A finished hypothesis continues only with padding, at no cost.
-            done_row = torch.full((vocab,), float("-inf"), dtype=dtype, device=device)
-            done_row[c.pad_id] = 0.0
             log_probs = torch.where(finished[:, None], done_row, log_probs)
             candidates = scores[:, None] + log_probs  # (B*K, V)
             new_lengths = lengths + (~finished).long()
