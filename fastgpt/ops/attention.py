@@ -38,7 +38,7 @@ from fastgpt import backends
 from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
 from fastgpt.ops._checks import check_dropout_p, check_like, check_scale, check_tensor
 from fastgpt.ops._registration import register_kernel_op
-from fastgpt.ops.philox import attention_dropout_keep, draw_seed
+from fastgpt.ops.philox import attention_dropout_keep, dropout_seed
 
 _OP = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -261,7 +261,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     # One seed per call whichever backend runs, so that torch.manual_seed gives every backend the same mask.
-    seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    seed = dropout_seed(dropout_p)
     preference = None
     if query.device.type == "cuda":
         # A CUDA tensor's device always names its index.

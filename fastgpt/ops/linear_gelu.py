@@ -38,7 +38,7 @@ from fastgpt import backends
 from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
 from fastgpt.ops._checks import check_dropout_p, check_like, check_tensor
 from fastgpt.ops._registration import refuse_create_graph, register_kernel_op
-from fastgpt.ops.philox import draw_seed, elementwise_dropout_keep
+from fastgpt.ops.philox import dropout_seed, elementwise_dropout_keep
 
 APPROXIMATIONS = ("none", "tanh")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
@@ -216,7 +216,7 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
     with autocast_disabled(input.device.type):
         out, _pre = _OPS[backend].call(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                      activation, not recompute, 0.0, _NO_SEED())
+                                      activation, not recompute, 0.0, dropout_seed(0.0))
     return out.view(*input.shape[:-1], weight.shape[0])
 
 
@@ -266,10 +266,6 @@ def _kernel_supports(backend: str, input: torch.Tensor, weight: torch.Tensor) ->
     return input.dtype in _KERNEL_DTYPES and input.numel() > 0 and weight.numel() > 0
 
 
-def _NO_SEED() -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64)
-
-
 def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recompute):
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     _check_linear(op, x, w1, b1, "x", "w1", "b1")
@@ -279,7 +275,7 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
     _check_linear(op, x.new_empty(0, w1.shape[0]), w2, b2, "the hidden activation", "w2", "b2")
     p = check_dropout_p(op, dropout_p)
     p = p if training else 0.0
-    seed = draw_seed() if p > 0.0 else _NO_SEED()
+    seed = dropout_seed(p)
     backend = backends.select(x.device, lambda name: _kernel_supports(name, x, w1) and w2.numel() > 0)
     x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (tokens, d_model); -1 cannot be inferred for width 0
     if backend == "reference":

@@ -105,3 +105,9 @@ def draw_seed() -> torch.Tensor:
     """A dropout seed: an int64 CPU scalar tensor from torch's default generator (so torch.manual_seed reproduces
     a run, and torch.compile traces the draw instead of baking a value into the graph)."""
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+
+
+def dropout_seed(p: float) -> torch.Tensor:
+    """The seed an op call hands its kernels: a fresh draw when it drops (p > 0), else 0, which they ignore (a
+    tensor all the same, so that the kernels' signatures take one type)."""
+    return draw_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
