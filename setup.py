@@ -53,6 +53,27 @@ def write_build_config(capability: str) -> None:
                 f"CPU_CAPABILITY = {capability!r}\n")
 
 
+def cublas_lt(cuda_home: str) -> tuple[list[str], list[str], list[str]]:
+    """cuBLASLt for the CUDA kernels, as (include dirs, libraries, link args): the toolkit's where it has it, else
+    that of NVIDIA's cuBLAS wheel, which a pip-installed CUDA torch brings along. A toolkit assembled from pip wheels
+    (as on our CPU machines) has no cuBLAS, and the wheel ships only the versioned libcublasLt.so.N, which
+    -lcublasLt does not find: it is named whole (-l:), with an rpath to its folder."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cublasLt.h")):
+        return [], ["cublasLt"], []
+    try:
+        import nvidia  # the namespace package of NVIDIA's wheels: nvidia/cu13/ (CUDA 13), nvidia/cublas/ (12)
+    except ImportError:
+        return [], ["cublasLt"], []  # the compiler then names the missing header
+    for root in nvidia.__path__:
+        for header in sorted(glob.glob(os.path.join(root, "*", "include", "cublasLt.h"))):
+            libs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(header)), "lib", "libcublasLt.so*")))
+            if libs:
+                lib_dir = os.path.dirname(libs[0])
+                return [os.path.dirname(header)], [], [f"-L{lib_dir}", f"-l:{os.path.basename(libs[0])}",
+                                                       f"-Wl,-rpath,{lib_dir}"]
+    return [], ["cublasLt"], []
+
+
 def extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -70,11 +91,13 @@ def extension_modules():
     optional = os.environ.get("FASTGPT_REQUIRE_EXT") != "1"
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTGPT_CUDA_ARCH", "8.0;9.0a"))
+        cublas_includes, cublas_libraries, cublas_link_args = cublas_lt(CUDA_HOME)
         extension = CUDAExtension(
             "fastgpt._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                                            "--expt-relaxed-constexpr", "-std=c++20"]},
-            include_dirs=include_dirs, libraries=["cublasLt", "cublas"], optional=optional)
+            include_dirs=include_dirs + cublas_includes, libraries=cublas_libraries,
+            extra_link_args=cublas_link_args, optional=optional)
     else:
         extension = CppExtension("fastgpt._C", sources, include_dirs=include_dirs,
                                  extra_compile_args={"cxx": cxx_flags}, optional=optional)
