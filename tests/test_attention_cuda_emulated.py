@@ -8,11 +8,15 @@ late as allowed, and checks for shared-memory races between warps, reads of in-f
 accesses and divergent barriers. The harness compares out, lse, delta, dQ, dK and dV with a float64 reference,
 fp16 and bf16, head dims 64 and 128, over masks (causal, bool, key padding, additive with -inf and finfo.min rows),
 dropout, GQA, packed strides and odd lengths, with a componentwise bound on the 16-bit roundings the kernels add.
+It also counts the shared-memory wavefronts of every ldmatrix and cp.async (all of the kernels' tile traffic) under
+the bank model of tests/cuda_emulator/emulator.h (32 banks of 4 bytes, 16-byte accesses served 8 lanes per phase)
+and fails on any phase that takes more than one: a bank conflict, which the swizzled tile layout of
+csrc/cuda/attention_common.cuh is meant to rule out.
 
-What this cannot check: timing, bank conflicts, occupancy, register spills (scripts that run nvcc do that), the
-real memory ordering beyond the cp.async landing rule, races through plain shared-memory loads and stores, the
-hardware mma's accumulation order and the approximate exp2 / log2 of the GPU. Those need tests/test_attention_cuda.py
-on a GPU.
+What this cannot check: timing, occupancy, bank conflicts of plain shared-memory loads and stores (the dK/dV kernel's
+lse / delta rows), register spills (scripts that run nvcc do that), the real memory ordering beyond the cp.async
+landing rule, races through plain shared-memory loads and stores, the hardware mma's accumulation order and the
+approximate exp2 / log2 of the GPU. Those need tests/test_attention_cuda.py on a GPU.
 """
 
 import subprocess

@@ -3,7 +3,8 @@
 //   g++ -std=c++20 -O2 -fno-strict-aliasing -DFASTGPT_PTX_EMULATION -Icsrc -Icsrc/cuda -Itests/cuda_emulator
 //       tests/cuda_emulator/attention.cpp -o attention
 // Usage: attention fwd|bwd [case index]. "bwd" runs the forward kernel first and feeds its out and lse to the three
-// backward kernels, as the op does. One line per case; exit status 1 if any case fails.
+// backward kernels, as the op does. One line per case, then the shared-memory bank counts of all the launches; exit
+// status 1 if any case fails or any ldmatrix or cp.async phase conflicts (takes more than one wavefront).
 //
 // Tolerance. The reference works in float64 on the same 16-bit inputs, so the kernels' error comes from the
 // roundings they add: P (and Pd, dS) rounded to 16 bits before the second product, the 16-bit out that delta is
@@ -376,5 +377,15 @@ int main(int argc, char** argv) {
     failed += !kCases[i].run(i, kCases[i].c, kernel == "bwd");
   }
   std::printf("%s: %d of %d cases failed\n", kernel.c_str(), failed, n);
-  return failed != 0;
+  // Every tile access of the kernels is an ldmatrix or a cp.async: with the swizzle of attention_common.cuh, each
+  // phase of either takes exactly one wavefront (see emulator.h, "Shared-memory banks").
+  const cuda_emu::BankStats& banks = cuda_emu::bank_stats();
+  const bool conflicts = banks.ldmatrix.wavefronts != banks.ldmatrix.phases ||
+                         banks.cp_async.wavefronts != banks.cp_async.phases;
+  std::printf("%s: shared-memory banks: ldmatrix %ld phases %ld wavefronts (worst %d per phase), cp.async %ld phases "
+              "%ld wavefronts (worst %d per phase)%s\n",
+              kernel.c_str(), banks.ldmatrix.phases, banks.ldmatrix.wavefronts, banks.ldmatrix.worst,
+              banks.cp_async.phases, banks.cp_async.wavefronts, banks.cp_async.worst,
+              conflicts ? ": BANK CONFLICTS" : "");
+  return failed != 0 || conflicts;
 }

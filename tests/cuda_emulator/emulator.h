@@ -26,13 +26,17 @@
 //     cp.async sources outside the registered global buffers; threads exiting with copies in flight;
 //   * deadlocks and divergence at barriers (a warp collective not reached by all 32 lanes, lanes of one warp in
 //     different collectives, a __syncthreads not reached by all threads).
-// What it cannot see: timing, occupancy and bank conflicts; the real (weaker) ordering of memory operations, other
-// than through the cp.async landing rule above; races through plain C++ loads and stores to shared memory (only
-// cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse / delta rows and the static __shared__ arrays
-// are not; nor are the statics filled with NaN before each block); the approximation of rsqrtf; out-of-bounds plain
-// global loads (the harness detects stray global stores with guard zones); the accumulation order and rounding of
-// the hardware mma (emulated here as a float32 sum in k order, exact products) and the approximations of the
-// hardware exp2 / log2; anything between blocks (blocks run one after the other).
+// What it counts (bank_stats(), for the harness to judge): the shared-memory wavefronts of every ldmatrix and
+// cp.async against the phases they are served in, under the bank model of "Shared-memory banks" below; more
+// wavefronts than phases are bank conflicts.
+// What it cannot see: timing and occupancy; bank conflicts other than those of ldmatrix and cp.async; the real
+// (weaker) ordering of memory operations, other than through the cp.async landing rule above; races through plain
+// C++ loads and stores to shared memory (only cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse /
+// delta rows and the static __shared__ arrays are not; nor are the statics filled with NaN before each block); the
+// approximation of rsqrtf; out-of-bounds plain global loads (the harness detects stray global stores with guard
+// zones); the accumulation order and rounding of the hardware mma (emulated here as a float32 sum in k order, exact
+// products) and the approximations of the hardware exp2 / log2; anything between blocks (blocks run one after the
+// other).
 #pragma once
 
 #include <ucontext.h>
@@ -179,6 +183,23 @@ struct GlobalRange {
   size_t bytes;
 };
 
+// Shared-memory bank accounting of one kind of access (see "Shared-memory banks" below): the phases the warp
+// instructions were served in, the wavefronts those took (equal when nothing conflicts), and the most wavefronts
+// one phase took.
+struct BankCounts {
+  long phases = 0, wavefronts = 0;
+  int worst = 0;
+};
+struct BankStats {
+  BankCounts ldmatrix, cp_async;
+};
+
+// The destinations of one warp-wide cp.async: each issuing lane's 16-byte chunk (shared offset / 16).
+struct CpAsyncIssue {
+  uint32_t chunk[kWarpSize];
+  uint32_t lanes = 0;  // bit l: lane l issued it
+};
+
 struct State {
   Thread threads[kMaxBlockThreads];
   int block_threads = kDefaultBlockThreads;  // threads of the running launch's blocks
@@ -198,6 +219,10 @@ struct State {
   const void* ptr[kMaxWarps][kWarpSize];
   uint32_t a[kMaxWarps][kWarpSize][4], b[kMaxWarps][kWarpSize][2];
   uint32_t bits[kMaxWarps][kWarpSize];
+  BankStats banks;  // over every launch of the process
+  // cp.async issues of each warp since its lanes last stopped together, by the issuing lane's count of them.
+  std::vector<CpAsyncIssue> cp_issues[kMaxWarps];
+  int cp_issued[kMaxBlockThreads] = {};
 };
 
 inline State& state() {
@@ -206,6 +231,7 @@ inline State& state() {
 }
 
 inline int errors() { return state().errors; }
+inline const BankStats& bank_stats() { return state().banks; }
 inline void reset_errors() { state().errors = 0; }
 // The global buffers that cp.async may read from (the harness registers its input tensors).
 inline void set_global_ranges(std::vector<GlobalRange> ranges) { state().global_ranges = std::move(ranges); }
@@ -283,6 +309,53 @@ inline uint16_t smem_load16(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Shared-memory banks. The model (CUDA C++ Programming Guide, "Shared Memory" of the compute capabilities >= 5.x;
+// PTX ISA, "ldmatrix"; Nsight Compute's l1tex shared "wavefronts" and their "ideal"): shared memory is 32 banks of
+// 4 bytes, successive words in successive banks, and one wavefront serves one 128-byte row of them. A warp access
+// of 16 bytes per thread is served in four phases of 8 threads (lanes 0-7, 8-15, 16-23, 24-31). ldmatrix .x4 reads
+// four 8 x 16-byte matrices, matrix i from the row addresses of lanes 8i..8i+7, one phase per matrix. A phase's
+// 16-byte chunks fall in bank groups (offset / 16) % 8 of 4 banks each, and it takes as many wavefronts as the
+// group with the most distinct chunks (a chunk read by several lanes counts once: a broadcast); 1 is ideal, 8 the
+// worst. Offsets are from the start of dynamic shared memory, taken to be 128-byte aligned as on the device.
+// ---------------------------------------------------------------------------------------------------------------
+inline void count_phase(BankCounts& counts, const uint32_t* chunks, int n) {
+  int distinct[8] = {};
+  for (int i = 0; i < n; ++i)
+    if (std::find(chunks, chunks + i, chunks[i]) == chunks + i) ++distinct[chunks[i] % 8];
+  const int wavefronts = *std::max_element(distinct, distinct + 8);
+  ++counts.phases;
+  counts.wavefronts += wavefronts;
+  counts.worst = std::max(counts.worst, wavefronts);
+}
+
+inline uint32_t smem_chunk(const void* p) {
+  return static_cast<uint32_t>((static_cast<const unsigned char*>(p) - state().smem.data()) / 16);
+}
+
+// cp.async is issued per thread, and the emulator runs a warp's lanes one after the other: a lane's k-th issue
+// since the warp's lanes last stopped together (at a warp collective, a __syncthreads or the end) is taken to be
+// the same warp instruction as every other lane's k-th, since the lanes run the same loop. A lane that issues
+// fewer (a thread predicated off, past the end of a loop) is inactive in the instructions it misses: a phase counts
+// the lanes of its quarter that issued, and a quarter without any makes no phase. Evaluated when the warp's lanes
+// stop together, when no lane can still join an instruction. (A lane skipping an issue in the middle of a run would
+// pair its later issues with the wrong ones; the attention kernels' load_tile issues as many on every lane,
+// zero-filling what is out of range.)
+inline void count_cp_async_phases(int w) {
+  State& st = state();
+  if (st.cp_issues[w].empty()) return;
+  for (const CpAsyncIssue& issue : st.cp_issues[w])
+    for (int quarter = 0; quarter < 4; ++quarter) {
+      uint32_t chunks[8];
+      int n = 0;
+      for (int l = 8 * quarter; l < 8 * quarter + 8; ++l)
+        if (issue.lanes >> l & 1u) chunks[n++] = issue.chunk[l];
+      if (n) count_phase(st.banks.cp_async, chunks, n);
+    }
+  st.cp_issues[w].clear();
+  std::fill_n(st.cp_issued + w * kWarpSize, kWarpSize, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // cp.async: issue, commit_group, wait_group.
 // ---------------------------------------------------------------------------------------------------------------
 inline bool in_global_ranges(const void* p, size_t bytes) {
@@ -306,6 +379,12 @@ inline void cp_async_issue(void* dst, const void* src, bool valid) {
     st.shadow[(off + i) / 2].pending = true;
   }
   st.copies[st.current].uncommitted.push_back({off, src, valid, st.epoch});
+  // A zero-filling copy (!valid) writes its 16 bytes too: it counts.
+  std::vector<CpAsyncIssue>& issues = st.cp_issues[warp()];
+  const size_t k = static_cast<size_t>(st.cp_issued[st.current]++);
+  if (k == issues.size()) issues.emplace_back();
+  issues[k].chunk[lane()] = static_cast<uint32_t>(off / 16);
+  issues[k].lanes |= 1u << lane();
 }
 
 inline void cp_async_commit_group() {
@@ -363,6 +442,12 @@ inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   if (smem_offset(p, 16) % 16) EMU_ERROR("ldmatrix row address not 16-byte aligned");
   st.ptr[w][l] = p;
   warp_barrier(trans ? kOpLdmatrixTrans : kOpLdmatrix);
+  if (l == 0)  // once per warp instruction: phase i is matrix i's 8 rows
+    for (int i = 0; i < 4; ++i) {
+      uint32_t chunks[8];
+      for (int j = 0; j < 8; ++j) chunks[j] = smem_chunk(st.ptr[w][8 * i + j]);
+      count_phase(st.banks.ldmatrix, chunks, 8);
+    }
   const int g = l / 4, t = l % 4;
   for (int i = 0; i < 4; ++i) {
     uint16_t lo, hi;
@@ -457,7 +542,9 @@ inline void run_warp(int w) {
         swapcontext(&st.scheduler, &st.threads[i].context);
         ran = true;
       }
-    if (!ran && !release_warp(w)) break;
+    if (ran) continue;
+    count_cp_async_phases(w);  // every lane waits at a barrier or is done
+    if (!release_warp(w)) break;
   }
   st.current = -1;
 }
