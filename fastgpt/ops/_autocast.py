@@ -7,6 +7,15 @@ import contextlib
 import torch
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False where autocast does not exist (meta tensors: it would raise).
+    Under torch.compile the tensors are fake ones of real devices, and is_autocast_available is not asked: dynamo
+    traces it in torch 2.13 but not in 2.11 (the GPU machine's), where it broke every fullgraph compile of the ops."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(*values):
     """Under autocast on the first value's device, the floating-point tensors among `values` cast to autocast's
     dtype as PyTorch's lower-precision policy casts them (float64 is left alone); anything else (a first value that
@@ -16,7 +25,7 @@ def autocast_inputs(*values):
     if not isinstance(values[0], torch.Tensor):
         return values
     device_type = values[0].device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return values
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
@@ -26,6 +35,6 @@ def autocast_inputs(*values):
 def autocast_disabled(device_type: str):
     """torch.autocast(device_type, enabled=False), or nothing where autocast is off already (entering and leaving
     torch.autocast costs 3 us a call) or does not exist (meta tensors)."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
