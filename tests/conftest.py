@@ -38,9 +38,9 @@ def pytest_configure(config):
     except ImportError:
         return
     if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
-        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the Triton kernels "
-                                f"run without a GPU) fails with NumPy {numpy.__version__}: install numpy<2.4 or "
-                                "triton>=3.7")
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the Triton "
+                                f"kernels run without a GPU) fails with NumPy {numpy.__version__}: install numpy<2.4 "
+                                "or triton>=3.7")
 
 
 @pytest.fixture(autouse=True)
