@@ -19,6 +19,7 @@ the choice without graph breaks (the choice is made at trace time and guarded li
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -74,6 +75,28 @@ if _CSRC_ERROR is not None:
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_problem() -> str | None:
+    """Triton 3.6's interpreter (torch 2.11 pins it) takes int() of a 1-element array for range() bounds, which
+    NumPy 2.4 made an error: every kernel with a persistent loop fails. Triton 3.7 fixed it."""
+    if not (_TRITON_INSTALLED and _TRITON_INTERPRET):
+        return None
+    try:
+        triton, numpy = importlib.metadata.version("triton"), importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+    if release(triton) < (3, 7) and release(numpy) >= (2, 4):
+        return f"Triton {triton}'s interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy}: install numpy<2.4 or " \
+               "triton>=3.7"
+    return None
+
+
+TRITON_INTERPRETER_PROBLEM = _interpreter_problem()
 _CUDA = torch.cuda.is_available()
 _CSRC_CUDA = _CSRC_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fastgpt::layer_norm_fwd", "CUDA")
@@ -89,8 +112,10 @@ def _why_not(name: str, device_type: str) -> str | None:
         if device_type == "cuda":
             return None if _CUDA else "the triton backend needs a CUDA GPU, and torch sees none"
         if device_type == "cpu":
-            return None if _TRITON_INTERPRET else \
-                "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastgpt)"
+            if not _TRITON_INTERPRET:
+                return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing " \
+                       "fastgpt)"
+            return TRITON_INTERPRETER_PROBLEM
         return f"the triton backend does not run on {device_type} tensors"
     if name == "csrc":
         if _CSRC_ERROR is not None:

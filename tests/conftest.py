@@ -23,24 +23,11 @@ else:
 import fastgpt  # noqa: E402  (after TRITON_INTERPRET)
 
 
-def _release(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
-
-
 def pytest_configure(config):
-    """Triton 3.6's interpreter (torch 2.11's pinned Triton) takes int() of a 1-element array for range() bounds,
-    which NumPy 2.4 made an error: every persistent-loop kernel fails. Triton 3.7 fixed it."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import numpy
-    try:
-        import triton
-    except ImportError:
-        return
-    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
-        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the Triton "
-                                f"kernels run without a GPU) fails with NumPy {numpy.__version__}: install numpy<2.4 "
-                                "or triton>=3.7")
+    """The Triton kernels run here through Triton's interpreter: refuse a pairing with NumPy it cannot run
+    (fastgpt.backends says which) rather than fail hundreds of tests."""
+    if fastgpt.backends.TRITON_INTERPRETER_PROBLEM is not None:
+        raise pytest.UsageError(fastgpt.backends.TRITON_INTERPRETER_PROBLEM)
 
 
 @pytest.fixture(autouse=True)
