@@ -75,6 +75,22 @@ def test_triton_on_cpu_needs_the_interpreter():
     assert "TRITON_INTERPRET=1" in result.stderr
 
 
+@pytest.mark.parametrize("triton, numpy, refused", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                    ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.1", False)])
+def test_interpreter_and_numpy_pairing(monkeypatch, triton, numpy, refused):
+    """Triton 3.6's interpreter cannot run the kernels with NumPy >= 2.4: the backend says so, with the remedy."""
+    versions = {"triton": triton, "numpy": numpy}
+    monkeypatch.setattr(backends.importlib.metadata, "version", versions.__getitem__)
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(backends, "_TRITON_INTERPRET", True)
+    problem = backends._interpreter_problem()
+    if refused:
+        assert problem == f"Triton {triton}'s interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy}: install " \
+                          "numpy<2.4 or triton>=3.7"
+    else:
+        assert problem is None
+
+
 def test_environment_variable_forces_a_backend():
     result = _python("import torch, fastgpt; from fastgpt import backends;"
                      "print(backends.select(torch.device('cpu'), lambda name: True))", FASTGPT_BACKEND="reference")
