@@ -59,7 +59,7 @@ cuda-check: $(STAMP) $(CUBLAS_HEADERS)
 # extension, CUDA kernels included, as a GPU session's `pip install -e .` does, in a virtual environment of those
 # versions (.cache/venv-gpu: torch's CUDA wheel with NVIDIA's libraries, 4.6 GB; not part of CI), from a copy of the
 # working tree, and runs the test suite there on the CPU: an API those versions lack, or a CUDA build or link error,
-# fails here rather than in a GPU session. NumPy < 2.4 for Triton 3.6's interpreter (tests/conftest.py); setuptools
+# fails here rather than in a GPU session. NumPy < 2.4 for Triton 3.6's interpreter (fastgpt/backends.py); setuptools
 # within torch 2.11's bound. Deselected: Triton 3.6 keeps the predicate registers of the wide add+dropout LayerNorm
 # backward in an 8-byte stack slot (one load a row, not a spill in a loop), which the no-local-memory test refuses;
 # CI runs that test on the newest Triton.

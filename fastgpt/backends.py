@@ -97,6 +97,7 @@ def _interpreter_problem() -> str | None:
 
 
 TRITON_INTERPRETER_PROBLEM = _interpreter_problem()
+
 _CUDA = torch.cuda.is_available()
 _CSRC_CUDA = _CSRC_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fastgpt::layer_norm_fwd", "CUDA")
