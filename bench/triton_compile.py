@@ -217,6 +217,7 @@ def _attention_launches() -> list[Launch]:
         ("bf16 d128 L4096", torch.bfloat16, 128, 4096, False, None, 0.0),
         ("fp16 d64 key-padding dropout", torch.float16, 64, 512, False, "padding", 0.1),
         ("fp16 d80 additive", torch.float16, 80, 512, False, "additive", 0.0),
+        ("bf16 d64 full bool mask", torch.bfloat16, 64, 512, False, "bool", 0.0),
         ("bf16 d256 causal", torch.bfloat16, 256, 1024, True, None, 0.0),
         ("fp32 d64", torch.float32, 64, 512, False, None, 0.0),
     ]
@@ -226,6 +227,8 @@ def _attention_launches() -> list[Launch]:
         mask = None
         if mask_kind == "padding":
             mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
+        elif mask_kind == "bool":
+            mask = torch.ones(1, 2, length, length, dtype=torch.bool)
         elif mask_kind == "additive":
             mask = torch.zeros(1, 2, length, length, dtype=dtype)
         out = torch.empty_like(q)
