@@ -300,7 +300,8 @@ class Seq2SeqTransformer(nn.Module):
                 return limits, high
         # An int, not a bool or float: range(max_len) would fail with a message naming neither.
         elif isinstance(max_len, int) and not isinstance(max_len, bool) and 1 <= max_len <= limit:
-            limits = torch.full((rows,), max_len, dtype=torch.long, device=src.device)
+            # One limit for all: the step count is known without reading the tensor back (no device sync).
+            return torch.full((rows,), max_len, dtype=torch.long, device=src.device), max_len if rows else 0
         else:
             raise ValueError(f"Seq2SeqTransformer: expected max_len to be an int in [1, {limit}] (config.max_len), "
                              f"got {max_len!r}")
