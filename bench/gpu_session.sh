@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (the device tool's `run`), from the repository root:
-#   bash bench/gpu_session.sh [STEP ...]    steps: build tests sanitizer bench pretrain (default: all)
+#   bash bench/gpu_session.sh [STEP ...]    steps: build tests sanitizer bench profile pretrain (default: all)
 # The device tool sets $OUT; results come back as $OUT/gpu-session.tgz. One command may run 10 minutes at most, so a
-# full session is usually two calls: `build tests sanitizer`, then `build bench pretrain`.
+# full session is several calls: `build tests sanitizer`, then `build bench profile`, `build bench pretrain`.
 # Builds the CUDA kernels, runs every test on the GPU, the compute-sanitizer checks of the CUDA attention kernel,
-# the whole benchmark suite and a GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one
-# archive (the device tool returns at most 8 files). Commit what it brings back under bench/results/.
+# the whole benchmark suite, Nsight Compute over the kernels at the targets' shapes (bench/profile_kernels.py) and a
+# GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one archive (the device tool returns at
+# most 8 files of 16 MiB: ncu's binary report stays behind, its text exports come back). Commit what it brings back
+# under bench/results/.
 # BENCH_ONLY=attention,layer_norm limits the bench step to some ops (the full suite may not fit one call). The
 # machine is given back after 30 s idle: issue the calls back to back, or each starts a bare machine (minutes).
 # The GPU machine has no package registry: before the call,
@@ -44,9 +46,23 @@ if want sanitizer; then
   done
 fi
 want bench && step bench python -m bench ${BENCH_ONLY:+--only $BENCH_ONLY}
+if want profile; then
+  prof=$logs/profile report=/tmp/fastgpt-profile/report
+  mkdir -p "$prof" "$(dirname "$report")"
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  # Clocks as found (the benchmarks' conditions), not ncu's default of locking them to base.
+  step profile "${ncu:-ncu}" --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis_Tables -f -o "$report" \
+    python -m bench.profile_kernels --manifest "$prof/cases.json"
+  step profile-summary bash -c "set -e; '${ncu:-ncu}' --import '$report.ncu-rep' --page raw --csv --print-units base \
+    > '$prof/raw.csv'; '${ncu:-ncu}' --import '$report.ncu-rep' --page details > '$prof/details.txt'
+    python -m bench.profile_kernels --summarize '$prof'"
+fi
 want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --max-steps 300
 tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
 grep -hs "passed\|failed" "$logs/tests.log" | tail -n 1
 grep -hs "^done:" "$logs/pretrain-gpt1.log" | tail -n 1
+if want profile; then grep -hs "^## " bench/results/*/profile.md; fi
 if want bench; then python -m bench.readme_table; fi
 if [[ -n $failed ]]; then echo "failed:$failed"; exit 1; fi

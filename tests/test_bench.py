@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastgpt
-from bench import common, readme_table
+from bench import common, profile_kernels, readme_table
 from bench.bench_model import flops_per_token
 from bench.bench_seq2seq import step_flops
 from fastgpt.models.gpt1 import GPT1, GPT1Config
@@ -130,3 +130,81 @@ def test_quick_runs_keep_out_of_the_recorded_results():
     assert common.results_root(parser.parse_args([])) == common.RESULTS
     assert common.results_root(parser.parse_args(["--quick"])) == common.QUICK_RESULTS != common.RESULTS
     assert common.results_root(parser.parse_args(["--quick", "--out", "elsewhere"])) == Path("elsewhere")
+
+
+def _ncu_raw_csv(kernels: list[dict[str, str]]) -> str:
+    """ncu's raw page as --csv --print-units base writes it: a ==PROF== line, metric names, units, one row per
+    kernel (metrics the report lacks for a kernel are empty)."""
+    units = {"gpu__time_duration.sum": "nsecond", "launch__shared_mem_per_block_static": "byte",
+             "launch__shared_mem_per_block_dynamic": "Kbyte", "sm__throughput.avg.pct_of_peak_sustained_elapsed": "%",
+             "launch__grid_size": "", "launch__registers_per_thread": "register/thread"}
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    for reason in ("long_scoreboard", "barrier", "selected", "mio_throttle", "wait"):
+        units[stall.format(reason)] = "ratio"
+    for kind in ("data_bank_conflicts", "data_pipe_lsu_wavefronts"):
+        for op in ("ld", "st"):
+            name = f"l1tex__{kind}_pipe_lsu_mem_shared_op_{op}.sum" if kind.startswith("data_bank") else \
+                f"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_{op}.sum"
+            units[name] = ""
+    header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream"] + list(units)
+    lines = ["==PROF== Disconnected from process 1234", ",".join(f'"{h}"' for h in header),
+             ",".join(f'"{u}"' for u in [""] * 7 + list(units.values()))]
+    for i, kernel in enumerate(kernels):
+        cells = [str(i), "1234", "python", "localhost", kernel["name"], "1", "7"] + \
+            [kernel.get(metric, "") for metric in units]
+        lines.append(",".join(f'"{c}"' for c in cells))
+    return "\n".join(lines) + "\n"
+
+
+def test_profile_summary_groups_kernels_by_case_marker(tmp_path):
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    marker = {"name": "_profile_case_marker", "gpu__time_duration.sum": "1,024"}
+    attention = {"name": "void fastgpt::(anonymous namespace)::attention_fwd_kernel<cutlass::bfloat16_t, 64, true>"
+                         "(fastgpt::Params const&)",
+                 "gpu__time_duration.sum": "152,192", "launch__registers_per_thread": "168",
+                 "launch__shared_mem_per_block_static": "1024", "launch__shared_mem_per_block_dynamic": "48",
+                 "sm__throughput.avg.pct_of_peak_sustained_elapsed": "71.5",
+                 stall.format("long_scoreboard"): "2.5", stall.format("barrier"): "4.25",
+                 stall.format("selected"): "9", stall.format("mio_throttle"): "0.5", stall.format("wait"): "1.75",
+                 "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum": "12",
+                 "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum": "3",
+                 "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum": "1000",
+                 "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum": "500"}
+    # The markers' grid sizes name the cases (case number + 1), in whatever order ncu lists them.
+    kernels = [{**marker, "launch__grid_size": "2"}, attention, {"name": "_attn_bwd_dq", "gpu__time_duration.sum": "7"},
+               {**marker, "launch__grid_size": "1"},
+               {"name": "ampere_bf16_s16816gemm", "gpu__time_duration.sum": "500"}]
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    (folder / "raw.csv").write_text(_ncu_raw_csv(kernels))
+    (folder / "details.txt").write_text("details page")
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "driver": "580",
+           "commit": "abc1234", "date": "2026-11-25"}
+    (folder / "cases.json").write_text(json.dumps({"environment": env, "cases": ["ffn eager", "attention csrc"]}))
+    path = profile_kernels.write_summary(folder, tmp_path / "results")
+    assert path == tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "profile.md"
+    assert (path.parent / "profile-details.txt").read_text() == "details page"
+    text = path.read_text()
+    assert "## attention csrc: 152.2 us in 2 kernels" in text and "## ffn eager: 0.5 us in 1 kernels" in text
+    assert text.index("## attention csrc") < text.index("## ffn eager")  # launch order
+    row = next(line for line in text.splitlines() if line.startswith("| attention_fwd_kernel"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells == ["attention_fwd_kernel<bfloat16_t, 64, true>", "152.2", "72", "-", "-", "-", "-/-", "168",
+                     "47.9", "barrier 4.2, long_scoreboard 2.5, wait 1.8", "15/1500"]
+    dq = next(line for line in text.splitlines() if line.startswith("| _attn_bwd_dq"))
+    assert [cell.strip() for cell in dq.strip("|").split("|")] == ["_attn_bwd_dq", "0.0"] + ["-"] * 4 + ["-/-"] + \
+        ["-"] * 4  # metrics the report lacks: dashes, not zeros
+
+
+def test_profile_summary_refuses_what_is_not_ncu_raw_csv():
+    with pytest.raises(ValueError, match="Kernel Name"):
+        profile_kernels.read_raw_csv("ID,Name\n0,x\n")
+
+
+def test_profile_driver_runs_every_case_and_lists_them(tmp_path):
+    manifest = tmp_path / "cases.json"
+    profile_kernels.main(["--device", "cpu", "--quick", "--manifest", str(manifest)])
+    cases = json.loads(manifest.read_text())["cases"]
+    assert any(name.startswith("attention") and name.endswith("fastgpt-csrc") for name in cases)
+    assert {name.split()[0] for name in cases} == {"attention", "gelu_ffn", "add_layer_norm"}
+    assert any(name.endswith("torch-eager") for name in cases)
