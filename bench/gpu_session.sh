@@ -2,7 +2,8 @@
 # Everything a session with a lent GPU should run, in one call (the device tool's `run`), from the repository root:
 #   bash bench/gpu_session.sh [STEP ...]    steps: build tests sanitizer bench profile pretrain (default: all)
 # The device tool sets $OUT; results come back as $OUT/gpu-session.tgz. One command may run 10 minutes at most, so a
-# full session is several calls: `build tests sanitizer`, then `build bench profile`, `build bench pretrain`.
+# full session is three calls: `build tests sanitizer`, then `build bench profile` and `build bench pretrain`, each
+# with part of the suite in BENCH_ONLY (below).
 # Builds the CUDA kernels, runs every test on the GPU, the compute-sanitizer checks of the CUDA attention kernel,
 # the whole benchmark suite, Nsight Compute over the kernels at the targets' shapes (bench/profile_kernels.py) and a
 # GPT-1 (117M) pretraining burst, then packs the logs and bench/results/ into one archive (the device tool returns at
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-session}
 logs=$out/logs
 mkdir -p "$logs"
-steps=" ${*:-build tests sanitizer bench pretrain} "
+steps=" ${*:-build tests sanitizer bench profile pretrain} "
 want() { [[ $steps == *" $1 "* ]]; }
 # Each step is cut off so that the archive is still written inside the device's 600 s limit per command (a step
 # that runs out exits 124; what it wrote under bench/results/ so far comes back).
@@ -38,7 +39,8 @@ step() { local name=$1 left=$((deadline - SECONDS - 15)) status; shift; echo "==
 pip install -q --no-deps --ignore-requires-python .cache/wheels/*.whl > "$logs/wheels.log" 2>&1
 parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 want build && step build env FASTGPT_REQUIRE_EXT=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
-want tests && step tests python -m pytest -q -p no:cacheprovider $parallel tests/
+# -v: a line per test as it ends, so that a run cut off at the call's limit still says what passed and what failed.
+want tests && step tests python -m pytest -v -p no:cacheprovider $parallel tests/
 if want sanitizer; then
   for tool in memcheck racecheck; do
     step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m pytest -q -x \
@@ -61,7 +63,10 @@ if want profile; then
 fi
 want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --max-steps 300
 tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
-grep -hs "passed\|failed" "$logs/tests.log" | tail -n 1
+if [[ -f $logs/tests.log ]]; then
+  grep -E "^=+ .*[0-9]+ (passed|failed).* =+$" "$logs/tests.log" | tail -n 1 \
+    || echo "tests cut off: $(grep -c " PASSED" "$logs/tests.log") passed, $(grep -c " FAILED" "$logs/tests.log") failed"
+fi
 grep -hs "^done:" "$logs/pretrain-gpt1.log" | tail -n 1
 if want profile; then grep -hs "^## " bench/results/*/profile.md; fi
 if want bench; then python -m bench.readme_table; fi
