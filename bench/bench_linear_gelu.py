@@ -23,8 +23,9 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
-                     matmul_ceilings, peak_memory_mb, rates_text, rotations, skip, standard_parser, time_calls)
+from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends,
+                     matmul_ceilings, peak_memory_mb, rates_text, rotations, run_grid, skip, standard_parser,
+                     time_calls)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -123,11 +124,8 @@ def main(argv=None) -> None:
     ceilings = matmul_ceilings(device, dtypes, info)
     print(f"measured matrix-product rates: {rates_text(info)}")
     impls = implementations(device, args.include_interpreter, compile_modes)
-    rows = []
-    for dtype in dtypes:
-        for tokens, d_model, d_ff in grid:
-            rows += bench_shape(tokens, d_model, d_ff, dtype, device, impls, ceilings[dtype])
-    finish("linear_gelu", rows, info, args)
+    run_grid("linear_gelu", [(shape, dtype) for dtype in dtypes for shape in grid],
+             lambda shape, dtype: bench_shape(*shape, dtype, device, impls, ceilings[dtype]), info, args)
 
 
 if __name__ == "__main__":

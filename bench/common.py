@@ -426,6 +426,21 @@ def results_root(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else QUICK_RESULTS if args.quick else RESULTS
 
 
+def run_grid(name: str, shapes: Sequence, measure: Callable[..., list[Row]], info: dict,
+             args: argparse.Namespace) -> Path:
+    """measure(*shape) -> rows, for each shape in order, then finish(). After each shape but the last, the rows so
+    far are written as the results, marked "partial" in their environment: a run stopped part-way (a GPU session's
+    time limit) keeps what it measured, and says it stopped. Grids list the issues' target shapes first."""
+    rows: list[Row] = []
+    for done, shape in enumerate(shapes, 1):
+        rows += measure(*shape)
+        if done < len(shapes) and rows:
+            mark_speedups(rows)
+            write_results(name, rows, {**info, "skipped": list(dict.fromkeys(SKIPPED)),
+                                       "partial": f"{done} of {len(shapes)} shapes measured"}, results_root(args))
+    return finish(name, rows, info, args)
+
+
 def finish(name: str, rows: list[Row], info: dict, args: argparse.Namespace) -> Path:
     """Speed-ups against the best peer, the result files (under results_root(args)), the printed table with the
     skipped competitors."""

@@ -50,6 +50,8 @@ def render(results: Path = RESULTS) -> str:
                     continue
                 best, peer = min(ours, key=cost), min(peers, key=cost)
                 source = f"`{path.relative_to(results.parent.parent)}`"
+                if "partial" in data["environment"]:  # a run stopped part-way (common.run_grid)
+                    source += f" (partial: {data['environment']['partial']})"
                 if best["unit"] == "MiB":  # a memory measurement: peak MiB, and how many times less than the peer
                     less = cost(peer) / max(cost(best), 1e-3)
                     lines.append(f"| {op} | {shape} | {dtype} | {pass_} | {best['impl']} {best['metric']:.1f} MiB peak "

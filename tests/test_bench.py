@@ -125,6 +125,34 @@ def test_readme_table_names_every_run_it_draws_on(tmp_path):
     assert all("fastgpt-csrc 1.500 ms" in line and "torch-sdpa 3.000 ms | 2.00x" in line for line in lines)
 
 
+def test_a_run_stopped_part_way_keeps_its_rows_and_says_so(tmp_path):
+    args = common.standard_parser("test").parse_args(["--out", str(tmp_path)])
+    info = {"device": "NVIDIA H100", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+            "date": "2026-11-25T10:00:00+00:00"}
+
+    def measure(median_ms):
+        if median_ms == 3.0:
+            raise RuntimeError("the call's time limit")
+        rows = [_row("fastgpt-triton", median_ms), _row("torch-sdpa", 2 * median_ms)]
+        for row in rows:
+            row.shape = f"shape {median_ms}"
+        return rows
+
+    with pytest.raises(RuntimeError):
+        common.run_grid("model", [(1.0,), (2.0,), (3.0,)], measure, info, args)
+    data = json.loads((tmp_path / "nvidia-h100" / "model.json").read_text())
+    assert data["environment"]["partial"] == "2 of 3 shapes measured"
+    assert [(r["impl"], r["median_ms"], r["speedup_vs_best_peer"]) for r in data["rows"]] == [
+        ("fastgpt-triton", 1.0, 2.0), ("torch-sdpa", 2.0, None),
+        ("fastgpt-triton", 2.0, 2.0), ("torch-sdpa", 4.0, None)]
+    assert "(partial: 2 of 3 shapes measured) |" in readme_table.render(tmp_path)
+
+    common.run_grid("model", [(1.0,), (2.0,)], measure, info, args)
+    data = json.loads((tmp_path / "nvidia-h100" / "model.json").read_text())
+    assert "partial" not in data["environment"] and len(data["rows"]) == 4
+    assert "partial" not in readme_table.render(tmp_path)
+
+
 def test_quick_runs_keep_out_of_the_recorded_results():
     parser = common.standard_parser("test")
     assert common.results_root(parser.parse_args([])) == common.RESULTS
