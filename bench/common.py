@@ -12,6 +12,7 @@ import argparse
 import csv
 import datetime
 import functools
+import io
 import json
 import os
 import platform
@@ -278,12 +279,20 @@ def write_results(name: str, rows: list[Row], info: dict, out_dir: Path | None =
     folder.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
     json_path = folder / f"{name}.json"
-    json_path.write_text(json.dumps({"environment": info, "rows": records}, indent=1) + "\n")
-    with open(folder / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in records[0] if k != "extra"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    _replace(json_path, json.dumps({"environment": info, "rows": records}, indent=1) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[k for k in records[0] if k != "extra"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    _replace(folder / f"{name}.csv", table.getvalue())
     return json_path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all: a run killed mid-write (a GPU call's time limit) leaves the previous file."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def print_table(rows: list[Row], info: dict) -> None:
