@@ -41,17 +41,20 @@ parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 want build && step build env FASTGPT_REQUIRE_EXT=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
 # -v: a line per test as it ends, so that a run cut off at the call's limit still says what passed and what failed.
 want tests && step tests python -m pytest -v -p no:cacheprovider $parallel tests/
+# The CUDA tools, wherever the image put them (on the PATH, in the toolkit's bin, or Nsight Compute's own folder).
+tool() { command -v "$1" || ls /usr/local/cuda*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | tail -n 1; }
 if want sanitizer; then
-  for tool in memcheck racecheck; do
-    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 python -m pytest -q -x \
-      tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
+  sanitizer=$(tool compute-sanitizer)
+  for check in memcheck racecheck; do
+    step "sanitizer-$check" "${sanitizer:-compute-sanitizer}" --tool "$check" --error-exitcode 1 \
+      python -m pytest -q -x tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
   done
 fi
 want bench && step bench python -m bench ${BENCH_ONLY:+--only $BENCH_ONLY}
 if want profile; then
   prof=$logs/profile report=/tmp/fastgpt-profile/report
   mkdir -p "$prof" "$(dirname "$report")"
-  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  ncu=$(tool ncu)
   # Clocks as found (the benchmarks' conditions), not ncu's default of locking them to base.
   step profile "${ncu:-ncu}" --profile-from-start off --clock-control none --section SpeedOfLight \
     --section LaunchStats --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
@@ -64,8 +67,8 @@ fi
 want pretrain && step pretrain-gpt1 python -m fastgpt pretrain --preset gpt1 --max-steps 300
 tar czf "$out/gpu-session.tgz" "$logs" bench/results 2>/dev/null
 if [[ -f $logs/tests.log ]]; then
-  grep -E "^=+ .*[0-9]+ (passed|failed).* =+$" "$logs/tests.log" | tail -n 1 \
-    || echo "tests cut off: $(grep -c " PASSED" "$logs/tests.log") passed, $(grep -c " FAILED" "$logs/tests.log") failed"
+  grep -E "^=+ .*[0-9]+ (passed|failed).* =+$" "$logs/tests.log" | tail -n 1 || echo "tests cut off:" \
+    "$(grep -c " PASSED" "$logs/tests.log") passed, $(grep -c " FAILED" "$logs/tests.log") failed"
 fi
 grep -hs "^done:" "$logs/pretrain-gpt1.log" | tail -n 1
 if want profile; then grep -hs "^## " bench/results/*/profile.md; fi
