@@ -136,6 +136,16 @@ def _load_tile(ptrs, offs_rows, n_rows, offs_cols, N_COLS: tl.constexpr, BLOCK_C
 
 
 @triton.jit
+def _block_and_head(seq_len, BLOCK: tl.constexpr):
+    """(sequence block, flattened batch-head index) of this program. The grid is 1-D, cdiv(seq_len, BLOCK) * B * H
+    programs with the blocks of one head consecutive (the order of a (blocks, B * H) grid: they share that head's
+    keys and values in L2), because grid dims y and z stop at 65535 on CUDA and B * H may not."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(seq_len, BLOCK)
+    return pid % blocks, pid // blocks
+
+
+@triton.jit
 def _scores(qk, offs_m, offs_n, Lq, Lk, mask_base, stride_mm, stride_mn, qk_scale,
             MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
             CHECK_KEYS: tl.constexpr):
@@ -242,8 +252,7 @@ def _attn_fwd(Q,  # (B, H, Lq, D) queries
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP
@@ -315,8 +324,7 @@ def _attn_bwd_preprocess(Out,  # (B, H, Lq, Dv) forward output
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          H, Lq,
                          HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -399,8 +407,7 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
                    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0)
-    off_bhk = tl.program_id(1)
+    start_n, off_bhk = _block_and_head(Lk, BLOCK_N)
     Hk = H // GROUP
     off_b = (off_bhk // Hk).to(tl.int64)
     off_hk = (off_bhk % Hk).to(tl.int64)
@@ -517,8 +524,7 @@ def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     off_hk = off_h // GROUP
@@ -600,7 +606,7 @@ def attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, dropout
         return out, lse
     mask, mask_strides, mask_kind, mask_row = _mask_args(attn_mask, q, B, H, Lq, Lk)
     meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
-    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)  # noqa: E731 (_block_and_head)
     _attn_fwd[grid](q, k, v, mask, out, lse,
                     *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
                     H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed), **meta)
@@ -622,15 +628,15 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal: bool, 
     meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
     block_dv = meta["BLOCK_DV"]
     pre_block_m = 32 if INTERPRET else 128
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block_m), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block_m) * B * H,)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=block_dv, BLOCK_M=pre_block_m)
     args = (H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed))
-    _attn_bwd_dkdv[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hk)](
+    _attn_bwd_dkdv[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]) * B * Hk,)](
         q, k, v, mask, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
         *args, **meta)
-    _attn_bwd_dq[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)](
+    _attn_bwd_dq[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)](
         q, k, v, mask, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
         *args, **meta)

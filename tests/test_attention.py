@@ -282,6 +282,38 @@ def test_meta_tensors_give_shapes():
         assert scaled_dot_product_attention(q, kv, kv, is_causal=True).shape == (2, 3, 5, 32)
 
 
+def test_triton_grids_keep_within_cuda_limits(monkeypatch):
+    """CUDA grids stop at 65535 programs in dims y and z (launching more fails): every Triton kernel takes its
+    (sequence block, batch-head) pairs on dim x, so that a batch of many short sequences (here B * H = 80,001 in
+    groups of 3 query heads) launches on a GPU too: one program per pair (the correctness tests check the kernels'
+    decoding of the program index)."""
+    from fastgpt.kernels import attention as kernels
+    B, H, Hk, L, D = 26667, 3, 1, 5, 16
+    q = torch.randn(1, 1, L, D, dtype=torch.float16).expand(B, H, L, D)
+    kv = torch.randn(1, 1, L, D, dtype=torch.float16).expand(B, Hk, L, D)
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.name, grid, meta))
+
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    out, lse = kernels.attention_forward(q, kv, kv, None, True, D ** -0.5, 0.0, 0)
+    kernels.attention_backward(q, q, kv, kv, out, lse, None, True, D ** -0.5, 0.0, 0)
+    assert [name for name, _, _ in launches] == ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
+                                                 "_attn_bwd_dq"]
+    tiles = {"BLOCK_M": 4, "BLOCK_N": 2}  # blocks shorter than L: several per head
+    for name, grid, meta in launches:
+        dims = grid({**meta, **tiles}) if callable(grid) else grid
+        block, length, heads = ((tiles["BLOCK_N"], L, B * Hk) if name == "_attn_bwd_dkdv" else
+                                (meta.get("BLOCK_M", tiles["BLOCK_M"]), L, B * H))
+        assert len(dims) == 1 and dims[0] == -(-length // block) * heads < 2 ** 31, (name, dims)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_unsupported_head_dim_falls_back(device, backend):
     """Head dims outside the kernels' list go to reference, with the same result."""
