@@ -15,7 +15,8 @@ Conventions shared by the kernels:
   diagonal or the end of the sequence pay for element-wise masking (a second, masked loop).
 - Dropout on the probabilities uses Philox4x32-10: P[b, h, i, j] takes word j % 4 of the call at counters
   (c0, c1, c2, c3) = (j // 4, i, b*H + h, 0), as in fastgpt/ops/philox.py; the backward pass regenerates the mask
-  from the seed.
+  from the seed. The seed is a fresh draw every call: the kernels take it unspecialised (`do_not_specialize`), or
+  Triton would compile a second variant for the one seed in 16 that is divisible by 16.
 - attn_mask is read tile by tile through its strides (expanded 0 strides allowed); MASK_KIND
   1 = bool (True = attend, stored as uint8), 2 = additive float. A key-padding mask (stride over Lq
   equal to 0) loads one (BLOCK_N,) row per key tile (MASK_ROW).
@@ -233,7 +234,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
 
 
 @triton.autotune(**_autotune(_FWD_TILES, (64, 32)))
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(Q,  # (B, H, Lq, D) queries
               K,  # (B, Hk, Lk, D) keys
               V,  # (B, Hk, Lk, Dv) values
@@ -383,7 +384,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, del
 
 
 @triton.autotune(**_autotune(_DKDV_TILES, (32, 64)))
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
                    K,  # (B, Hk, Lk, D) keys
                    V,  # (B, Hk, Lk, Dv) values
@@ -502,7 +503,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m,
 
 
 @triton.autotune(**_autotune(_DQ_TILES, (64, 32)))
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                  K,  # (B, Hk, Lk, D) keys
                  V,  # (B, Hk, Lk, Dv) values

@@ -24,7 +24,8 @@ block of columns: wide rows leave no registers to keep the whole row's sums.
 
 Dropout keeps x[row, col] iff its uniform in the Philox stream (row, 0, 1) is >= p (word col % 4 of the call at
 col // 4: fastgpt/ops/philox.py), scaling kept values by 1 / (1 - p); the backward pass draws the same uniforms
-again instead of reading a stored mask.
+again instead of reading a stored mask. The seed is a fresh draw every call: the kernels take it unspecialised
+(`do_not_specialize`), or Triton would compile a second variant for the one seed in 16 that is divisible by 16.
 
 Every load is upcast to float32 before any arithmetic, so bf16 is exact under the interpreter too.
 """
@@ -73,7 +74,7 @@ def _chunk_xhat_g(DY, X, R, W, base, row, col0, in_row, mean, rstd, seed, dropou
     return xhat, g, keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_fwd(
     X,  # (M, N) input rows
     R,  # (M, N) residual rows, read only when HAS_RESIDUAL
@@ -150,7 +151,7 @@ def _layer_norm_fwd(
         tl.store(Rstd + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_bwd(
     DY,  # (M, N) gradient of the output
     X,  # (M, N) input rows (before dropout)
@@ -233,7 +234,7 @@ def _layer_norm_bwd(
             tl.store(DB_partial + program * N + cols, db, mask=in_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_bwd_affine(
     DY,  # (M, N) gradient of the output
     X,  # (M, N) input rows (before dropout)

@@ -44,11 +44,13 @@ How the A and B tiles reach shared memory, two paths in one kernel (the constexp
   keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; TMA
   (FASTGPT_TRITON_TMA, below) pins one path for tests and benchmarks. On sm_90a (bench/triton_compile.py) both
   compile to wgmma in the same shared memory, and the TMA configs hold as many registers or fewer (no address
-  tensors); with Triton 3.6 the 128x256 and 256x128 tiles with dropout stop spilling (0 bytes instead of 2 KB).
+  tensors); the 128x256 and 256x128 tiles spill in the epilogue (8 to 800 bytes) under Triton 3.6 and 3.9 alike.
 
 Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): element (row, col) of the
 (M, N) output takes word col % 4 of philox(seed, c0=col // 4, c1=row, c2=0, c3=1), u = uint_to_uniform_float(word);
-kept iff u >= p, kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed.
+kept iff u >= p, kept values scaled by 1/(1-p). The backward regenerates the same mask from the seed. The seed is
+a fresh draw every call: the kernels take it unspecialised (`do_not_specialize`), or Triton would compile a second
+variant for the one seed in 16 that is divisible by 16.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (for testing). The interpreter computes bf16 arithmetic and
 bf16 `tl.dot` wrongly, so bf16 operands are upcast to fp32 after loading there (`INTERPRET_BF16`; bf16 loads and
@@ -187,7 +189,7 @@ def _bias_partial_store(BiasPartial, d, mask, pid_m, offs_n, M, N,
                       "TMA_POLICY", "B_KMAJOR"],
                  prune_configs_by={"early_config_prune": _tma_candidates}, do_bench=_benchmark)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _matmul_fused(
     A, B,  # A (M, K) and B (K, N) with any strides (the pointer path)
     A_desc, B_desc,  # TMA descriptors of A (M, K) and of B^T (N, K) (B_KMAJOR) or B (K, N); None without TMA
@@ -290,7 +292,7 @@ def _matmul_fused(
     tl.store(c_ptrs, to_dtype(out, C.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _act_bwd(
     dY,  # (M, N) gradient of the layer's output, any strides
     Pre,  # (M, N) pre-activation, any strides (read unless ACTIVATION == "none")
