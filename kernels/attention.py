@@ -140,10 +140,11 @@ def _load_tile(ptrs, offs_rows, n_rows, offs_cols, N_COLS: tl.constexpr, BLOCK_C
 def _block_and_head(seq_len, BLOCK: tl.constexpr):
     """(sequence block, flattened batch-head index) of this program. The grid is 1-D, cdiv(seq_len, BLOCK) * B * H
     programs with the blocks of one head consecutive (the order of a (blocks, B * H) grid: they share that head's
-    keys and values in L2), because grid dims y and z stop at 65535 on CUDA and B * H may not."""
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(seq_len, BLOCK)
-    return pid % blocks, pid // blocks
+    keys and values in L2), because grid dims y and z stop at 65535 on CUDA and B * H may not. Unsigned division:
+    the signed one took an extra register that Triton 3.6 spilled (fp32 preprocess, bench/triton_compile.py)."""
+    pid = tl.program_id(0).to(tl.uint32)
+    blocks = tl.cdiv(seq_len, BLOCK).to(tl.uint32)
+    return (pid % blocks).to(tl.int32), (pid // blocks).to(tl.int32)
 
 
 @triton.jit
