@@ -169,11 +169,9 @@ def _ncu_raw_csv(kernels: list[dict[str, str]]) -> str:
     stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
     for reason in ("long_scoreboard", "barrier", "selected", "mio_throttle", "wait"):
         units[stall.format(reason)] = "ratio"
-    for kind in ("data_bank_conflicts", "data_pipe_lsu_wavefronts"):
+    for counter in ("data_bank_conflicts_pipe_lsu", "data_pipe_lsu_wavefronts"):
         for op in ("ld", "st"):
-            name = f"l1tex__{kind}_pipe_lsu_mem_shared_op_{op}.sum" if kind.startswith("data_bank") else \
-                f"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_{op}.sum"
-            units[name] = ""
+            units[f"l1tex__{counter}_mem_shared_op_{op}.sum"] = ""
     header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream"] + list(units)
     lines = ["==PROF== Disconnected from process 1234", ",".join(f'"{h}"' for h in header),
              ",".join(f'"{u}"' for u in [""] * 7 + list(units.values()))]
