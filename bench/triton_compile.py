@@ -268,30 +268,24 @@ def _layer_norm_launches() -> list[Launch]:
 def _linear_gelu_launches() -> list[Launch]:
     names = ["_matmul_fused", "_act_bwd"]
     launches = []
-    # The capture's CPU tensors stand in for GPU ones: offer the TMA configs as the launcher does on Hopper.
-    tma_device = linear_gelu._tma_device
-    linear_gelu._tma_device = lambda device: True
-    try:
-        for case, dtype, (m, k, n) in [("gpt1 bf16 768->3072", torch.bfloat16, (256, 768, 3072)),
-                                       ("fp16 4096->16384", torch.float16, (256, 4096, 16384))]:
-            x = torch.randn(m, k, dtype=dtype)
-            w1, b1 = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
-            pre = torch.randn(m, n, dtype=dtype)
-            w2 = torch.randn(k, n, dtype=dtype)
-            grad = torch.randn(m, k, dtype=dtype)
+    for case, dtype, (m, k, n) in [("gpt1 bf16 768->3072", torch.bfloat16, (256, 768, 3072)),
+                                   ("fp16 4096->16384", torch.float16, (256, 4096, 16384))]:
+        x = torch.randn(m, k, dtype=dtype)
+        w1, b1 = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+        pre = torch.randn(m, n, dtype=dtype)
+        w2 = torch.randn(k, n, dtype=dtype)
+        grad = torch.randn(m, k, dtype=dtype)
 
-            def run():
-                linear_gelu.linear_act(x, w1, b1, "gelu_tanh", store_pre=True)
-                linear_gelu.linear_act(pre, w2, b1[:k], "none", store_pre=False, dropout_p=0.1, seed=1)
-                linear_gelu.linear_dact(grad, w2, pre, "gelu_tanh", bias_grad=True)
-                linear_gelu.linear_dact_recompute(x, w1, b1, pre, "gelu", bias_grad=True)
-                linear_gelu.act_bwd(grad, None, "none", bias_grad=True, dropout_p=0.1, seed=1)
-            for launch in _capture(linear_gelu, names, "linear_gelu", case, run):
-                if launch.name == "_matmul_fused":  # four launches of one kernel: tell them apart by their epilogue
-                    launch.case += f" {launch.kwargs['EPILOGUE']}" + (" dropout" if launch.kwargs["DROPOUT"] else "")
-                launches.append(launch)
-    finally:
-        linear_gelu._tma_device = tma_device
+        def run():
+            linear_gelu.linear_act(x, w1, b1, "gelu_tanh", store_pre=True)
+            linear_gelu.linear_act(pre, w2, b1[:k], "none", store_pre=False, dropout_p=0.1, seed=1)
+            linear_gelu.linear_dact(grad, w2, pre, "gelu_tanh", bias_grad=True)
+            linear_gelu.linear_dact_recompute(x, w1, b1, pre, "gelu", bias_grad=True)
+            linear_gelu.act_bwd(grad, None, "none", bias_grad=True, dropout_p=0.1, seed=1)
+        for launch in _capture(linear_gelu, names, "linear_gelu", case, run):
+            if launch.name == "_matmul_fused":  # four launches of one kernel: tell them apart by their epilogue
+                launch.case += f" {launch.kwargs['EPILOGUE']}" + (" dropout" if launch.kwargs["DROPOUT"] else "")
+            launches.append(launch)
     return launches
 
 
@@ -306,17 +300,18 @@ def parse_arch(arch: str) -> GPUTarget:
     return GPUTarget("cuda", capability, 32)
 
 
-def compile_all(arch: str, ops: list[str] | None = None) -> list[Compiled]:
+def compile_all(arch: str, ops: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Compiled]:
+    """Every launch of `ops` (default: all) compiled for `arch` under each of its configs; shard (i, n): only launches
+    i, i + n, i + 2n, ... of them, so that n processes share the work."""
     target = parse_arch(arch)
     common.TUNING = "autotune"  # report every candidate, whatever FASTGPT_TRITON_TUNING says
+    # The captures' CPU tensors stand in for the target's: offer the TMA configs where the launchers would (sm_90+).
+    common.tma_device = lambda device: target.arch >= 90
     # For the rest of the process: this machine may have no GPU driver to return to.
     driver.set_active(_TargetDriver(target))
-    results = []
-    for op, make in CASES.items():
-        if ops is None or op in ops:
-            for launch in make():
-                results += compile_launch(launch, target)
-    return results
+    launches = [launch for op, make in CASES.items() if ops is None or op in ops for launch in make()]
+    index, count = shard
+    return [compiled for launch in launches[index::count] for compiled in compile_launch(launch, target)]
 
 
 def _table(results: list[Compiled]) -> str:
@@ -335,8 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="90a", help="target compute capability: 80, 90 or 90a (default 90a)")
     parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="ops to compile (default: all)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--shard", default="0/1", help="I/N: compile launches I, I + N, ... only (default 0/1: all)")
     args = parser.parse_args(argv)
-    results = compile_all(args.arch, args.only)
+    index, count = (int(part) for part in args.shard.split("/"))
+    if not 0 <= index < count:
+        parser.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
+    results = compile_all(args.arch, args.only, (index, count))
     print(f"{datetime.date.today()}: Triton {triton.__version__} (torch {torch.__version__}), target sm_{args.arch}, "
           f"{len(results)} compiled kernels "
           "(smem '!' = over the per-block limit, tc = tensor-core instruction, copy = global-to-shared copies, "

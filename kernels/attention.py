@@ -22,6 +22,15 @@ Conventions shared by the kernels:
   equal to 0) loads one (BLOCK_N,) row per key tile (MASK_ROW).
 - Under the Triton interpreter bf16 arithmetic is wrong (upstream issue 11584), so DOT_FP32 upcasts
   every operand to fp32 there; on GPUs fp16/bf16 feed the tensor cores and fp32 uses ieee dots.
+- The tiles a loop walks (K and V forward and in dQ, Q and dO in dK/dV) reach shared memory one of two
+  ways, the constexpr USE_TMA of the config (_load_rows): pointers (every thread computes its addresses,
+  cp.async copies them, masked at the sequence's end) or, on Hopper, TMA: a host-made descriptor of each
+  (B, H, L, D) tensor with its own strides (in any order), and the copy engine moves each tile as one box
+  (1, 1, rows, D), zero-filled past L. 16-bit tensors with power-of-two head dims that TMA can address
+  (kernels/common.py) get descriptors, and the autotuner tries both paths' configs (the same tiles and
+  stages) and keeps the faster. On sm_90a (bench/triton_compile.py) the TMA configs compile to the same
+  wgmma products and shared memory (plus the barriers), in fewer registers in 69 of 87 configs (no
+  address tensors) under Triton 3.6; head dim 256 keeps pointers (its dK/dV tiles spill with TMA).
 """
 
 import os
@@ -30,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import benchmark_candidates, stream_uniforms, tuned_candidates
+from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, stream_uniforms, tma_addressable,
+                                    tma_descriptor, tma_policy, tuned_candidates)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
@@ -88,7 +98,19 @@ _DQ_TILES = {
     "d256": [(64, 32, 8, 2), (128, 32, 8, 3), (32, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
 }
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "MASK_ROW", "DROPOUT", "seq_bucket"]
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "MASK_ROW", "DROPOUT", "TMA_POLICY", "seq_bucket"]
+# The tile each descriptor argument's box holds: (rows, columns) as constexpr names; the leading (batch, head) dims
+# of the box are 1.
+_DESCRIPTOR_TILES = {"Q_desc": ("BLOCK_M", "BLOCK_D"), "K_desc": ("BLOCK_N", "BLOCK_D"),
+                     "V_desc": ("BLOCK_N", "BLOCK_DV"), "DO_desc": ("BLOCK_M", "BLOCK_DV")}
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    """pre_hook of every config: the descriptors' boxes are the config's tiles. Pointer configs set them too, so a
+    launch's signature is the same at every call."""
+    for name, (rows, cols) in _DESCRIPTOR_TILES.items():
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs[cols]]
 
 
 def _tile_class(named_args, kwargs) -> str:
@@ -99,17 +121,26 @@ def _tile_class(named_args, kwargs) -> str:
 
 
 def _autotune(tiles, interpret_tile):
-    """triton.autotune arguments: every class's configs, pruned to the launch's class (and to one config when the
-    tuning policy in kernels/common.py fixes it)."""
-    def config(block_m, block_n, num_warps, num_stages):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    """triton.autotune arguments: every class's configs, pruned to the launch's class and copy paths (TMA_POLICY),
+    and to one config when the tuning policy in kernels/common.py fixes it. The 16-bit classes offer each tile
+    twice, with USE_TMA (first, so a fixed tuning policy takes TMA where it is offered) and without: the same tiles
+    and stages either way, so the autotuner compares the two copy paths like for like."""
+    def configs(block_m, block_n, num_warps, num_stages, tma=(True, False)):
+        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": use_tma}, num_warps=num_warps,
+                              num_stages=num_stages, pre_hook=_set_tma_block_shapes) for use_tma in tma]
 
     if INTERPRET:
-        return dict(configs=[config(*interpret_tile, 4, 1)], key=_TUNE_KEY)
-    by_class = {name: [config(*tile) for tile in class_tiles] for name, class_tiles in tiles.items()}
+        by_class = {"any": configs(*interpret_tile, 4, 1)}
+    else:
+        # No TMA path for fp32, whose products are not measured with it (as in kernels/linear_gelu.py), nor for head
+        # dim 256, whose dK/dV tiles spill with it (bench/triton_compile.py: 56 and 208 bytes, none without).
+        by_class = {name: [c for tile in class_tiles
+                           for c in configs(*tile, tma=(True, False) if name in ("d64", "d128") else (False,))]
+                    for name, class_tiles in tiles.items()}
 
     def prune(configs, named_args, **kwargs):
-        return tuned_candidates(by_class[_tile_class(named_args, kwargs)])
+        candidates = by_class["any" if INTERPRET else _tile_class(named_args, kwargs)]
+        return tuned_candidates([c for c in candidates if c.kwargs["USE_TMA"] in TMA_PATHS[kwargs["TMA_POLICY"]]])
 
     return dict(configs=[c for class_configs in by_class.values() for c in class_configs], key=_TUNE_KEY,
                 prune_configs_by={"early_config_prune": prune}, do_bench=benchmark_candidates)
@@ -134,6 +165,37 @@ def _load_tile(ptrs, offs_rows, n_rows, offs_cols, N_COLS: tl.constexpr, BLOCK_C
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _load_rows(desc, off_b, off_h, row0, ptrs, offs_rows, n_rows, offs_cols, N_COLS: tl.constexpr,
+               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """The (BLOCK_ROWS, BLOCK_COLS) tile of rows offs_rows = row0 + arange(BLOCK_ROWS) of head (off_b, off_h) of a
+    (B, H, L, D) tensor, zero past its end. With USE_TMA the copy engine moves it as one box of the tensor's
+    descriptor (the box is the tile: _set_tma_block_shapes), with no address registers, and fills rows past L with
+    zeros; otherwise the tile's addresses `ptrs` are loaded, masked where CHECK_ROWS says the end can be crossed."""
+    if USE_TMA:
+        x = desc.load([off_b.to(tl.int32), off_h.to(tl.int32), row0, 0]).reshape(BLOCK_ROWS, BLOCK_COLS)
+    else:
+        x = _load_tile(ptrs, offs_rows, n_rows, offs_cols, N_COLS, BLOCK_COLS, CHECK_ROWS)
+    return x
+
+
+@triton.jit
+def _load_row_pair(a_desc, b_desc, a_base, b_base, stride_an, stride_ad, stride_bn, stride_bd, off_b, off_h, row0,
+                   n_rows, DIM_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """The tiles of rows row0 .. row0 + BLOCK_ROWS - 1 of two (B, H, L, *) tensors a loop walks together (K and V,
+    or Q and dO), of head (off_b, off_h): (BLOCK_ROWS, BLOCK_A) and (BLOCK_ROWS, BLOCK_B), zero past L (_load_rows).
+    a_base / b_base point at the head's row 0."""
+    offs_rows = row0 + tl.arange(0, BLOCK_ROWS)
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_b = tl.arange(0, BLOCK_B)
+    a = _load_rows(a_desc, off_b, off_h, row0, a_base + offs_rows[:, None] * stride_an + offs_a[None, :] * stride_ad,
+                   offs_rows, n_rows, offs_a, DIM_A, BLOCK_ROWS, BLOCK_A, CHECK_ROWS, USE_TMA)
+    b = _load_rows(b_desc, off_b, off_h, row0, b_base + offs_rows[:, None] * stride_bn + offs_b[None, :] * stride_bd,
+                   offs_rows, n_rows, offs_b, DIM_B, BLOCK_ROWS, BLOCK_B, CHECK_ROWS, USE_TMA)
+    return a, b
 
 
 @triton.jit
@@ -199,21 +261,19 @@ def _dropout_keep(seed, offs_m, n0, off_bh, dropout_p, BLOCK_N: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_hk, mask_base, offs_m, lo, hi,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                     MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+                    DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_KEYS)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       offs_n, Lk, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_KEYS)
+        k, v = _load_row_pair(k_desc, v_desc, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, off_b,
+                              off_hk, start_n, Lk, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, CHECK_KEYS,
+                              USE_TMA)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -239,6 +299,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
 def _attn_fwd(Q,  # (B, H, Lq, D) queries
               K,  # (B, Hk, Lk, D) keys
               V,  # (B, Hk, Lk, Dv) values
+              K_desc, V_desc,  # TMA descriptors of K and V (box (1, 1, BLOCK_N, D)); None without TMA
               Mask,  # (B, H, Lq, Lk) bool-as-uint8 or additive mask, any strides (unused if MASK_KIND == 0)
               Out,  # (B, H, Lq, Dv) output, q.dtype
               Lse,  # (B, H, Lq) fp32 natural-log log-sum-exp, contiguous
@@ -253,7 +314,8 @@ def _attn_fwd(Q,  # (B, H, Lq, D) queries
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              TMA_POLICY: tl.constexpr,  # autotuning key only: the copy paths the configs may take
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     start_m, off_bh = _block_and_head(Lq, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -282,16 +344,18 @@ def _attn_fwd(Q,  # (B, H, Lq, D) queries
     else:
         hi = Lk
         full_hi = Lk // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full_hi,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, off_b, off_hk, mask_base,
+                                    offs_m, 0, full_hi,
                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                     Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
-                                    DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full_hi, hi,
+                                    DROPOUT, DOT_FP32, DOT_PRECISION, False, False, USE_TMA)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, off_b, off_hk, mask_base,
+                                    offs_m, full_hi, hi,
                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                     Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
-                                    DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
+                                    DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True, USE_TMA)
 
     empty_row = l_i == 0.0
     inv_l = 1.0 / tl.where(empty_row, 1.0, l_i)
@@ -340,24 +404,23 @@ def _attn_bwd_preprocess(Out,  # (B, H, Lq, Dv) forward output
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, n0, lo, hi,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, off_b, off_h, mask_base, lse_base,
+                         delta_base, offs_n, n0, lo, hi,
                          stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
                          Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          MASK_KIND: tl.constexpr,
                          MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_QUERIES: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_QUERIES: tl.constexpr,
+                         USE_TMA: tl.constexpr):
     # Key-major tiles (BLOCK_N, BLOCK_M): the transposed scores, so dK and dV come out of plain dots.
     # Query rows past Lq load q = dO = 0 and lse = +inf, hence P = 0: they add nothing.
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       offs_m, Lq, offs_d, HEAD_DIM, BLOCK_D, CHECK_QUERIES)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                        offs_m, Lq, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_QUERIES)
+        q, do = _load_row_pair(q_desc, do_desc, q_base, do_base, stride_qm, stride_qd, stride_dom, stride_dod, off_b,
+                               off_h, start_m, Lq, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, CHECK_QUERIES,
+                               USE_TMA)
         if CHECK_QUERIES:
             lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
@@ -389,6 +452,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, del
 def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
                    K,  # (B, Hk, Lk, D) keys
                    V,  # (B, Hk, Lk, Dv) values
+                   Q_desc, DO_desc,  # TMA descriptors of Q and DO (box (1, 1, BLOCK_M, D)); None without TMA
                    Mask,  # (B, H, Lq, Lk) mask as in the forward pass
                    DO,  # (B, H, Lq, Dv) output gradient
                    Lse,  # (B, H, Lq) fp32 forward log-sum-exp, contiguous
@@ -408,7 +472,8 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TMA_POLICY: tl.constexpr,  # autotuning key only
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     start_n, off_bhk = _block_and_head(Lk, BLOCK_N)
     Hk = H // GROUP
     off_b = (off_bhk // Hk).to(tl.int64)
@@ -445,21 +510,24 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
         off_bh = (off_b * H + off_h).to(tl.int32)
         lse_base = Lse + off_bh.to(tl.int64) * Lq
         delta_base = Delta + off_bh.to(tl.int64) * Lq
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, DO_desc, off_b, off_h, mask_base,
+                                      lse_base, delta_base, offs_n,
                                       n0, lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                                       stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
-                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True, USE_TMA)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, DO_desc, off_b, off_h, mask_base,
+                                      lse_base, delta_base, offs_n,
                                       n0, mid, full_hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm,
                                       stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
-                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n,
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, False, USE_TMA)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, DO_desc, off_b, off_h, mask_base,
+                                      lse_base, delta_base, offs_n,
                                       n0, tl.maximum(mid, full_hi), Lq, stride_qm, stride_qd, stride_dom,
                                       stride_dod, stride_mm, stride_mn, Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND,
-                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, True)
+                                      MASK_ROW, DROPOUT, DOT_FP32, DOT_PRECISION, False, True, USE_TMA)
 
     dk = dk * sm_scale
     kv_rows = offs_n[:, None] < Lk
@@ -472,21 +540,19 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, lo, hi,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, off_b, off_hk, mask_base, offs_m,
+                       lo, hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                        Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                        MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+                       DOT_PRECISION: tl.constexpr, CHECK_CAUSAL: tl.constexpr, CHECK_KEYS: tl.constexpr,
+                       USE_TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_KEYS)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       offs_n, Lk, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_KEYS)
+        k, v = _load_row_pair(k_desc, v_desc, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, off_b,
+                              off_hk, start_n, Lk, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, CHECK_KEYS,
+                              USE_TMA)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -508,6 +574,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m,
 def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                  K,  # (B, Hk, Lk, D) keys
                  V,  # (B, Hk, Lk, Dv) values
+                 K_desc, V_desc,  # TMA descriptors of K and V (box (1, 1, BLOCK_N, D)); None without TMA
                  Mask,  # (B, H, Lq, Lk) mask as in the forward pass
                  DO,  # (B, H, Lq, Dv) output gradient
                  Lse,  # (B, H, Lq) fp32 forward log-sum-exp, contiguous
@@ -525,7 +592,8 @@ def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 TMA_POLICY: tl.constexpr,  # autotuning key only
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     start_m, off_bh = _block_and_head(Lq, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -554,16 +622,18 @@ def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
     else:
         hi = Lk
         full_hi = Lk // BLOCK_N * BLOCK_N
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, 0, full_hi,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, off_b, off_hk, mask_base, offs_m,
+                            0, full_hi,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                             Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
-                            DROPOUT, DOT_FP32, DOT_PRECISION, False, False)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, full_hi, hi,
+                            DROPOUT, DOT_FP32, DOT_PRECISION, False, False, USE_TMA)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, off_b, off_hk, mask_base, offs_m,
+                            full_hi, hi,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                             Lq, Lk, qk_scale, dropout_p, seed, off_bh,
                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW,
-                            DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True)
+                            DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True, USE_TMA)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
@@ -589,6 +659,17 @@ def _mask_args(attn_mask, fallback, B, H, Lq, Lk):
     return mask, mask.stride(), kind, mask.stride(2) == 0 or Lq == 1
 
 
+def _descriptors(*tensors):
+    """(TMA_POLICY, a TMA descriptor of each (B, H, L, D) tensor or None each) for a launch whose loop reads
+    `tensors` tile by tile: descriptors where the device has the copy engine (kernels/common.py's policy) and every
+    tensor is tma_addressable with a power-of-two head dim (the box spans the whole head dim)."""
+    policy = tma_policy(tensors[0].device)
+    if policy == "off" or not all(tma_addressable(t) and t.shape[-1] == triton.next_power_of_2(t.shape[-1])
+                                  for t in tensors):
+        return "off", [None] * len(tensors)
+    return policy, [tma_descriptor(t) for t in tensors]
+
+
 def _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk):
     D, Dv = q.shape[-1], v.shape[-1]
     return dict(
@@ -608,10 +689,11 @@ def attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, dropout
         return out, lse
     mask, mask_strides, mask_kind, mask_row = _mask_args(attn_mask, q, B, H, Lq, Lk)
     meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
+    policy, (k_desc, v_desc) = _descriptors(k, v)
     grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)  # noqa: E731 (_block_and_head)
-    _attn_fwd[grid](q, k, v, mask, out, lse,
+    _attn_fwd[grid](q, k, v, k_desc, v_desc, mask, out, lse,
                     *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-                    H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed), **meta)
+                    H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed), TMA_POLICY=policy, **meta)
     return out, lse
 
 
@@ -634,12 +716,14 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal: bool, 
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=block_dv, BLOCK_M=pre_block_m)
     args = (H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed))
+    policy, (q_desc, do_desc) = _descriptors(q, grad_out)
     _attn_bwd_dkdv[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]) * B * Hk,)](
-        q, k, v, mask, grad_out, lse, delta, dk, dv,
+        q, k, v, q_desc, do_desc, mask, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *args, **meta)
+        *args, TMA_POLICY=policy, **meta)
+    policy, (k_desc, v_desc) = _descriptors(k, v)
     _attn_bwd_dq[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)](
-        q, k, v, mask, grad_out, lse, delta, dq,
+        q, k, v, k_desc, v_desc, mask, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
-        *args, **meta)
+        *args, TMA_POLICY=policy, **meta)
     return dq, dk, dv

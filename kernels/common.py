@@ -2,6 +2,7 @@
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 import triton.testing
@@ -68,7 +69,60 @@ def tuned_candidates(candidates: list) -> list:
 
 
 def benchmark_candidates(kernel_call, quantiles):
-    """`do_bench` for triton.autotune: Triton's own benchmark, skipped when TUNING fixes the single candidate."""
-    if TUNING == "autotune":
+    """`do_bench` for triton.autotune: Triton's own benchmark, skipped when TUNING fixes the single candidate and
+    when interpreting (one candidate is left there, which Triton 3.6's autotuner would still time, on a GPU driver
+    the interpreter does not have)."""
+    if TUNING == "autotune" and not INTERPRET:
         return triton.testing.do_bench(kernel_call, quantiles=quantiles)
     return [0.0] * len(quantiles)
+
+
+# How the matrix products' tiles reach shared memory (FASTGPT_TRITON_TMA), for the kernels with two copy paths
+# (kernels/linear_gelu.py, kernels/attention.py; the constexpr USE_TMA of their configs):
+#   "auto" (default): on a GPU with the TMA engine (CUDA, compute capability >= 9), operands TMA can address get
+#           tensor descriptors and the autotuner tries the TMA configs beside the pointer ones, keeping the faster;
+#   "only": the TMA configs alone wherever the operands can be addressed, on such a GPU or the CPU interpreter:
+#           tests check the TMA path with it, and a GPU benchmark times it alone;
+#   "off":  the pointer path only.
+# Read at every launch; the launch's effective policy is part of the autotuning key.
+TMA = os.environ.get("FASTGPT_TRITON_TMA", "auto")
+TMA_PATHS = {"off": (False,), "auto": (True, False), "only": (True,)}  # the USE_TMA values each policy lets run
+
+
+def tma_device(device: torch.device) -> bool:
+    """Whether `device` has the Tensor Memory Accelerator: an NVIDIA GPU of compute capability 9.0 or later."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_policy(device: torch.device) -> str:
+    """The TMA policy of a launch on `device`: TMA's, or "off" where the device has no TMA engine (a forced "only"
+    also runs the TMA path on the CPU interpreter)."""
+    if TMA not in TMA_PATHS:
+        raise ValueError(f"FASTGPT_TRITON_TMA: expected auto, only or off, got {TMA!r}")
+    if not (tma_device(device) or (TMA == "only" and device.type == "cpu")):
+        return "off"
+    return TMA
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """Whether the copy engine can address `t` as it is: 16-bit elements, a unit last stride, and a 16-byte aligned
+    base and other strides. Size-1 dims are exempt (tma_descriptor gives them a stride of its own); a broadcast dim
+    (stride 0) is refused."""
+    item = t.element_size()
+    return (t.dtype in (torch.float16, torch.bfloat16) and t.numel() > 0 and t.stride(-1) == 1
+            and t.data_ptr() % 16 == 0
+            and all(size == 1 or (stride > 0 and stride * item % 16 == 0)
+                    for size, stride in zip(t.shape[:-1], t.stride()[:-1])))
+
+
+def tma_descriptor(t: torch.Tensor):
+    """A host tensor descriptor of a tma_addressable `t` with its own shape and strides, a placeholder box until a
+    config's pre_hook sets the tile. A size-1 dim, whose index is always 0, takes a stride past the whole tensor's
+    extent: any value TMA accepts would do, and PyTorch leaves such strides arbitrary (not 16-byte multiples)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    align = 16 // t.element_size()
+    extent = -(-max(size * stride for size, stride in zip(t.shape, t.stride())) // align) * align
+    strides = [extent if size == 1 and i < t.dim() - 1 else stride
+               for i, (size, stride) in enumerate(zip(t.shape, t.stride()))]
+    return TensorDescriptor(t, list(t.shape), strides, [1] * (t.dim() - 1) + [align])

@@ -41,10 +41,11 @@ How the A and B tiles reach shared memory, two paths in one kernel (the constexp
   16-bit operands that meet them on a GPU with TMA get descriptors, the rest (fp32, whose products are not
   measured with TMA, odd sizes, Ampere, the CPU interpreter) the pointer path. Where descriptors exist the
   autotuner tries both paths' configs (same tiles and stages: a stage holds the same two tiles either way) and
-  keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; TMA
-  (FASTGPT_TRITON_TMA, below) pins one path for tests and benchmarks. On sm_90a (bench/triton_compile.py) both
-  compile to wgmma in the same shared memory, and the TMA configs hold as many registers or fewer (no address
-  tensors); the 128x256 and 256x128 tiles spill in the epilogue (8 to 800 bytes) under Triton 3.6 and 3.9 alike.
+  keeps the faster, since which wins for a non-persistent kernel with a heavy epilogue is a measurement; the
+  policy in kernels/common.py (FASTGPT_TRITON_TMA) pins one path for tests and benchmarks. On sm_90a
+  (bench/triton_compile.py) both compile to wgmma in the same shared memory, and the TMA configs hold as many
+  registers or fewer (no address tensors); the 128x256 and 256x128 tiles spill in the epilogue (8 to 800 bytes)
+  under Triton 3.6 and 3.9 alike.
 
 Dropout uses the project's shared Philox4x32-10 stream (see fastgpt/ops/philox.py): element (row, col) of the
 (M, N) output takes word col % 4 of philox(seed, c0=col // 4, c1=row, c2=0, c3=1), u = uint_to_uniform_float(word);
@@ -65,9 +66,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastgpt.kernels.common import benchmark_candidates, elementwise_dropout_uniform, to_dtype, tuned_candidates
+from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, elementwise_dropout_uniform, tma_addressable,
+                                    tma_descriptor, tma_policy, to_dtype, tuned_candidates)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -77,20 +78,6 @@ SLAB = 64
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
-
-# How the A and B tiles reach shared memory, for kernels/linear_gelu.py's matrix products (FASTGPT_TRITON_TMA):
-#   "auto" (default): on a GPU with the TMA engine (CUDA, compute capability >= 9), operands TMA can address get
-#           tensor descriptors and the autotuner tries the TMA configs beside the pointer ones, keeping the faster;
-#   "only": the TMA configs alone wherever the operands can be addressed, on such a GPU or the CPU interpreter:
-#           tests check the TMA path with it, and a GPU benchmark times it alone;
-#   "off":  the pointer path only.
-# Read at every launch; the launch's effective policy is part of the autotuning key.
-TMA = os.environ.get("FASTGPT_TRITON_TMA", "auto")
-
-
-def _tma_device(device: torch.device) -> bool:
-    """Whether `device` has the Tensor Memory Accelerator: an NVIDIA GPU of compute capability 9.0 or later."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _set_tma_block_shapes(nargs: dict) -> None:
@@ -125,13 +112,7 @@ def _matmul_configs() -> list[triton.Config]:
 
 def _tma_candidates(configs, named_args, **kwargs) -> list[triton.Config]:
     """early_config_prune: the configs of the copy paths the launch's TMA_POLICY allows, then the tuning policy."""
-    paths = {"off": (False,), "auto": (True, False), "only": (True,)}[kwargs["TMA_POLICY"]]
-    return tuned_candidates([c for c in configs if c.kwargs["USE_TMA"] in paths])
-
-
-def _benchmark(kernel_call, quantiles):
-    # Interpreting, the one candidate left runs without being timed first.
-    return [0.0] * len(quantiles) if _INTERPRET else benchmark_candidates(kernel_call, quantiles)
+    return tuned_candidates([c for c in configs if c.kwargs["USE_TMA"] in TMA_PATHS[kwargs["TMA_POLICY"]]])
 
 
 @triton.jit
@@ -187,7 +168,7 @@ def _bias_partial_store(BiasPartial, d, mask, pid_m, offs_n, M, N,
 @triton.autotune(configs=_matmul_configs(),
                  key=["M", "N", "K", "EPILOGUE", "ACTIVATION", "HAS_BIAS", "STORE_AUX", "DROPOUT", "BIAS_GRAD",
                       "TMA_POLICY", "B_KMAJOR"],
-                 prune_configs_by={"early_config_prune": _tma_candidates}, do_bench=_benchmark)
+                 prune_configs_by={"early_config_prune": _tma_candidates}, do_bench=benchmark_candidates)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["seed"])
 def _matmul_fused(
@@ -336,31 +317,18 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {"INTERPRET_BF16": _INTERPRET and dtype == torch.bfloat16, "DOT_PRECISION": precision}
 
 
-def _tma_addressable(t: torch.Tensor) -> bool:
-    """Whether a 2-d tensor meets TMA's rules: unit last stride, 16-byte aligned base and row stride."""
-    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.numel() > 0)
-
-
-def _tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[str, TensorDescriptor | None, TensorDescriptor | None,
-                                                              bool]:
+def _tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[str, object, object, bool]:
     """(TMA_POLICY, A's descriptor, B's descriptor, B_KMAJOR) for a (M, K) @ b (K, N) under the TMA policy.
 
     B = W^T, the transposed view of a row-major nn.Linear weight W (N, K), is described as W itself, so the copy
     engine reads rows of W along K and the kernel transposes the tile in shared memory; a row-major B (K, N) is
     described as it is. The block shapes are placeholders until the config's pre_hook sets them."""
-    if TMA not in ("auto", "only", "off"):
-        raise ValueError(f"FASTGPT_TRITON_TMA: expected auto, only or off, got {TMA!r}")
-    policy = TMA
-    if not (_tma_device(a.device) or (policy == "only" and a.device.type == "cpu")):  # forced: the interpreter too
-        policy = "off"
+    policy = tma_policy(a.device)
     b_kmajor = b.stride(1) != 1
     b_rows = b.t() if b_kmajor else b
-    if (policy == "off" or a.dtype not in (torch.float16, torch.bfloat16)
-            or not (_tma_addressable(a) and _tma_addressable(b_rows))):
+    if policy == "off" or not (tma_addressable(a) and tma_addressable(b_rows)):
         return "off", None, None, False
-    return (policy, TensorDescriptor.from_tensor(a, [16, 16]), TensorDescriptor.from_tensor(b_rows, [16, 16]),
-            b_kmajor)
+    return policy, tma_descriptor(a), tma_descriptor(b_rows), b_kmajor
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: str, activation: str,

@@ -59,6 +59,20 @@ int main() { ucontext_t c; getcontext(&c); _Float16 h = static_cast<_Float16>(1.
 """
 
 
+@pytest.fixture
+def copy_path(monkeypatch):
+    """use(path): how the Triton kernels with two copy paths move their tiles in this test (the TMA policy of
+    kernels/common.py): "tma" forces the TMA configs (on the CPU interpreter too), "pointer" the pointer ones. "tma"
+    skips on a GPU without the copy engine (compute capability < 9)."""
+    common = pytest.importorskip("fastgpt.kernels.common")
+
+    def use(path):
+        if path == "tma" and torch.cuda.is_available() and not common.tma_device(torch.device("cuda")):
+            pytest.skip("this GPU has no TMA engine (compute capability < 9)")
+        monkeypatch.setattr(common, "TMA", {"tma": "only", "pointer": "off"}[path])
+    return use
+
+
 @pytest.fixture(scope="session")
 def emulated_kernels(tmp_path_factory):
     """build(name): compiles tests/cuda_emulator/<name>.cpp, a harness that runs the unmodified CUDA kernels of op

@@ -314,6 +314,81 @@ def test_triton_grids_keep_within_cuda_limits(monkeypatch):
         assert len(dims) == 1 and dims[0] == -(-length // block) * heads < 2 ** 31, (name, dims)
 
 
+# --- the Triton kernels' two ways to shared memory: TMA descriptors (Hopper) and pointers ---------------------------
+
+def _nan_padded(t, transposed):
+    """`t` (B, H, L, D) as a view into a larger buffer holding NaN in 8 more rows per head after L, stored (B, L, H, D)
+    when `transposed` (a fused QKV's layout, whose strides are not ordered by size). A kernel that reads past L
+    instead of zero-filling or masking puts NaN into the result."""
+    B, H, L, D = t.shape
+    if transposed:
+        buffer = torch.full((B, L + 8, H, D), float("nan"), dtype=t.dtype, device=t.device)
+        view = buffer[:, :L].transpose(1, 2)
+    else:
+        buffer = torch.full((B, H, L + 8, D), float("nan"), dtype=t.dtype, device=t.device)
+        view = buffer[:, :, :L]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("path", ["tma", "pointer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("is_causal,kind,dropout_p,transposed", [(True, None, 0.0, True),
+                                                                 (False, "key_padding", 0.25, False)], ids=str)
+def test_triton_copy_paths(copy_path, path, dtype, is_causal, kind, dropout_p, transposed):
+    """The Triton launchers' forward and backward through the TMA path and the pointer path against float64, on
+    grouped heads, lengths no tile divides, and every (B, H, L, D) input followed by NaN rows past L (never read: TMA
+    stops at the descriptor's L, the pointer path at its masks)."""
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    copy_path(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, H, Hk, Lq, Lk, D = 2, 4, 2, 45, 77, 32
+    q, k, v, grad_out = _inputs(device, dtype, B, H, Hk, Lq, Lk, D, D)
+    mask = _mask(kind, device, dtype, B, H, Lq, Lk)
+    seed = 4321
+    keep = attention_dropout_keep(torch.tensor(seed), B, H, Lq, Lk, dropout_p, device) if dropout_p else None
+    padded = [_nan_padded(t, transposed) for t in (q, k, v, grad_out)]
+    out, lse = kernels.attention_forward(*padded[:3], mask, is_causal, D ** -0.5, dropout_p, seed)
+    grads = kernels.attention_backward(padded[3], *padded[:3], out, lse, mask, is_causal, D ** -0.5, dropout_p, seed)
+    for kernel in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
+        assert kernel.best_config.kwargs["USE_TMA"] == (path == "tma")
+    expected = _grads(lambda *a: reference_attention(*a, mask, is_causal, keep, dropout_p),
+                      [t.double() for t in (q, k, v)], grad_out.double())
+    same_dtype = _grads(lambda *a: reference_attention(*a, mask, is_causal, keep, dropout_p), (q, k, v), grad_out)
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), (out, *grads), expected, same_dtype):
+        assert_close(name, g, e, t)
+
+
+def test_tma_descriptors(monkeypatch):
+    """Which launches get TMA descriptors: 16-bit (B, H, L, D) tensors with power-of-two head dims, unit last
+    strides and 16-byte aligned bases and strides (in any order; a size-1 dim's stride is free), on a GPU with TMA
+    (or the CPU interpreter when forced); the descriptors span each tensor as it is."""
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    common = pytest.importorskip("fastgpt.kernels.common")
+    x = torch.randn(2, 40, 3, 64, dtype=torch.float16).transpose(1, 2)  # (B, H, L, D) in (B, L, H, D) storage
+    monkeypatch.setattr(common, "TMA", "auto")
+    assert kernels._descriptors(x)[0] == ("auto" if common.tma_device(x.device) else "off")
+    monkeypatch.setattr(common, "TMA", "only")
+    policy, (desc,) = kernels._descriptors(x)
+    assert policy == "only" and list(desc.shape) == [2, 3, 40, 64] and list(desc.strides) == list(x.stride())
+    one = torch.randn(1, 3, 40, 64, dtype=torch.bfloat16)[:, :, :, :].as_strided((1, 3, 40, 64), (7, 2560, 64, 1))
+    policy, (desc,) = kernels._descriptors(one)
+    assert policy == "only" and desc.strides[1:] == [2560, 64, 1] and desc.strides[0] % 8 == 0
+    refused = [x.float(),  # fp32: the pointer path
+               torch.randn(2, 3, 40, 80, dtype=torch.float16),  # head dim 80: the box would pass the row's end
+               torch.randn(2, 3, 40, 68, dtype=torch.float16)[..., :64],  # rows of 136 bytes
+               torch.randn(2, 3, 40, 65, dtype=torch.float16)[..., 1:],  # base 2 bytes past 16-byte alignment
+               x[:, :, :0],  # empty
+               torch.randn(1, 1, 40, 64, dtype=torch.float16).expand(2, 3, 40, 64)]  # broadcast heads (stride 0)
+    for t in refused:
+        assert kernels._descriptors(x, t) == ("off", [None, None])
+    monkeypatch.setattr(common, "TMA", "off")
+    assert kernels._descriptors(x)[0] == "off"
+    monkeypatch.setattr(common, "TMA", "of")
+    with pytest.raises(ValueError, match="FASTGPT_TRITON_TMA"):
+        kernels._descriptors(x)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_unsupported_head_dim_falls_back(device, backend):
     """Head dims outside the kernels' list go to reference, with the same result."""

@@ -221,28 +221,15 @@ def _eager_product(epilogue, activation, x, w, b, other, dropout_p, seed):
     return dpre, None if b is None else dpre.float().sum(0)
 
 
-@pytest.fixture
-def copy_path(monkeypatch):
-    """Sets the TMA policy for kernels/linear_gelu.py's matrix products: "tma" forces the TMA configs (on the CPU
-    interpreter too), "pointer" the pointer ones."""
-    kernels = pytest.importorskip("fastgpt.kernels.linear_gelu")
-
-    def use(path):
-        monkeypatch.setattr(kernels, "TMA", {"tma": "only", "pointer": "off"}[path])
-        return kernels
-    return use
-
-
 @pytest.mark.parametrize("path", ["tma", "pointer"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("epilogue,activation,bias,dropout_p", PRODUCT_CASES, ids=str)
 def test_matmul_copy_paths(copy_path, path, dtype, epilogue, activation, bias, dropout_p):
     """Each epilogue through the TMA path and the pointer path against float64, on operands whose edges are
     surrounded by NaN (zero-filled or masked, never read) and sizes no tile divides."""
-    kernels = copy_path(path)
+    kernels = pytest.importorskip("fastgpt.kernels.linear_gelu")
+    copy_path(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if path == "tma" and device == "cuda" and not kernels._tma_device(torch.device(device)):
-        pytest.skip("this GPU has no TMA engine (compute capability < 9)")
     M, K, N = PRODUCT_SHAPE
     x = torch.randn(M, N if epilogue == "dact_saved" else K, device=device)
     w = torch.randn(N, K, device=device) * K ** -0.5
@@ -266,10 +253,11 @@ def test_tma_operands(monkeypatch):
     strides, on a GPU with TMA (or the CPU interpreter when forced); B as W^T is described by W, a row-major B as
     itself."""
     kernels = pytest.importorskip("fastgpt.kernels.linear_gelu")
+    common = pytest.importorskip("fastgpt.kernels.common")
     x, w = torch.randn(8, 64, dtype=torch.float16), torch.randn(24, 64, dtype=torch.float16)
-    monkeypatch.setattr(kernels, "TMA", "auto")
-    assert kernels._tma_operands(x, w.t())[0] == ("auto" if kernels._tma_device(x.device) else "off")
-    monkeypatch.setattr(kernels, "TMA", "only")
+    monkeypatch.setattr(common, "TMA", "auto")
+    assert kernels._tma_operands(x, w.t())[0] == ("auto" if common.tma_device(x.device) else "off")
+    monkeypatch.setattr(common, "TMA", "only")
     policy, a_desc, b_desc, b_kmajor = kernels._tma_operands(x, w.t())
     assert policy == "only" and b_kmajor and list(a_desc.shape) == [8, 64] and list(b_desc.shape) == [24, 64]
     policy, a_desc, b_desc, b_kmajor = kernels._tma_operands(w, x.t().contiguous())
@@ -281,9 +269,9 @@ def test_tma_operands(monkeypatch):
                (x[:0], w.t())]  # empty
     for a, b in refused:
         assert kernels._tma_operands(a, b) == ("off", None, None, False)
-    monkeypatch.setattr(kernels, "TMA", "off")
+    monkeypatch.setattr(common, "TMA", "off")
     assert kernels._tma_operands(x, w.t())[0] == "off"
-    monkeypatch.setattr(kernels, "TMA", "of")
+    monkeypatch.setattr(common, "TMA", "of")
     with pytest.raises(ValueError, match="FASTGPT_TRITON_TMA"):
         kernels._tma_operands(x, w.t())
 

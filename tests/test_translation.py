@@ -73,7 +73,6 @@ def write_ztext(directory: Path, testament: str, books: list[tuple[str, list[lis
     slots: list[tuple[int, bytes]] = [(0, b""), (0, b'<milestone type="x-importer"/>')]  # module, testament
     blocks: list[bytes] = [slots[1][1]]
     for book, chapters in books:
-        text = bytearray()
         entries = [f'<div osisID="{book}" sID="b" type="book"/>{heading}'.encode()]
         for number, verses in enumerate(chapters, 1):
             entries.append(f'<chapter n="{number}" osisID="{book}.{number}" sID="{book}.{number}"/>'.encode())
