@@ -31,7 +31,7 @@ from fastgpt.ops.philox import draw_seed, stream_uniforms
 
 from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends, finish,
                      matmul_ceilings, optional_peer, peak_memory_mb, rates_text, rotations, run_grid, skip,
-                     standard_parser, time_calls)
+                     standard_parser, time_calls, triton_choices)
 
 
 def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> dict[str, float]:
@@ -133,19 +133,23 @@ def _bench_impl(impl, fn, inputs, checks, causal, dropout_p, count, shape, dtype
             check_gradients(f"{impl} at {shape} {dtype}, batch {b} heads {h}-{h + 1}", grads,
                             torch.autograd.grad(reference, leaves, do0[b:b + 1, h:h + 2].double()), dtype)
     out = []
-    graphs = [(fn(q, k, v, causal, dropout_p), (q, k, v), do) for q, k, v, do in inputs]
-    calls = {
-        "fwd": [lambda q=q, k=k, v=v: fn(q, k, v, causal, dropout_p) for q, k, v, _ in inputs],
-        "bwd": [lambda y=y, p=p, do=do: torch.autograd.grad(y, p, do, retain_graph=True) for y, p, do in graphs],
-        "fwd+bwd": [lambda q=q, k=k, v=v, do=do: torch.autograd.grad(fn(q, k, v, causal, dropout_p), (q, k, v), do)
-                    for q, k, v, do in inputs],
-    }
-    for pass_, fns in calls.items():
-        median, p20, p80 = time_calls(fns, device)
-        tflops = count[pass_] / (median * 1e-3) / 1e12
-        out.append(Row("attention", shape, str(dtype).replace("torch.", ""), pass_, impl, median, p20, p80,
-                       tflops, "TFLOP/s", tflops / ceiling_tflops, peak_memory_mb(fns[0], device), extra=extra))
-    del graphs
+    with triton_choices(impl) as choices:
+        graphs = [(fn(q, k, v, causal, dropout_p), (q, k, v), do) for q, k, v, do in inputs]
+        calls = {
+            "fwd": [lambda q=q, k=k, v=v: fn(q, k, v, causal, dropout_p) for q, k, v, _ in inputs],
+            "bwd": [lambda y=y, p=p, do=do: torch.autograd.grad(y, p, do, retain_graph=True) for y, p, do in graphs],
+            "fwd+bwd": [lambda q=q, k=k, v=v, do=do: torch.autograd.grad(fn(q, k, v, causal, dropout_p), (q, k, v),
+                                                                         do) for q, k, v, do in inputs],
+        }
+        for pass_, fns in calls.items():
+            median, p20, p80 = time_calls(fns, device)
+            tflops = count[pass_] / (median * 1e-3) / 1e12
+            out.append(Row("attention", shape, str(dtype).replace("torch.", ""), pass_, impl, median, p20, p80,
+                           tflops, "TFLOP/s", tflops / ceiling_tflops, peak_memory_mb(fns[0], device), extra=extra))
+        del graphs
+    if choices:  # the triton backend's row: which configs its autotuner picked at this shape
+        for row in out:
+            row.extra = {**extra, "triton_configs": sorted(choices)}
     return out
 
 

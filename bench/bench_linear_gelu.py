@@ -25,7 +25,7 @@ from fastgpt.ops.linear_gelu import gelu_ffn
 
 from .common import (Row, check_gradients, chosen_compile_modes, chosen_dtypes, environment, fastgpt_backends,
                      matmul_ceilings, peak_memory_mb, rates_text, rotations, run_grid, skip, standard_parser,
-                     time_calls)
+                     time_calls, triton_choices)
 
 
 def flops(tokens: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -87,21 +87,25 @@ def bench_shape(tokens: int, d_model: int, d_ff: int, dtype: torch.dtype, device
             f"{impl} is wrong at {tokens}x{d_model}->{d_ff} {dtype}: max error {error}"
         check_gradients(f"{impl} at {tokens}x{d_model}->{d_ff} {dtype}",
                         torch.autograd.grad(got, (x_rows, *params0[1:]), dy), expected_grads, dtype)
-        graphs = [(fn(*params), params, dy) for params, dy in inputs]
-        calls = {
-            "fwd": [lambda params=params: fn(*params) for params, _ in inputs],
-            "bwd": [lambda y=y, p=p, dy=dy: torch.autograd.grad(y, p, dy, retain_graph=True) for y, p, dy in graphs],
-            "fwd+bwd": [lambda params=params, dy=dy: torch.autograd.grad(fn(*params), params, dy)
-                        for params, dy in inputs],
-        }
-        for pass_, fns in calls.items():
-            median, p20, p80 = time_calls(fns, device, repeats=10 if device.type == "cuda" else 5)
-            tflops = counted[pass_] / (median * 1e-3) / 1e12
-            out.append(Row("gelu_ffn", f"{tokens}x{d_model}->{d_ff}", str(dtype).replace("torch.", ""), pass_, impl,
-                           median, p20, p80, tflops, "TFLOP/s", tflops / ceiling_tflops,
-                           peak_memory_mb(fns[0], device),
-                           extra={"tokens": tokens, "d_model": d_model, "d_ff": d_ff}))
-        del graphs
+        extra = {"tokens": tokens, "d_model": d_model, "d_ff": d_ff}
+        with triton_choices(impl) as choices:
+            graphs = [(fn(*params), params, dy) for params, dy in inputs]
+            calls = {
+                "fwd": [lambda params=params: fn(*params) for params, _ in inputs],
+                "bwd": [lambda y=y, p=p, dy=dy: torch.autograd.grad(y, p, dy, retain_graph=True)
+                        for y, p, dy in graphs],
+                "fwd+bwd": [lambda params=params, dy=dy: torch.autograd.grad(fn(*params), params, dy)
+                            for params, dy in inputs],
+            }
+            for pass_, fns in calls.items():
+                median, p20, p80 = time_calls(fns, device, repeats=10 if device.type == "cuda" else 5)
+                tflops = counted[pass_] / (median * 1e-3) / 1e12
+                out.append(Row("gelu_ffn", f"{tokens}x{d_model}->{d_ff}", str(dtype).replace("torch.", ""), pass_,
+                               impl, median, p20, p80, tflops, "TFLOP/s", tflops / ceiling_tflops,
+                               peak_memory_mb(fns[0], device), extra=extra))
+            del graphs
+        if choices:  # the triton backend's rows: which configs its autotuner picked for this shape's products
+            extra["triton_configs"] = sorted(choices)
     return out
 
 

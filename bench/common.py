@@ -9,6 +9,7 @@ the 20th-80th percentile spread. On CUDA, CUDA events bracket each call; on CPU,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import functools
@@ -172,6 +173,36 @@ def time_calls(fns: Sequence[Callable[[], object]], device: torch.device, *, war
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
+
+
+@contextlib.contextmanager
+def triton_choices(impl: str):
+    """Within: the config each autotuned Triton kernel of fastgpt launched with (its autotuner's pick on this device:
+    tiles, warps, stages, copy path), gathered as 'kernel: config' strings in the yielded set, when `impl` is the
+    triton backend's row; an empty set for any other implementation. LayerNorm's kernels are not autotuned."""
+    choices: set[str] = set()
+    if impl != "fastgpt-triton":
+        yield choices
+        return
+    from fastgpt.kernels import attention, linear_gelu
+
+    def recording(kernel):
+        run = kernel.run
+
+        def record(*args, **kwargs):
+            result = run(*args, **kwargs)
+            choices.add(f"{kernel.fn.__name__}: {kernel.best_config}")
+            return result
+        return record
+
+    kernels = (*attention.AUTOTUNED, linear_gelu._matmul_fused)
+    for kernel in kernels:
+        kernel.run = recording(kernel)  # launches (kernel[grid](...)) call the instance's run
+    try:
+        yield choices
+    finally:
+        for kernel in kernels:
+            del kernel.run
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -234,3 +234,21 @@ def test_profile_driver_runs_every_case_and_lists_them(tmp_path):
     assert any(name.startswith("attention") and name.endswith("fastgpt-csrc") for name in cases)
     assert {name.split()[0] for name in cases} == {"attention", "gelu_ffn", "add_layer_norm"}
     assert any(name.endswith("torch-eager") for name in cases)
+
+
+def test_triton_choices_records_the_autotuners_picks():
+    """The triton backend's rows name the config each autotuned kernel launched with; other rows record nothing,
+    and the kernels are left as they were."""
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    if "triton" not in fastgpt.available_backends("cpu"):
+        pytest.skip("the triton backend does not run here")
+    q, k, v = (torch.randn(1, 2, 24, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    with common.triton_choices("torch-sdpa-math") as choices:
+        pass
+    assert choices == set()
+    with common.triton_choices("fastgpt-triton") as choices, fastgpt.use_backend("triton"):
+        out = fastgpt.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.sum().backward()
+    assert sorted(choice.split(":")[0] for choice in choices) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
+    assert all("USE_TMA: False" in choice and "num_warps" in choice for choice in choices), choices
+    assert all("run" not in vars(kernel) for kernel in kernels.AUTOTUNED)
