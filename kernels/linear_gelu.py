@@ -79,7 +79,6 @@ SLAB = 64
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
 
-
 def _set_tma_block_shapes(nargs: dict) -> None:
     """pre_hook of every config: the descriptors' tiles are the config's (B's descriptor spans B^T (N, K) when
     B_KMAJOR, else B (K, N)). Pointer configs set them too, so a launch's signature is the same at every call."""

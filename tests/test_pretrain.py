@@ -23,7 +23,6 @@ from fastgpt.train.pretrain import build_model, pretrain
 from fastgpt.train.schedule import lr_multiplier, make_scheduler, parameter_groups
 
 
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     rng = random.Random(0)
