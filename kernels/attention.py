@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, stream_uniforms, tma_addressable,
-                                    tma_descriptor, tma_policy, tuned_candidates)
+from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, cdiv, next_power_of_2, stream_uniforms,
+                                    tma_addressable, tma_descriptor, tma_policy, tuned_candidates)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
@@ -664,7 +664,7 @@ def _descriptors(*tensors):
     `tensors` tile by tile: descriptors where the device has the copy engine (kernels/common.py's policy) and every
     tensor is tma_addressable with a power-of-two head dim (the box spans the whole head dim)."""
     policy = tma_policy(tensors[0].device)
-    if policy == "off" or not all(tma_addressable(t) and t.shape[-1] == triton.next_power_of_2(t.shape[-1])
+    if policy == "off" or not all(tma_addressable(t) and t.shape[-1] == next_power_of_2(t.shape[-1])
                                   for t in tensors):
         return "off", [None] * len(tensors)
     return policy, [tma_descriptor(t) for t in tensors]
@@ -673,10 +673,10 @@ def _descriptors(*tensors):
 def _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk):
     D, Dv = q.shape[-1], v.shape[-1]
     return dict(
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=next_power_of_2(D), BLOCK_DV=next_power_of_2(Dv),
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), DROPOUT=dropout_p > 0.0,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        seq_bucket=triton.next_power_of_2(max(Lq, Lk, 1)))
+        seq_bucket=next_power_of_2(max(Lq, Lk, 1)))
 
 
 def attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
@@ -690,7 +690,7 @@ def attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, dropout
     mask, mask_strides, mask_kind, mask_row = _mask_args(attn_mask, q, B, H, Lq, Lk)
     meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
     policy, (k_desc, v_desc) = _descriptors(k, v)
-    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)  # noqa: E731 (_block_and_head)
+    grid = lambda META: (cdiv(Lq, META["BLOCK_M"]) * B * H,)  # noqa: E731 (_block_and_head)
     _attn_fwd[grid](q, k, v, k_desc, v_desc, mask, out, lse,
                     *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
                     H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed), TMA_POLICY=policy, **meta)
@@ -712,17 +712,17 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal: bool, 
     meta = _common_meta(q, v, is_causal, mask_kind, mask_row, dropout_p, Lq, Lk)
     block_dv = meta["BLOCK_DV"]
     pre_block_m = 32 if INTERPRET else 128
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block_m) * B * H,)](
+    _attn_bwd_preprocess[(cdiv(Lq, pre_block_m) * B * H,)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq,
         HEAD_DIM_V=Dv, BLOCK_DV=block_dv, BLOCK_M=pre_block_m)
     args = (H, H // Hk, Lq, Lk, float(scale), float(dropout_p), int(seed))
     policy, (q_desc, do_desc) = _descriptors(q, grad_out)
-    _attn_bwd_dkdv[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]) * B * Hk,)](
+    _attn_bwd_dkdv[lambda META: (cdiv(Lk, META["BLOCK_N"]) * B * Hk,)](
         q, k, v, q_desc, do_desc, mask, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
         *args, TMA_POLICY=policy, **meta)
     policy, (k_desc, v_desc) = _descriptors(k, v)
-    _attn_bwd_dq[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]) * B * H,)](
+    _attn_bwd_dq[lambda META: (cdiv(Lq, META["BLOCK_M"]) * B * H,)](
         q, k, v, k_desc, v_desc, mask, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
         *args, TMA_POLICY=policy, **meta)

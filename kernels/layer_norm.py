@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import elementwise_dropout_uniform, to_dtype
+from fastgpt.kernels.common import cdiv, elementwise_dropout_uniform, next_power_of_2, to_dtype
 
 # Widest rows (elements) each pass keeps whole in registers; wider rows are walked in chunks of CHUNK. From
 # bench/triton_compile.py on sm_90a: the forward keeps 16384 (16 warps, 32 floats a thread) without spilling, the
@@ -277,7 +277,7 @@ def _layer_norm_bwd_affine(
 def _launch_config(N: int, widest: int) -> tuple[int, int, bool]:
     """(BLOCK_N, num_warps, WIDE): a block covering the row, with enough warps that each thread holds at most ~16
     float32 of it, or for rows wider than `widest` chunks of CHUNK walked in turn."""
-    block_n = max(triton.next_power_of_2(N), 4)  # the dropout draws serve four columns each
+    block_n = max(next_power_of_2(N), 4)  # the dropout draws serve four columns each
     wide = block_n > widest
     if wide:
         block_n = CHUNK
@@ -333,10 +333,10 @@ def layer_norm_backward(grad_output, input, residual, weight, mean, rstd, comput
         # Column blocks of 256 by slabs of rows, about 4 programs per SM in all (one slab per program on CPU); 8
         # warps: 16 elements of each (16, 256) tile a thread, whose Philox draws fit registers with Triton 3.6 too.
         block_cols, block_rows = 256, 16
-        col_blocks = triton.cdiv(N, block_cols)
-        slabs = max(1, min(triton.cdiv(M, 4 * block_rows), triton.cdiv(4 * _sm_count(input.device), col_blocks)))
-        rows_per_program = triton.cdiv(triton.cdiv(M, slabs), block_rows) * block_rows
-        slabs = triton.cdiv(M, rows_per_program) if M > 0 else 0
+        col_blocks = cdiv(N, block_cols)
+        slabs = max(1, min(cdiv(M, 4 * block_rows), cdiv(4 * _sm_count(input.device), col_blocks)))
+        rows_per_program = cdiv(cdiv(M, slabs), block_rows) * block_rows
+        slabs = cdiv(M, rows_per_program) if M > 0 else 0
         dw_partial = torch.zeros(max(slabs, 1), N, dtype=torch.float32, device=input.device)
         db_partial = torch.zeros_like(dw_partial)
         if slabs > 0:

@@ -67,8 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, elementwise_dropout_uniform, tma_addressable,
-                                    tma_descriptor, tma_policy, to_dtype, tuned_candidates)
+from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, cdiv, elementwise_dropout_uniform,
+                                    tma_addressable, tma_descriptor, tma_policy, to_dtype, tuned_candidates)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -336,10 +336,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: st
     """out = epilogue(a @ b) for a (M, K), b (K, N) (any strides). Returns the fp32 bias gradient when asked."""
     M, K = a.shape
     N = b.shape[1]
-    partial = torch.empty((triton.cdiv(M, SLAB), N), device=a.device, dtype=torch.float32) if bias_grad else None
+    partial = torch.empty((cdiv(M, SLAB), N), device=a.device, dtype=torch.float32) if bias_grad else None
     aux_arg = aux if aux is not None else out
     tma_policy, a_desc, b_desc, b_kmajor = _tma_operands(a, b)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_fused[grid](
         a, b, a_desc, b_desc, out, bias if bias is not None else out, aux_arg,
         partial if partial is not None else out,
@@ -393,10 +393,10 @@ def act_bwd(grad: torch.Tensor, pre: torch.Tensor | None, activation: str, *, bi
     dpre = torch.empty((M, N), device=grad.device, dtype=grad.dtype)
     block_m, block_n = (64, 64) if _INTERPRET else (32, 128)
     # Enough row-programs to fill the GPU (about 4 per SM in total) while keeping the partial buffer small.
-    n_col_blocks = triton.cdiv(N, block_n)
-    row_programs = max(1, min(triton.cdiv(M, block_m), triton.cdiv(4 * _sm_count(grad.device), n_col_blocks)))
-    rows_per_program = triton.cdiv(triton.cdiv(M, row_programs), block_m) * block_m
-    row_programs = triton.cdiv(M, rows_per_program)
+    n_col_blocks = cdiv(N, block_n)
+    row_programs = max(1, min(cdiv(M, block_m), cdiv(4 * _sm_count(grad.device), n_col_blocks)))
+    rows_per_program = cdiv(cdiv(M, row_programs), block_m) * block_m
+    row_programs = cdiv(M, rows_per_program)
     partial = torch.empty((row_programs, N), device=grad.device, dtype=torch.float32) if bias_grad else None
     pre_arg = pre if pre is not None else grad
     _act_bwd[(n_col_blocks, row_programs)](
