@@ -133,7 +133,8 @@ def tma_descriptor(t: torch.Tensor):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     align = 16 // t.element_size()
-    extent = -(-max(size * stride for size, stride in zip(t.shape, t.stride())) // align) * align
-    strides = [extent if size == 1 and i < t.dim() - 1 else stride
-               for i, (size, stride) in enumerate(zip(t.shape, t.stride()))]
-    return TensorDescriptor(t, list(t.shape), strides, [1] * (t.dim() - 1) + [align])
+    shape, strides = list(t.shape), list(t.stride())
+    if 1 in shape[:-1]:
+        extent = cdiv(max(size * stride for size, stride in zip(shape, strides)), align) * align
+        strides = [extent if size == 1 else stride for size, stride in zip(shape[:-1], strides)] + [1]
+    return TensorDescriptor(t, shape, strides, [1] * (len(shape) - 1) + [align])
