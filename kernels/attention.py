@@ -44,6 +44,9 @@ from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, cdiv, next_
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
+# Head dims whose tiles may come by TMA: the powers of two of the tile classes with TMA configs (d64, d128 in
+# _autotune), so that a box spans a head dim exactly.
+TMA_HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The floor of finite additive-mask entries: far below any score, and still finite (-2.9e38) once scaled by log2(e).
 MASK_FLOOR = tl.constexpr(-2.0e38)
@@ -133,7 +136,8 @@ def _autotune(tiles, interpret_tile):
         by_class = {"any": configs(*interpret_tile, 4, 1)}
     else:
         # No TMA path for fp32, whose products are not measured with it (as in kernels/linear_gelu.py), nor for head
-        # dim 256, whose dK/dV tiles spill with it (bench/triton_compile.py: 56 and 208 bytes, none without).
+        # dim 256, whose dK/dV tiles spill with it (bench/triton_compile.py: 56 and 208 bytes, none without);
+        # TMA_HEAD_DIMS follows.
         by_class = {name: [c for tile in class_tiles
                            for c in configs(*tile, tma=(True, False) if name in ("d64", "d128") else (False,))]
                     for name, class_tiles in tiles.items()}
@@ -662,10 +666,9 @@ def _mask_args(attn_mask, fallback, B, H, Lq, Lk):
 def _descriptors(*tensors):
     """(TMA_POLICY, a TMA descriptor of each (B, H, L, D) tensor or None each) for a launch whose loop reads
     `tensors` tile by tile: descriptors where the device has the copy engine (kernels/common.py's policy) and every
-    tensor is tma_addressable with a power-of-two head dim (the box spans the whole head dim)."""
+    tensor is tma_addressable with a head dim in TMA_HEAD_DIMS."""
     policy = tma_policy(tensors[0].device)
-    if policy == "off" or not all(tma_addressable(t) and t.shape[-1] == next_power_of_2(t.shape[-1])
-                                  for t in tensors):
+    if policy == "off" or not all(tma_addressable(t) and t.shape[-1] in TMA_HEAD_DIMS for t in tensors):
         return "off", [None] * len(tensors)
     return policy, [tma_descriptor(t) for t in tensors]
 

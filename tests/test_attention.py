@@ -360,9 +360,9 @@ def test_triton_copy_paths(copy_path, path, dtype, is_causal, kind, dropout_p, t
 
 
 def test_tma_descriptors(monkeypatch):
-    """Which launches get TMA descriptors: 16-bit (B, H, L, D) tensors with power-of-two head dims, unit last
-    strides and 16-byte aligned bases and strides (in any order; a size-1 dim's stride is free), on a GPU with TMA
-    (or the CPU interpreter when forced); the descriptors span each tensor as it is."""
+    """Which launches get TMA descriptors: 16-bit (B, H, L, D) tensors with head dims 16 to 128 (powers of two),
+    unit last strides and 16-byte aligned bases and strides (in any order; a size-1 dim's stride is free), on a GPU
+    with TMA (or the CPU interpreter when forced); the descriptors span each tensor as it is."""
     kernels = pytest.importorskip("fastgpt.kernels.attention")
     common = pytest.importorskip("fastgpt.kernels.common")
     x = torch.randn(2, 40, 3, 64, dtype=torch.float16).transpose(1, 2)  # (B, H, L, D) in (B, L, H, D) storage
@@ -376,6 +376,7 @@ def test_tma_descriptors(monkeypatch):
     assert policy == "only" and desc.strides[1:] == [2560, 64, 1] and desc.strides[0] % 8 == 0
     refused = [x.float(),  # fp32: the pointer path
                torch.randn(2, 3, 40, 80, dtype=torch.float16),  # head dim 80: the box would pass the row's end
+               torch.randn(2, 3, 40, 256, dtype=torch.float16),  # head dim 256: its tile class has no TMA configs
                torch.randn(2, 3, 40, 68, dtype=torch.float16)[..., :64],  # rows of 136 bytes
                torch.randn(2, 3, 40, 65, dtype=torch.float16)[..., 1:],  # base 2 bytes past 16-byte alignment
                x[:, :, :0],  # empty
