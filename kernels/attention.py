@@ -26,8 +26,8 @@ Conventions shared by the kernels:
   ways, the constexpr USE_TMA of the config (_load_rows): pointers (every thread computes its addresses,
   cp.async copies them, masked at the sequence's end) or, on Hopper, TMA: a host-made descriptor of each
   (B, H, L, D) tensor with its own strides (in any order), and the copy engine moves each tile as one box
-  (1, 1, rows, D), zero-filled past L. 16-bit tensors with power-of-two head dims that TMA can address
-  (kernels/common.py) get descriptors, and the autotuner tries both paths' configs (the same tiles and
+  (1, 1, rows, D), zero-filled past L. 16-bit tensors with head dims 16 to 128 (TMA_HEAD_DIMS) that TMA can
+  address (kernels/common.py) get descriptors, and the autotuner tries both paths' configs (the same tiles and
   stages) and keeps the faster. On sm_90a (bench/triton_compile.py) the TMA configs compile to the same
   wgmma products and shared memory (plus the barriers), in fewer registers in 69 of 87 configs (no
   address tensors) under Triton 3.6; head dim 256 keeps pointers (its dK/dV tiles spill with TMA).
@@ -39,13 +39,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, cdiv, next_power_of_2, stream_uniforms,
-                                    tma_addressable, tma_descriptor, tma_policy, tuned_candidates)
+from fastgpt.kernels.common import (benchmark_candidates, cdiv, copy_path_candidates, next_power_of_2, stream_uniforms,
+                                    tma_addressable, tma_descriptor, tma_policy)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
-# Head dims whose tiles may come by TMA: the powers of two of the tile classes with TMA configs (d64, d128 in
-# _autotune), so that a box spans a head dim exactly.
+# The tile classes (_tile_class) that offer TMA configs, and the head dims whose tiles may come by TMA: the powers of
+# two those classes hold, so that a box spans a head dim exactly. No TMA for fp32, whose products are not measured
+# with it (as in kernels/linear_gelu.py), nor for head dim 256, whose dK/dV tiles spill with it
+# (bench/triton_compile.py: 56 and 208 bytes, none without).
+_TMA_TILE_CLASSES = ("d64", "d128")
 TMA_HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The floor of finite additive-mask entries: far below any score, and still finite (-2.9e38) once scaled by log2(e).
@@ -135,16 +138,13 @@ def _autotune(tiles, interpret_tile):
     if INTERPRET:
         by_class = {"any": configs(*interpret_tile, 4, 1)}
     else:
-        # No TMA path for fp32, whose products are not measured with it (as in kernels/linear_gelu.py), nor for head
-        # dim 256, whose dK/dV tiles spill with it (bench/triton_compile.py: 56 and 208 bytes, none without);
-        # TMA_HEAD_DIMS follows.
         by_class = {name: [c for tile in class_tiles
-                           for c in configs(*tile, tma=(True, False) if name in ("d64", "d128") else (False,))]
+                           for c in configs(*tile, tma=(True, False) if name in _TMA_TILE_CLASSES else (False,))]
                     for name, class_tiles in tiles.items()}
 
     def prune(configs, named_args, **kwargs):
         candidates = by_class["any" if INTERPRET else _tile_class(named_args, kwargs)]
-        return tuned_candidates([c for c in candidates if c.kwargs["USE_TMA"] in TMA_PATHS[kwargs["TMA_POLICY"]]])
+        return copy_path_candidates(candidates, kwargs["TMA_POLICY"])
 
     return dict(configs=[c for class_configs in by_class.values() for c in class_configs], key=_TUNE_KEY,
                 prune_configs_by={"early_config_prune": prune}, do_bench=benchmark_candidates)

@@ -97,7 +97,7 @@ def benchmark_candidates(kernel_call, quantiles):
 #   "off":  the pointer path only.
 # Read at every launch; the launch's effective policy is part of the autotuning key.
 TMA = os.environ.get("FASTGPT_TRITON_TMA", "auto")
-TMA_PATHS = {"off": (False,), "auto": (True, False), "only": (True,)}  # the USE_TMA values each policy lets run
+_TMA_PATHS = {"off": (False,), "auto": (True, False), "only": (True,)}  # the USE_TMA values each policy lets run
 
 
 def tma_device(device: torch.device) -> bool:
@@ -108,11 +108,17 @@ def tma_device(device: torch.device) -> bool:
 def tma_policy(device: torch.device) -> str:
     """The TMA policy of a launch on `device`: TMA's, or "off" where the device has no TMA engine (a forced "only"
     also runs the TMA path on the CPU interpreter)."""
-    if TMA not in TMA_PATHS:
+    if TMA not in _TMA_PATHS:
         raise ValueError(f"FASTGPT_TRITON_TMA: expected auto, only or off, got {TMA!r}")
     if not (tma_device(device) or (TMA == "only" and device.type == "cpu")):
         return "off"
     return TMA
+
+
+def copy_path_candidates(configs: list, policy: str) -> list:
+    """The configs an autotuner with both copy paths tries for a launch under TMA policy `policy` (its USE_TMA
+    values), then the tuning policy's choice among them (tuned_candidates)."""
+    return tuned_candidates([c for c in configs if c.kwargs["USE_TMA"] in _TMA_PATHS[policy]])
 
 
 def tma_addressable(t: torch.Tensor) -> bool:

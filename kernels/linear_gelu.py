@@ -67,8 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.common import (TMA_PATHS, benchmark_candidates, cdiv, elementwise_dropout_uniform,
-                                    tma_addressable, tma_descriptor, tma_policy, to_dtype, tuned_candidates)
+from fastgpt.kernels.common import (benchmark_candidates, cdiv, copy_path_candidates, elementwise_dropout_uniform,
+                                    tma_addressable, tma_descriptor, tma_policy, to_dtype)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -111,7 +111,7 @@ def _matmul_configs() -> list[triton.Config]:
 
 def _tma_candidates(configs, named_args, **kwargs) -> list[triton.Config]:
     """early_config_prune: the configs of the copy paths the launch's TMA_POLICY allows, then the tuning policy."""
-    return tuned_candidates([c for c in configs if c.kwargs["USE_TMA"] in TMA_PATHS[kwargs["TMA_POLICY"]]])
+    return copy_path_candidates(configs, kwargs["TMA_POLICY"])
 
 
 @triton.jit
@@ -338,7 +338,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: st
     N = b.shape[1]
     partial = torch.empty((cdiv(M, SLAB), N), device=a.device, dtype=torch.float32) if bias_grad else None
     aux_arg = aux if aux is not None else out
-    tma_policy, a_desc, b_desc, b_kmajor = _tma_operands(a, b)
+    policy, a_desc, b_desc, b_kmajor = _tma_operands(a, b)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_fused[grid](
         a, b, a_desc, b_desc, out, bias if bias is not None else out, aux_arg,
@@ -348,7 +348,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, epilogue: st
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         aux_arg.stride(0), aux_arg.stride(1),
         EPILOGUE=epilogue, ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
-        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad, SLAB=SLAB, TMA_POLICY=tma_policy, B_KMAJOR=b_kmajor,
+        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_grad, SLAB=SLAB, TMA_POLICY=policy, B_KMAJOR=b_kmajor,
         **_dot_flags(a.dtype, a.device),
     )
     return partial.sum(0) if partial is not None else None
