@@ -19,6 +19,7 @@ draw other masks).
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -64,9 +65,25 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
                 return scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         return run
 
+    def mma_sync_products(run):
+        """run with the CUDA forward kernel's products as mma.sync (wgmma is its default on Hopper)."""
+        def wrapped(*args):
+            previous = os.environ.get("FASTGPT_CUDA_WGMMA")
+            os.environ["FASTGPT_CUDA_WGMMA"] = "off"
+            try:
+                return run(*args)
+            finally:
+                if previous is None:
+                    del os.environ["FASTGPT_CUDA_WGMMA"]
+                else:
+                    os.environ["FASTGPT_CUDA_WGMMA"] = previous
+        return wrapped
+
     impls = {}
     for name in fastgpt_backends(device, include_interpreter):
         impls[f"fastgpt-{name}"] = fastgpt_backend(name)
+    if "fastgpt-csrc" in impls and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        impls["fastgpt-csrc-mma-sync"] = mma_sync_products(fastgpt_backend("csrc"))
     impls.update(_sdpa_backends(device))
 
     def flash_attn():

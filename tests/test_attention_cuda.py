@@ -4,7 +4,9 @@ torch.ops.fastgpt.attention_fwd / attention_bwd on a GPU over the attention issu
 2048+), head dims 64 and 128, causal (top-left aligned), key-padding / full boolean / additive masks, GQA, fp16
 and bf16, strided (packed QKV) inputs; dropout against the very mask fastgpt.ops.philox draws for the seed (the
 Triton kernel's), fully masked rows, determinism, and the argument checks. Each result must be within 2x of
-PyTorch's own same-dtype error (tests/utils.py). Skipped, with the reason, without a GPU or a CUDA build.
+PyTorch's own same-dtype error (tests/utils.py). On a Hopper GPU every test runs twice, with the forward kernel's
+wgmma products (FASTGPT_CUDA_WGMMA=auto, the default there) and with its mma.sync ones (off). Skipped, with the
+reason, without a GPU or a CUDA build.
 
 On a GPU, also under compute-sanitizer (each should report 0 errors):
     compute-sanitizer --tool memcheck  python -m pytest -q -x tests/test_attention_cuda.py -k "test_masks_gqa_strided and key_padding and float16"
@@ -30,7 +32,14 @@ pytestmark = pytest.mark.skipif(
     not CUDA_ATTENTION, reason="needs a CUDA GPU and fastgpt._C built with its CUDA kernels (csrc/cuda/attention.cu)")
 
 DTYPES = [torch.float16, torch.bfloat16]
+# The forward kernel's products: wgmma on compute capability 9.x unless FASTGPT_CUDA_WGMMA=off; mma.sync elsewhere.
+PRODUCTS = ["auto", "off"] if CUDA_ATTENTION and torch.cuda.get_device_capability()[0] == 9 else ["auto"]
 MASKS = [None, "key_padding", "bool", "additive"]
+
+
+@pytest.fixture(autouse=True, params=PRODUCTS, ids=lambda policy: f"FASTGPT_CUDA_WGMMA={policy}")
+def products(request, monkeypatch):
+    monkeypatch.setenv("FASTGPT_CUDA_WGMMA", request.param)
 
 
 def _inputs(B, H, Hk, Lq, Lk, D, dtype, packed=False):
@@ -187,3 +196,11 @@ def test_argument_checks(change, message):
     t = change({"q": q, "k": k, "v": v, "mask": None, "seed": torch.tensor(0, dtype=torch.int64)})
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastgpt.attention_fwd(t["q"], t["k"], t["v"], t["mask"], False, 0.125, 0.0, t["seed"])
+
+
+def test_wgmma_policy_checked(monkeypatch):
+    """A FASTGPT_CUDA_WGMMA other than auto or off is an error naming the variable, on any GPU."""
+    monkeypatch.setenv("FASTGPT_CUDA_WGMMA", "on")
+    q, k, v, _ = _inputs(1, 2, 2, 8, 9, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="FASTGPT_CUDA_WGMMA to be auto or off, got 'on'"):
+        torch.ops.fastgpt.attention_fwd(q, k, v, None, False, 0.125, 0.0, torch.tensor(0, dtype=torch.int64))

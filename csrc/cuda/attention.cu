@@ -8,12 +8,16 @@
 //   one first, see rows_aligned; a packed QKV view is read in place); attn_mask None or bool / q's dtype,
 //   broadcastable to (B, H, Lq, Lk) (read through expanded strides, never materialised), not together with
 //   is_causal; dropout_p in [0, 1); seed an int64 CPU scalar.
-// Compile-time variants: dtype x head dim x {no mask, causal, mask tensor} x {dropout, none}, chosen by dispatch().
+// Compile-time variants: dtype x head dim x {no mask, causal, mask tensor} x {dropout, none}, chosen by dispatch(),
+// and for the forward kernel its products: wgmma or mma.sync (use_wgmma).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string_view>
 
 #include "attention_bwd.cuh"
 #include "attention_fwd.cuh"
@@ -168,6 +172,22 @@ Params make_params(const Shape& s, const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
+// Whether the forward kernel runs its products as wgmma: on a GPU of compute capability 9.x (Hopper), unless the
+// environment variable FASTGPT_CUDA_WGMMA is "off" (mma.sync there too: the benchmark compares the two). Read at each
+// call, as the Triton backend reads FASTGPT_TRITON_TMA. A build without sm_90a code runs mma.sync either way (see
+// kHasWgmma in ptx.cuh).
+bool use_wgmma(const at::Device& device) {
+  const char* env = std::getenv("FASTGPT_CUDA_WGMMA");
+  const std::string_view policy = env == nullptr ? "auto" : env;
+  TORCH_CHECK(policy == "auto" || policy == "off",
+              "attention (CUDA): expected the environment variable FASTGPT_CUDA_WGMMA to be auto or off, got '",
+              policy, "'");
+  if (policy == "off") return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  return major == 9;
+}
+
 MaskMode mask_mode(const std::optional<at::Tensor>& attn_mask, bool is_causal) {
   return attn_mask.has_value() ? MaskMode::kTensor : is_causal ? MaskMode::kCausal : MaskMode::kNone;
 }
@@ -185,11 +205,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.out_w = out.mutable_data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse.mutable_data_ptr<float>();
+  const bool wgmma = use_wgmma(q.device());
   dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0,
            [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
              using Tile = attention::FwdTile<D>;
-             launch(attention::attention_fwd_kernel<T, D, kMode, kDropout>,
-                    dim3(ceil_div(s.len_q, Tile::kBlockM), s.heads, s.batch), Tile::kSmemBytes, p);
+             const dim3 grid(ceil_div(s.len_q, Tile::kBlockM), s.heads, s.batch);
+             if (wgmma)
+               launch(attention::attention_fwd_kernel<T, D, kMode, kDropout, true>, grid, Tile::kSmemBytes, p);
+             else
+               launch(attention::attention_fwd_kernel<T, D, kMode, kDropout, false>, grid, Tile::kSmemBytes, p);
            });
   return {out, lse};
 }

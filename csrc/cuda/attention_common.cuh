@@ -106,15 +106,50 @@ __device__ __forceinline__ float to_float(T x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared-memory tiles: ROWS x COLS 16-bit elements, row-major, each row cut into COLS / 8 chunks of 16 bytes, and
-// chunk c of row r stored at chunk position c ^ (r % 8). ldmatrix reads one chunk from each of 8 consecutive rows:
-// the XOR puts those 8 chunks in 8 different 16-byte bank groups (rows are 128 or 256 bytes, a multiple of the
-// 128-byte bank window), so neither ldmatrix nor the 16-byte cp.async stores conflict.
+// Shared-memory tiles: ROWS x COLS 16-bit elements stored as swizzle atoms of 8 rows x 64 columns (1024 bytes),
+// atom (row / 8, col / 64) at atom index (row / 8) * (COLS / 64) + col / 64. Inside an atom each row is 128 bytes,
+// eight chunks of 16 bytes, and chunk c of row r is stored at chunk position c ^ (r % 8). This is the canonical
+// "128B swizzle" layout of the sm_90 wgmma operands (PTX ISA, "Shared Memory Matrix Layout"; its hardware swizzle
+// XORs address bits 4-6 with bits 7-9, so atoms must sit at 1024-byte boundaries, see dynamic_smem), read there
+// K-major for Q and K and MN-major for V; for COLS = 64 it is simply a row-major tile with the chunks of each row
+// permuted. ldmatrix reads one chunk from each of 8 consecutive rows of an atom: the XOR puts those 8 chunks in 8
+// different 16-byte bank groups, so neither ldmatrix nor the 16-byte cp.async stores conflict.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kAtomRows = 8, kAtomCols = 64, kAtomBytes = 1024;
+
 template <int COLS>
 __device__ __forceinline__ int swizzle(int row, int col) {  // col: a multiple of 8
-  static_assert(COLS % 64 == 0, "rows of at least 8 chunks, so that the XOR stays inside the row");
-  return row * COLS + (((col >> 3) ^ (row & 7)) << 3);
+  static_assert(COLS % kAtomCols == 0, "whole atoms across the tile");
+  // (row / 8 * (COLS / 64) + col / 64) * 512 + row % 8 * 64, written so that a 64-column tile (one atom per 8 rows)
+  // is plainly row * 64: with a signed row the compiler would not fold the division back, and the extra integer
+  // work cost the sm_80 forward kernel with dropout a register spill.
+  return row * kAtomCols + (row / kAtomRows) * (COLS - kAtomCols) * kAtomRows +
+         (col / kAtomCols) * (kAtomRows * kAtomCols) + ((((col % kAtomCols) >> 3) ^ (row & 7)) << 3);
+}
+
+// sm_90a wgmma matrix descriptors of operands in such tiles (PTX ISA, "Matrix Descriptor Format"): the start
+// address, the leading and stride byte offsets (each >> 4), base offset 0 (atoms at 1024-byte boundaries) and
+// swizzle mode 1 (128 bytes) in bits 62-63. One product reads 16 of K.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t start, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return uint64_t{(start & 0x3ffffu) >> 4} | uint64_t{leading_bytes >> 4} << 16 | uint64_t{stride_bytes >> 4} << 32 |
+         uint64_t{1} << 62;
+}
+// A K-major operand: its rows (M or N) are the tile's rows, K runs along the columns (Q and K in S = Q K^T). The
+// k-step at column k0 starts k0 % 64 elements into the atoms of column block k0 / 64 (the hardware's swizzle of the
+// address then finds each chunk, as swizzle() placed it); 8-row groups are one atom row apart (the stride byte
+// offset); the leading byte offset is unused by swizzled K-major layouts.
+template <int COLS, typename T>
+__device__ __forceinline__ uint64_t desc_k_major(const T* tile, int k0) {
+  const uint32_t start = smem_addr(tile) + (k0 / kAtomCols) * kAtomBytes + (k0 % kAtomCols) * 2;
+  return wgmma_desc(start, 16, (COLS / kAtomCols) * kAtomBytes);
+}
+// An MN-major operand: K runs along the tile's rows and N along its columns (V in O = P V). The k-step at row k0
+// starts at atom row k0 / 8; 64-column blocks are one atom apart (the leading byte offset), 8-row groups one atom
+// row apart (the stride byte offset).
+template <int COLS, typename T>
+__device__ __forceinline__ uint64_t desc_mn_major(const T* tile, int k0) {
+  const uint32_t start = smem_addr(tile) + (k0 / kAtomRows) * (COLS / kAtomCols) * kAtomBytes;
+  return wgmma_desc(start, kAtomBytes, (COLS / kAtomCols) * kAtomBytes);
 }
 
 // Copies rows [row0, row0 + ROWS) of a (len, COLS) matrix (row stride `stride` elements, last dim contiguous,
@@ -194,6 +229,34 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[N / 8][4], const T* a_tile,
       mma_16816<T>(acc[2 * np + 1], a, b[1]);
     }
   }
+}
+
+// sm_90a (see ptx.cuh for the fence sequence). acc (the warpgroup's 64 x N, this warp's 16 rows) = A B with
+// A = the 64 x K a_tile and B^T = the N x K b_tile, both K-major (S = Q K^T: A = Q, B^T = K, both [row][dim]).
+template <int N, int K, int COLS, typename T>
+__device__ __forceinline__ void wgmma_gemm_ss(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile) {
+  fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+    wgmma_ss<T, N>(acc, desc_k_major<COLS>(a_tile, kk * 16), desc_k_major<COLS>(b_tile, kk * 16), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc);
+}
+
+// acc (64 x N) += A B with A in registers (this warp's 16 rows, K / 16 fragments) and B = the K x N b_tile, MN-major
+// (O += P V: B = V, [key][dim]).
+template <int N, int K, int COLS, typename T>
+__device__ __forceinline__ void wgmma_gemm_rs(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                              const T* b_tile) {
+  fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) wgmma_rs<T, N>(acc, a[kk], desc_mn_major<COLS>(b_tile, kk * 16));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc);
 }
 
 // A fragments (16 x N as the k extent of the next product) from 16 x N accumulators, rounded to T.

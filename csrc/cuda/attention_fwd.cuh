@@ -2,8 +2,13 @@
 // log-sum-exp of each query row, without the Lq x Lk matrix.
 //
 // Grid (ceil(Lq / kBlockM), H, B), kThreads threads. The block owns queries [m0, m0 + kBlockM) of head h, warp w
-// the 16 rows m0 + 16 w ..; Q stays in registers (A fragments) for the whole loop. Key/value blocks of kBlockN
-// rows stream through a double buffer in shared memory: cp.async fetches block n + 1 while block n is computed.
+// the 16 rows m0 + 16 w ... Key/value blocks of kBlockN rows stream through a double buffer in shared memory:
+// cp.async fetches block n + 1 while block n is computed. The two products per block run on the tensor cores in
+// one of two ways, with the same register tiles (ptx.cuh):
+//   mma.sync (sm_80+): each warp multiplies its 16 rows; Q stays in registers (A fragments) for the whole loop, K
+//     and V are read from shared memory by ldmatrix;
+//   wgmma (kWgmma on sm_90a): the 4 warps are one warpgroup and each product is a chain of asynchronous 64-row
+//     wgmma, which read Q, K and V from shared memory themselves (P still comes from registers).
 // Per key block, with s = q.k * scale * log2(e) (+ mask * log2(e)) in registers:
 //   m_new = max(m, rowmax(s))      alpha = exp2(m - m_new)      p = exp2(s - m_new)
 //   l = l * alpha + rowsum(p)      o = o * alpha + dropout(p) v
@@ -27,8 +32,10 @@ struct FwdTile {
   static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * D * 2;
 };
 
-template <typename T, int D, MaskMode kMode, bool kDropout>
+template <typename T, int D, MaskMode kMode, bool kDropout, bool kWgmma>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
+  static_assert(kThreads == 128 && FwdTile<D>::kBlockM == 64, "wgmma: the block is one warpgroup of 64 rows");
+  constexpr bool kUseWgmma = kWgmma && kHasWgmma;  // mma.sync where this pass does not target sm_90a
   using Tile = FwdTile<D>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   unsigned char* smem = dynamic_smem();
@@ -73,15 +80,20 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kUseWgmma) fence_proxy_async();  // the copies' bytes, visible to the wgmma that read them next
     __syncthreads();
-    if (nb == 0) {
+    if (!kUseWgmma && nb == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a<D>(q_frag[kk], q_tile, warp * 16, kk * 16);
     }
 
     float s[kBlockN / 8][4];  // this warp's 16 x kBlockN scores
-    zero(s);
-    gemm_rs<kBlockN, D, false, D, T>(s, q_frag, k_tile);  // S = Q K^T: B = K^T, stored as K [key][dim]
+    if constexpr (kUseWgmma) {
+      wgmma_gemm_ss<kBlockN, D, D>(s, q_tile, k_tile);  // S = Q K^T
+    } else {
+      zero(s);
+      gemm_rs<kBlockN, D, false, D, T>(s, q_frag, k_tile);  // S = Q K^T: B = K^T, stored as K [key][dim]
+    }
     const bool check = n0 + kBlockN > p.len_k || (kMode == MaskMode::kCausal && n0 + kBlockN - 1 > row0);
     scale_and_mask<kMode, false, T>(s, p, b, h, row0, n0, check);
 
@@ -114,7 +126,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 
     uint32_t p_frag[kBlockN / 16][4];
     acc_to_a<T, kBlockN>(p_frag, s);
-    gemm_rs<D, kBlockN, true, D, T>(o, p_frag, v_tile);  // O += P V: B = V, stored as V [key][dim]
+    if constexpr (kUseWgmma)
+      wgmma_gemm_rs<D, kBlockN, D>(o, p_frag, v_tile);  // O += P V
+    else
+      gemm_rs<D, kBlockN, true, D, T>(o, p_frag, v_tile);  // O += P V: B = V, stored as V [key][dim]
     __syncthreads();  // all warps are done with this buffer before it is refilled
   }
   if (n_blocks == 0) cp_async_wait<0>();

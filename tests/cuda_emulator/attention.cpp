@@ -2,9 +2,11 @@
 // (emulator.h) over a list of cases, and compares them with a float64 reference. Build (from the repository root):
 //   g++ -std=c++20 -O2 -fno-strict-aliasing -DFASTGPT_PTX_EMULATION -Icsrc -Icsrc/cuda -Itests/cuda_emulator
 //       tests/cuda_emulator/attention.cpp -o attention
-// Usage: attention fwd|bwd [case index]. "bwd" runs the forward kernel first and feeds its out and lse to the three
-// backward kernels, as the op does. One line per case, then the shared-memory bank counts of all the launches; exit
-// status 1 if any case fails or any ldmatrix or cp.async phase conflicts (takes more than one wavefront).
+// Usage: attention fwd|fwd-wgmma|bwd [case index]. "fwd" runs the forward kernel with its mma.sync products,
+// "fwd-wgmma" with its sm_90a wgmma products; "bwd" runs the forward kernel (mma.sync) first and feeds its out and
+// lse to the three backward kernels, as the op does. One line per case, then the shared-memory bank counts of all
+// the launches; exit status 1 if any case fails or any ldmatrix or cp.async phase conflicts (takes more than one
+// wavefront).
 //
 // Tolerance. The reference works in float64 on the same 16-bit inputs, so the kernels' error comes from the
 // roundings they add: P (and Pd, dS) rounded to 16 bits before the second product, the 16-bit out that delta is
@@ -100,8 +102,11 @@ struct Check {
   }
 };
 
+enum class Pass { kForward, kForwardWgmma, kBackward };
+
 template <typename T, int D, MaskMode kMode, bool kDropout>
-bool run_case(int index, const Case& c, bool backward) {
+bool run_case(int index, const Case& c, Pass pass) {
+  const bool backward = pass == Pass::kBackward;
   const int B = c.batch, H = c.heads, Hk = c.kv_heads, Lq = c.len_q, Lk = c.len_k, G = H / Hk;
   const double u = kIsHalf<T> ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
   const double scale = 1.3 / std::sqrt(double{D});
@@ -267,8 +272,12 @@ bool run_case(int index, const Case& c, bool backward) {
                                {out.data.data(), size_t(out.size) * 2}});
   cuda_emu::reset_errors();
   const auto cdiv = [](int64_t a, int64_t b) { return unsigned((a + b - 1) / b); };
-  bool ran = cuda_emu::launch({cdiv(Lq, FwdTile<D>::kBlockM), unsigned(H), unsigned(B)}, FwdTile<D>::kSmemBytes,
-                              [&] { attention_fwd_kernel<T, D, kMode, kDropout>(p); });
+  bool ran = cuda_emu::launch({cdiv(Lq, FwdTile<D>::kBlockM), unsigned(H), unsigned(B)}, FwdTile<D>::kSmemBytes, [&] {
+    if (pass == Pass::kForwardWgmma)
+      attention_fwd_kernel<T, D, kMode, kDropout, true>(p);
+    else
+      attention_fwd_kernel<T, D, kMode, kDropout, false>(p);
+  });
 
   Report report;
   const auto check16 = [&](const char* name, Tensor16& t, const std::vector<double>& ref,
@@ -327,13 +336,13 @@ bool run_case(int index, const Case& c, bool backward) {
   const bool ok = report.ok && ran && emu_errors == 0;
   const char* verdict = ok ? "ok" : "FAIL";
   std::printf("%-5s case %2d %s %s D%-3d %-8s drop %.2f B%d H%d Hk%d Lq%d Lk%d%s |%s | emu errors %d\n",
-              verdict, index, backward ? "bwd" : "fwd", kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask),
-              c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.text.c_str(), emu_errors);
+              verdict, index, backward ? "bwd" : pass == Pass::kForwardWgmma ? "fwd-wgmma" : "fwd",
+              kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask), c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.text.c_str(), emu_errors);
   std::fflush(stdout);
   return ok;
 }
 
-using Runner = bool (*)(int, const Case&, bool);
+using Runner = bool (*)(int, const Case&, Pass);
 struct Row {
   Runner run;
   Case c;
@@ -365,16 +374,17 @@ const Row kCases[] = {
 
 int main(int argc, char** argv) {
   const std::string kernel = argc > 1 ? argv[1] : "";
-  if (kernel != "fwd" && kernel != "bwd") {
-    std::fprintf(stderr, "usage: %s fwd|bwd [case index]\n", argv[0]);
+  if (kernel != "fwd" && kernel != "fwd-wgmma" && kernel != "bwd") {
+    std::fprintf(stderr, "usage: %s fwd|fwd-wgmma|bwd [case index]\n", argv[0]);
     return 2;
   }
+  const Pass pass = kernel == "bwd" ? Pass::kBackward : kernel == "fwd" ? Pass::kForward : Pass::kForwardWgmma;
   const int only = argc > 2 ? std::atoi(argv[2]) : -1;
   int failed = 0, n = 0;
   for (int i = 0; i < int(std::size(kCases)); ++i) {
     if (only >= 0 && i != only) continue;
     ++n;
-    failed += !kCases[i].run(i, kCases[i].c, kernel == "bwd");
+    failed += !kCases[i].run(i, kCases[i].c, pass);
   }
   std::printf("%s: %d of %d cases failed\n", kernel.c_str(), failed, n);
   // Every tile access of the kernels is an ldmatrix or a cp.async: with the swizzle of attention_common.cuh, each

@@ -17,6 +17,11 @@
 //     thread's cp.async.wait_group retires its group. Until then the bytes are marked pending;
 //   * ldmatrix (.x4, with and without .trans), mma.sync m16n8k16 (f16/bf16 inputs, f32 accumulators) and
 //     shfl.sync.bfly, with the register layouts of the PTX ISA tables;
+//   * sm_90a wgmma m64nNk16 (f16/bf16, f32 accumulators; A from shared memory or registers, B from shared memory,
+//     K-major or MN-major, 128-byte swizzle) with wgmma.fence, commit_group and wait_group: warp w of a warpgroup
+//     computes its 16 rows when it waits for the group, reading shared memory then (as late as allowed) through
+//     the matrix descriptors as the PTX ISA's canonical layouts define them, and writing the accumulators then;
+//     fence.proxy.async;
 //   * fp16 and bf16 with round-to-nearest-even conversions.
 // What it checks, reporting each violation through EMU_ERROR (counted in cuda_emu::errors()):
 //   * shared-memory races between warps: a location written by one warp and read or written by another within
@@ -24,12 +29,19 @@
 //     target another warp read in the epoch of the issue or later, up to its landing; reads of pending cp.async
 //     bytes; shared-memory accesses out of the allocation, misaligned ldmatrix rows and cp.async addresses;
 //     cp.async sources outside the registered global buffers; threads exiting with copies in flight;
+//   * wgmma: a product issued without a wgmma.fence since the warp's last wait, descriptors or shapes that differ
+//     between the lanes or the warps of a warpgroup, swizzle modes other than 128 bytes or a nonzero base offset,
+//     a group waited for after a __syncthreads, products left in flight at exit, and shared memory read by wgmma
+//     (the async proxy) that a cp.async landed (the generic proxy) with no fence.proxy.async by the copying
+//     thread since;
 //   * deadlocks and divergence at barriers (a warp collective not reached by all 32 lanes, lanes of one warp in
 //     different collectives, a __syncthreads not reached by all threads).
 // What it counts (bank_stats(), for the harness to judge): the shared-memory wavefronts of every ldmatrix and
 // cp.async against the phases they are served in, under the bank model of "Shared-memory banks" below; more
 // wavefronts than phases are bank conflicts.
-// What it cannot see: timing and occupancy; bank conflicts other than those of ldmatrix and cp.async; the real
+// What it cannot see: timing and occupancy; bank conflicts other than those of ldmatrix and cp.async (wgmma's own
+// shared-memory reads included); whether the compiler keeps accumulator accesses out of a wgmma's flight (the
+// fence_operands of the kernels); the real
 // (weaker) ordering of memory operations, other than through the cp.async landing rule above; races through plain
 // C++ loads and stores to shared memory (only cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse /
 // delta rows and the static __shared__ arrays are not; nor are the statics filled with NaN before each block); the
@@ -176,6 +188,26 @@ struct Shadow {
   long read_epoch = -1;
   unsigned read_warps = 0;  // bit w: warp w read the word in read_epoch (32 warps at most)
   bool pending = false;
+  bool unfenced = false;  // landed by a cp.async whose thread has not run fence.proxy.async since
+};
+
+// One wgmma.mma_async of a warp: m64nNk16, this warp's 16 rows of D (+)= A B, computed when its group is waited for.
+struct Wgmma {
+  float* acc[32];            // each lane's accumulators, acc[N / 8][4] flattened
+  uint32_t a[32][4];         // A from registers: each lane's fragment (when a_in_regs)
+  uint64_t desc_a, desc_b;   // shared-memory matrix descriptors (desc_a unused when a_in_regs)
+  int n;
+  bool is_f16, a_in_regs, trans_b, accumulate;
+  long epoch;                // of the issue
+};
+
+struct WgmmaState {
+  bool fenced = false;                    // a wgmma.fence since the warp's last wait_group
+  std::vector<Wgmma> uncommitted;
+  std::deque<std::vector<Wgmma>> groups;  // committed, oldest first
+  long log_epoch = -1;                    // the warpgroup's issues in that barrier interval, in order (warp 4k
+  std::vector<Wgmma> log;                 // keeps its warpgroup's), and how many of them this warp has matched
+  size_t logged = 0;
 };
 
 struct GlobalRange {
@@ -219,6 +251,9 @@ struct State {
   const void* ptr[kMaxWarps][kWarpSize];
   uint32_t a[kMaxWarps][kWarpSize][4], b[kMaxWarps][kWarpSize][2];
   uint32_t bits[kMaxWarps][kWarpSize];
+  Wgmma wgmma_slot[kMaxWarps][kWarpSize];  // a lane's own operands, in acc[0] and a[0]
+  WgmmaState wgmma[kMaxWarps];
+  std::vector<size_t> unfenced[kMaxBlockThreads];  // per thread: words its landed copies made unfenced
   BankStats banks;  // over every launch of the process
   // cp.async issues of each warp since its lanes last stopped together, by the issuing lane's count of them.
   std::vector<CpAsyncIssue> cp_issues[kMaxWarps];
@@ -408,6 +443,10 @@ inline void cp_async_wait_group(int n) {
         std::memcpy(st.smem.data() + copy.dst, copy.src, 16);
       else
         std::memset(st.smem.data() + copy.dst, 0, 16);
+      for (size_t i = 0; i < 16; i += 2) {
+        st.shadow[(copy.dst + i) / 2].unfenced = true;
+        st.unfenced[st.current].push_back((copy.dst + i) / 2);
+      }
     }
     c.groups.pop_front();
   }
@@ -417,7 +456,8 @@ inline void cp_async_wait_group(int n) {
 // Warp collectives. Each lane deposits its operands, waits for the whole warp, computes its own result from all
 // lanes' operands, and waits again before the slots can be reused.
 // ---------------------------------------------------------------------------------------------------------------
-enum Op { kOpLdmatrix = 1, kOpLdmatrixTrans, kOpMmaF16, kOpMmaBf16, kOpShfl };
+enum Op { kOpLdmatrix = 1, kOpLdmatrixTrans, kOpMmaF16, kOpMmaBf16, kOpShfl, kOpWgmmaFence, kOpWgmma, kOpWgmmaCommit,
+          kOpWgmmaWait };
 
 inline void warp_barrier(int op) {
   State& st = state();
@@ -512,6 +552,171 @@ inline T shfl_xor(unsigned member_mask, T x, int lane_mask) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// sm_90a: fence.proxy.async and wgmma.
+// ---------------------------------------------------------------------------------------------------------------
+// fence.proxy.async.shared::cta: the running thread's earlier generic-proxy writes (its landed cp.async copies)
+// become visible to the async proxy (wgmma's operand reads), once a barrier orders them too.
+inline void fence_proxy_async() {
+  State& st = state();
+  for (size_t word : st.unfenced[st.current]) st.shadow[word].unfenced = false;
+  st.unfenced[st.current].clear();
+}
+
+inline void wgmma_fence() {
+  warp_barrier(kOpWgmmaFence);
+  if (lane() == 0) state().wgmma[warp()].fenced = true;
+  warp_release();
+}
+
+// The 16-bit element at `offset` bytes of the operand a descriptor describes, as the hardware reads it: the
+// descriptor's start address plus the canonical layout's offset, then the 128-byte swizzle of the address (bits
+// 4-6 XOR bits 7-9; dynamic shared memory starts at a 1024-byte boundary on the device).
+inline uint16_t wgmma_load16(uint64_t desc, size_t offset) {
+  State& st = state();
+  const size_t start = (desc & 0x3fffu) << 4;
+  size_t addr = start + offset;
+  addr ^= ((addr >> 7) & 7u) << 4;
+  if (addr + 2 > st.smem_bytes) {
+    EMU_ERROR("wgmma reads shared offset %zu, past the allocation of %zu bytes", addr, st.smem_bytes);
+    return 0;
+  }
+  const Shadow& sh = st.shadow[addr / 2];
+  if (sh.unfenced)
+    EMU_ERROR("wgmma reads shared byte %zu, landed by a cp.async whose thread ran no fence.proxy.async since", addr);
+  note_read(addr);
+  uint16_t v;
+  std::memcpy(&v, st.smem.data() + addr, 2);
+  return v;
+}
+
+// Canonical layouts of 16-bit operands with the 128-byte swizzle (PTX ISA, "Shared Memory Matrix Layout", in CuTe
+// notation over (row or column, k) with T = 8 elements per 16 bytes):
+//   K-major  ((8, m), (T, 2k)) : ((8T, SBO), (1, T))      element (mn, k) at (mn % 8) * 128 + (mn / 8) * SBO + 2 k
+//   MN-major ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO)) element (k, mn) at (mn % 64) * 2 + (mn / 64) * LBO
+//                                                            + (k % 8) * 128 + (k / 8) * SBO
+// (byte offsets from the start address; LBO and SBO are the leading and stride byte offsets of the descriptor).
+inline size_t k_major_offset(uint64_t desc, int mn, int k) {
+  const size_t stride = ((desc >> 32) & 0x3fffu) << 4;
+  return (mn % 8) * 128 + (mn / 8) * stride + 2 * k;
+}
+inline size_t mn_major_offset(uint64_t desc, int k, int mn) {
+  const size_t leading = ((desc >> 16) & 0x3fffu) << 4, stride = ((desc >> 32) & 0x3fffu) << 4;
+  return (mn % 64) * 2 + (mn / 64) * leading + (k % 8) * 128 + (k / 8) * stride;
+}
+
+inline void check_descriptor(uint64_t desc) {
+  if ((desc >> 62) != 1u) EMU_ERROR("wgmma descriptor with swizzle mode %u: only 1 (128 bytes) is emulated",
+                                    static_cast<unsigned>(desc >> 62));
+  if (((desc >> 49) & 7u) != 0u) EMU_ERROR("wgmma descriptor with a nonzero base offset: not emulated");
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: every lane passes its accumulators (kept by address until
+// the wait), its A fragment when A is in registers, and the descriptors, which must agree across the warp and, in
+// issue order, across the warps of the warpgroup.
+inline void wgmma_issue(float* acc, int n, bool is_f16, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
+                        bool trans_b, bool accumulate) {
+  State& st = state();
+  const int w = warp(), l = lane();
+  Wgmma& slot = st.wgmma_slot[w][l];
+  slot.acc[0] = acc;
+  for (int i = 0; i < 4; ++i) slot.a[0][i] = a ? a[i] : 0u;
+  slot.desc_a = a ? 0 : desc_a;
+  slot.desc_b = desc_b;
+  slot.n = n;
+  slot.is_f16 = is_f16, slot.a_in_regs = a != nullptr, slot.trans_b = trans_b, slot.accumulate = accumulate;
+  warp_barrier(kOpWgmma);
+  if (l == 0) {
+    WgmmaState& ws = st.wgmma[w];
+    if (!ws.fenced) EMU_ERROR("wgmma.mma_async of warp %d without a wgmma.fence since its last wait", w);
+    Wgmma op = slot;
+    op.epoch = st.epoch;
+    const auto same_shape = [](const Wgmma& x, const Wgmma& y) {
+      return x.desc_a == y.desc_a && x.desc_b == y.desc_b && x.n == y.n && x.is_f16 == y.is_f16 &&
+             x.a_in_regs == y.a_in_regs && x.trans_b == y.trans_b && x.accumulate == y.accumulate;
+    };
+    for (int i = 0; i < kWarpSize; ++i) {
+      const Wgmma& other = st.wgmma_slot[w][i];
+      if (!same_shape(other, slot)) EMU_ERROR("lanes 0 and %d of warp %d issue different wgmma", i, w);
+      op.acc[i] = other.acc[0];
+      for (int r = 0; r < 4; ++r) op.a[i][r] = other.a[0][r];
+    }
+    if (!op.a_in_regs) check_descriptor(op.desc_a);
+    check_descriptor(op.desc_b);
+    WgmmaState& group = st.wgmma[w - w % 4];  // the warpgroup's log lives with its first warp
+    if (group.log_epoch != st.epoch) {
+      group.log_epoch = st.epoch;
+      group.log.clear();
+      for (int v = w - w % 4; v < w - w % 4 + 4; ++v) st.wgmma[v].logged = 0;
+    }
+    if (ws.logged == group.log.size())
+      group.log.push_back(op);
+    else if (!same_shape(group.log[ws.logged], op))
+      EMU_ERROR("warp %d's wgmma differs from the one its warpgroup issued in that place", w);
+    ++ws.logged;
+    ws.uncommitted.push_back(op);
+  }
+  warp_release();
+}
+
+inline void wgmma_commit() {
+  warp_barrier(kOpWgmmaCommit);
+  if (lane() == 0) {
+    WgmmaState& ws = state().wgmma[warp()];
+    ws.groups.push_back(std::move(ws.uncommitted));
+    ws.uncommitted.clear();
+  }
+  warp_release();
+}
+
+// This warp's 16 rows of one product: D[16w' + r][c] (+)= sum_k A[16w' + r][k] B[k][c], w' = the warp's index in
+// its warpgroup; products exact in float, summed in k order onto the accumulator (as mma_m16n8k16).
+inline void wgmma_execute(const Wgmma& op) {
+  State& st = state();
+  const int w = warp(), rows0 = 16 * (w % 4);
+  if (op.epoch != st.epoch) EMU_ERROR("a wgmma group of warp %d waited for after a __syncthreads: not emulated", w);
+  const auto to_float = [&](uint16_t bits) { return op.is_f16 ? half_bits_to_float(bits) : bf16_bits_to_float(bits); };
+  float A[16][16];
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) {
+      if (op.a_in_regs) {  // the mma.m16n8k16 A layout, per warp
+        const uint32_t reg = op.a[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)];
+        A[r][k] = to_float(k % 2 ? reg >> 16 : reg & 0xffffu);
+      } else {
+        A[r][k] = to_float(wgmma_load16(op.desc_a, k_major_offset(op.desc_a, rows0 + r, k)));
+      }
+    }
+  std::vector<float> B(16 * size_t(op.n));  // B[k][c]
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < op.n; ++c)
+      B[k * op.n + c] = to_float(wgmma_load16(
+          op.desc_b, op.trans_b ? mn_major_offset(op.desc_b, k, c) : k_major_offset(op.desc_b, c, k)));
+  for (int l = 0; l < kWarpSize; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < op.n / 2; ++i) {  // element i of the lane's acc[N / 8][4]: n-tile i / 4, element i % 4
+      const int r = g + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * t + (i & 1);
+      float sum = op.accumulate ? op.acc[l][i] : 0.f;
+      for (int k = 0; k < 16; ++k) sum += A[r][k] * B[k * op.n + c];
+      op.acc[l][i] = sum;
+    }
+  }
+}
+
+// wgmma.wait_group n: all but the newest n committed groups are done; their results land now.
+inline void wgmma_wait(int n) {
+  warp_barrier(kOpWgmmaWait);
+  if (lane() == 0) {
+    WgmmaState& ws = state().wgmma[warp()];
+    if (!ws.uncommitted.empty()) EMU_ERROR("wgmma.wait_group with products of warp %d not committed", warp());
+    while (static_cast<int>(ws.groups.size()) > n) {
+      for (const Wgmma& op : ws.groups.front()) wgmma_execute(op);
+      ws.groups.pop_front();
+    }
+    ws.fenced = false;
+  }
+  warp_release();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Running a grid: blocks one after the other; within a block, warps one at a time (see launch).
 // ---------------------------------------------------------------------------------------------------------------
 inline void thread_entry() {
@@ -586,9 +791,11 @@ inline bool launch(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void(
         st.epoch = 0;
         std::memset(st.smem.data(), 0xff, smem_bytes);  // NaN in fp16 and bf16
         st.shadow.assign(smem_bytes / 2 + 8, Shadow{});
+        for (int w = 0; w < st.block_threads / kWarpSize; ++w) st.wgmma[w] = WgmmaState{};
         for (int i = 0; i < st.block_threads; ++i) {
           Thread& t = st.threads[i];
           st.copies[i] = AsyncCopies{};
+          st.unfenced[i].clear();
           getcontext(&t.context);
           t.context.uc_stack.ss_sp = t.stack.get();
           t.context.uc_stack.ss_size = Thread::kStackBytes;
@@ -616,6 +823,11 @@ inline bool launch(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void(
           if (!st.copies[i].uncommitted.empty() || !st.copies[i].groups.empty()) {
             st.current = i;
             EMU_ERROR("thread exits with cp.async copies not waited for");
+          }
+        for (int w = 0; w < st.block_threads / kWarpSize; ++w)
+          if (!st.wgmma[w].uncommitted.empty() || !st.wgmma[w].groups.empty()) {
+            st.current = w * kWarpSize;
+            EMU_ERROR("warp exits with wgmma products not waited for");
           }
       }
   return true;
