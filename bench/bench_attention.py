@@ -66,7 +66,7 @@ def implementations(device: torch.device, include_interpreter: bool, compile_mod
         return run
 
     def mma_sync_products(run):
-        """run with the CUDA forward kernel's products as mma.sync (wgmma is its default on Hopper)."""
+        """run with the CUDA attention kernels' products as mma.sync (wgmma is their default on Hopper)."""
         def wrapped(*args):
             previous = os.environ.get("FASTGPT_CUDA_WGMMA")
             os.environ["FASTGPT_CUDA_WGMMA"] = "off"

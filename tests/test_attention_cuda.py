@@ -4,8 +4,8 @@ torch.ops.fastgpt.attention_fwd / attention_bwd on a GPU over the attention issu
 2048+), head dims 64 and 128, causal (top-left aligned), key-padding / full boolean / additive masks, GQA, fp16
 and bf16, strided (packed QKV) inputs; dropout against the very mask fastgpt.ops.philox draws for the seed (the
 Triton kernel's), fully masked rows, determinism, and the argument checks. Each result must be within 2x of
-PyTorch's own same-dtype error (tests/utils.py). On a Hopper GPU every test runs twice, with the forward kernel's
-wgmma products (FASTGPT_CUDA_WGMMA=auto, the default there) and with its mma.sync ones (off). Skipped, with the
+PyTorch's own same-dtype error (tests/utils.py). On a Hopper GPU every test runs twice, with the kernels' matrix
+products as wgmma (FASTGPT_CUDA_WGMMA=auto, the default there) and as mma.sync (off). Skipped, with the
 reason, without a GPU or a CUDA build.
 
 On a GPU, also under compute-sanitizer (each should report 0 errors):
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
     not CUDA_ATTENTION, reason="needs a CUDA GPU and fastgpt._C built with its CUDA kernels (csrc/cuda/attention.cu)")
 
 DTYPES = [torch.float16, torch.bfloat16]
-# The forward kernel's products: wgmma on compute capability 9.x unless FASTGPT_CUDA_WGMMA=off; mma.sync elsewhere.
+# The kernels' products: wgmma on compute capability 9.x unless FASTGPT_CUDA_WGMMA=off; mma.sync elsewhere.
 PRODUCTS = ["auto", "off"] if CUDA_ATTENTION and torch.cuda.get_device_capability()[0] == 9 else ["auto"]
 MASKS = [None, "key_padding", "bool", "additive"]
 

@@ -5,8 +5,8 @@ of the CUDA primitives they use (FASTGPT_PTX_EMULATION: csrc/cuda/attention_comm
 tests/cuda_emulator/ptx_emulated.h instead of csrc/cuda/ptx.cuh). The emulator runs each thread block as 128
 cooperative threads with the PTX register layouts of ldmatrix, mma.m16n8k16 and shfl, cp.async copies that land as
 late as allowed, and checks for shared-memory races between warps, reads of in-flight copies, out-of-bounds
-accesses and divergent barriers. The forward kernel runs twice: with its mma.sync products ("fwd") and with its
-sm_90a wgmma products ("fwd-wgmma"), which the emulator computes at their wait from shared memory read through the
+accesses and divergent barriers. Every kernel runs twice: with its mma.sync products ("fwd", "bwd") and with its
+sm_90a wgmma products ("fwd-wgmma", "bwd-wgmma"), which the emulator computes at their wait from shared memory read through the
 matrix descriptors as the PTX ISA's canonical 128-byte-swizzle layouts define them; it also checks the wgmma fence,
 commit and wait sequence, descriptors that agree across the warpgroup, and the fence.proxy.async between the
 cp.async copies and the products that read them. The harness compares out, lse, delta, dQ, dK and dV with a float64 reference,
@@ -30,7 +30,7 @@ import subprocess
 import pytest
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "fwd-wgmma", "bwd"])
+@pytest.mark.parametrize("kernel", ["fwd", "fwd-wgmma", "bwd", "bwd-wgmma"])
 def test_attention_kernel_emulated(emulated_kernels, kernel):
     harness = emulated_kernels("attention")
     res = subprocess.run([str(harness), kernel], capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@
 //   broadcastable to (B, H, Lq, Lk) (read through expanded strides, never materialised), not together with
 //   is_causal; dropout_p in [0, 1); seed an int64 CPU scalar.
 // Compile-time variants: dtype x head dim x {no mask, causal, mask tensor} x {dropout, none}, chosen by dispatch(),
-// and for the forward kernel its products: wgmma or mma.sync (use_wgmma).
+// and the kernels' products: wgmma or mma.sync (use_wgmma).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -172,7 +172,7 @@ Params make_params(const Shape& s, const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
-// Whether the forward kernel runs its products as wgmma: on a GPU of compute capability 9.x (Hopper), unless the
+// Whether the kernels run their products as wgmma: on a GPU of compute capability 9.x (Hopper), unless the
 // environment variable FASTGPT_CUDA_WGMMA is "off" (mma.sync there too: the benchmark compares the two). Read at each
 // call, as the Triton backend reads FASTGPT_TRITON_TMA. A build without sm_90a code runs mma.sync either way (see
 // kHasWgmma in ptx.cuh).
@@ -253,17 +253,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_st = strides_of(dq);
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
+  const bool wgmma = use_wgmma(q.device());
   dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0,
            [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
              // delta = rowsum(dO * O); its instantiation depends on (T, D) only.
              launch(attention::attention_bwd_preprocess_kernel<T, D>,
                     dim3(ceil_div(s.batch * s.heads * s.len_q, attention::kDeltaRowsPerBlock)), 0, p);
              using DqTile = attention::BwdDqTile<D>;
-             launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout>,
-                    dim3(ceil_div(s.len_q, DqTile::kBlockM), s.heads, s.batch), DqTile::kSmemBytes, p);
              using DkvTile = attention::BwdDkvTile<D>;
-             launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout>,
-                    dim3(ceil_div(s.len_k, DkvTile::kBlockN), s.kv_heads, s.batch), DkvTile::kSmemBytes, p);
+             const dim3 dq_grid(ceil_div(s.len_q, DqTile::kBlockM), s.heads, s.batch);
+             const dim3 dkdv_grid(ceil_div(s.len_k, DkvTile::kBlockN), s.kv_heads, s.batch);
+             if (wgmma) {
+               launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout, true>, dq_grid, DqTile::kSmemBytes, p);
+               launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout, true>, dkdv_grid,
+                      DkvTile::kSmemBytes, p);
+             } else {
+               launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout, false>, dq_grid, DqTile::kSmemBytes,
+                      p);
+               launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout, false>, dkdv_grid,
+                      DkvTile::kSmemBytes, p);
+             }
            });
   return {dq, dk, dv};
 }

@@ -17,6 +17,10 @@
 // out of the mma accumulators already in the A layout that dV += P^T dO and dK += dS^T Q consume: nothing passes
 // through shared memory. K and V stay in shared memory for the block's life; Q, dO, lse and delta stream through
 // a double buffer.
+//
+// As in the forward kernel (attention_fwd.cuh), kWgmma on sm_90a runs every product as a warpgroup's wgmma chain:
+// the products with both operands in shared memory (S, dP and their transposes) read them there, those with A in
+// registers (dS, Pd^T, dS^T) read B from shared memory MN-major; the register tiles are the same either way.
 #pragma once
 
 #include "attention_common.cuh"
@@ -78,8 +82,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_preprocess_kernel(cons
   if (row < rows && threadIdx.x % kLanesPerRow == 0) p.delta[row] = sum;
 }
 
-template <typename T, int D, MaskMode kMode, bool kDropout>
+template <typename T, int D, MaskMode kMode, bool kDropout, bool kWgmma>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
+  static_assert(kThreads == 128 && BwdDqTile<D>::kBlockM == 64, "wgmma: the block is one warpgroup of 64 rows");
+  constexpr bool kUseWgmma = kWgmma && kHasWgmma;  // mma.sync where this pass does not target sm_90a
   using Tile = BwdDqTile<D>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   unsigned char* smem = dynamic_smem();
@@ -135,8 +141,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kUseWgmma) fence_proxy_async();  // the copies' bytes, visible to the wgmma that read them next
     __syncthreads();
-    if (nb == 0) {
+    if (!kUseWgmma && nb == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         load_a<D>(q_frag[kk], q_tile, warp * 16, kk * 16);
@@ -145,10 +152,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
     }
 
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];  // 16 x kBlockN each
-    zero(s);
-    zero(dp);
-    gemm_rs<kBlockN, D, false, D, T>(s, q_frag, k_tile);    // S = Q K^T
-    gemm_rs<kBlockN, D, false, D, T>(dp, do_frag, v_tile);  // dP = dO V^T
+    if constexpr (kUseWgmma) {
+      wgmma_gemm_ss<kBlockN, D, D>(s, q_tile, k_tile);    // S = Q K^T
+      wgmma_gemm_ss<kBlockN, D, D>(dp, do_tile, v_tile);  // dP = dO V^T
+    } else {
+      zero(s);
+      zero(dp);
+      gemm_rs<kBlockN, D, false, D, T>(s, q_frag, k_tile);    // S = Q K^T
+      gemm_rs<kBlockN, D, false, D, T>(dp, do_frag, v_tile);  // dP = dO V^T
+    }
     const bool check = n0 + kBlockN > p.len_k || (kMode == MaskMode::kCausal && n0 + kBlockN - 1 > row0);
     scale_and_mask<kMode, false, T>(s, p, b, h, row0, n0, check);
     if constexpr (kDropout)
@@ -162,7 +174,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
       }
     uint32_t ds_frag[kBlockN / 16][4];
     acc_to_a<T, kBlockN>(ds_frag, s);
-    gemm_rs<D, kBlockN, true, D, T>(dq, ds_frag, k_tile);  // dQ += dS K: B = K, stored as K [key][dim]
+    if constexpr (kUseWgmma)
+      wgmma_gemm_rs<D, kBlockN, D>(dq, ds_frag, k_tile);  // dQ += dS K
+    else
+      gemm_rs<D, kBlockN, true, D, T>(dq, ds_frag, k_tile);  // dQ += dS K: B = K, stored as K [key][dim]
     __syncthreads();
   }
   if (n_blocks == 0) cp_async_wait<0>();
@@ -172,8 +187,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
   store_rows<T>(dq_out, p.dq_st.l, row0, p.len_q, dq, dq_scale);
 }
 
-template <typename T, int D, MaskMode kMode, bool kDropout>
+template <typename T, int D, MaskMode kMode, bool kDropout, bool kWgmma>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
+  static_assert(kThreads == 128 && BwdDkvTile<D>::kBlockN == 64, "wgmma: the block is one warpgroup of 64 rows");
+  constexpr bool kUseWgmma = kWgmma && kHasWgmma;  // mma.sync where this pass does not target sm_90a
   using Tile = BwdDkvTile<D>;
   constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM;
   unsigned char* smem = dynamic_smem();
@@ -235,13 +252,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (kUseWgmma) fence_proxy_async();  // the copies' bytes, visible to the wgmma that read them next
     __syncthreads();
 
     float s[kBlockM / 8][4], dp[kBlockM / 8][4];  // 16 keys x kBlockM queries each: S^T and dP^T
-    zero(s);
-    zero(dp);
-    gemm_ss<kBlockM, D, false, D, T>(s, k_tile, warp * 16, q_tile);    // S^T = K Q^T: B = Q^T, stored as Q
-    gemm_ss<kBlockM, D, false, D, T>(dp, v_tile, warp * 16, do_tile);  // dP^T = V dO^T: B = dO^T, stored as dO
+    if constexpr (kUseWgmma) {
+      wgmma_gemm_ss<kBlockM, D, D>(s, k_tile, q_tile);    // S^T = K Q^T
+      wgmma_gemm_ss<kBlockM, D, D>(dp, v_tile, do_tile);  // dP^T = V dO^T
+    } else {
+      zero(s);
+      zero(dp);
+      gemm_ss<kBlockM, D, false, D, T>(s, k_tile, warp * 16, q_tile);    // S^T = K Q^T: B = Q^T, stored as Q
+      gemm_ss<kBlockM, D, false, D, T>(dp, v_tile, warp * 16, do_tile);  // dP^T = V dO^T: B = dO^T, stored as dO
+    }
     const bool check = key0 + 16 > p.len_k || m0 + kBlockM > p.len_q ||
                        (kMode == MaskMode::kCausal && key0 + 15 > m0);
     scale_and_mask<kMode, true, T>(s, p, b, h, key0, m0, check);
@@ -265,13 +288,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
     }
     uint32_t a_frag[kBlockM / 16][4];
     acc_to_a<T, kBlockM>(a_frag, pd);
-    gemm_rs<D, kBlockM, true, D, T>(dv, a_frag, do_tile);  // dV += Pd^T dO: B = dO, stored as dO [query][dim]
+    if constexpr (kUseWgmma)
+      wgmma_gemm_rs<D, kBlockM, D>(dv, a_frag, do_tile);  // dV += Pd^T dO
+    else
+      gemm_rs<D, kBlockM, true, D, T>(dv, a_frag, do_tile);  // dV += Pd^T dO: B = dO, stored as dO [query][dim]
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] *= dp[nt][e] - delta[frag_col(0, nt, e)];  // dS^T (without scale)
     acc_to_a<T, kBlockM>(a_frag, s);
-    gemm_rs<D, kBlockM, true, D, T>(dk, a_frag, q_tile);  // dK += dS^T Q: B = Q, stored as Q [query][dim]
+    if constexpr (kUseWgmma)
+      wgmma_gemm_rs<D, kBlockM, D>(dk, a_frag, q_tile);  // dK += dS^T Q
+    else
+      gemm_rs<D, kBlockM, true, D, T>(dk, a_frag, q_tile);  // dK += dS^T Q: B = Q, stored as Q [query][dim]
     __syncthreads();
   }
   if (iterations == 0) cp_async_wait<0>();

@@ -232,7 +232,8 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[N / 8][4], const T* a_tile,
 }
 
 // sm_90a (see ptx.cuh for the fence sequence). acc (the warpgroup's 64 x N, this warp's 16 rows) = A B with
-// A = the 64 x K a_tile and B^T = the N x K b_tile, both K-major (S = Q K^T: A = Q, B^T = K, both [row][dim]).
+// A = the 64 x K a_tile and B^T = the N x K b_tile, both K-major (S = Q K^T: A = Q, B^T = K, both [row][dim]; the
+// dK/dV kernel's S^T = K Q^T: A = K, B^T = Q).
 template <int N, int K, int COLS, typename T>
 __device__ __forceinline__ void wgmma_gemm_ss(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile) {
   fence_operands(acc);
@@ -246,7 +247,7 @@ __device__ __forceinline__ void wgmma_gemm_ss(float (&acc)[N / 8][4], const T* a
 }
 
 // acc (64 x N) += A B with A in registers (this warp's 16 rows, K / 16 fragments) and B = the K x N b_tile, MN-major
-// (O += P V: B = V, [key][dim]).
+// (O += P V: B = V, [key][dim]; dQ += dS K; dV += Pd^T dO and dK += dS^T Q: B = dO or Q, [query][dim]).
 template <int N, int K, int COLS, typename T>
 __device__ __forceinline__ void wgmma_gemm_rs(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
                                               const T* b_tile) {

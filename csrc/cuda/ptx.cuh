@@ -121,12 +121,12 @@ __device__ __forceinline__ void fence_operands(float (&acc)[NT][4]) {
 
 // The accumulator operands of an m64nNk16 product, acc[N / 8][4] in order, and their place holders in the PTX.
 #define FASTGPT_ACC4(i) "+f"(acc[i][0]), "+f"(acc[i][1]), "+f"(acc[i][2]), "+f"(acc[i][3])
-#define FASTGPT_ACC_N64                                                                                         \
-  FASTGPT_ACC4(0), FASTGPT_ACC4(1), FASTGPT_ACC4(2), FASTGPT_ACC4(3), FASTGPT_ACC4(4), FASTGPT_ACC4(5),          \
-      FASTGPT_ACC4(6), FASTGPT_ACC4(7)
+#define FASTGPT_ACC_N32 FASTGPT_ACC4(0), FASTGPT_ACC4(1), FASTGPT_ACC4(2), FASTGPT_ACC4(3)
+#define FASTGPT_ACC_N64 FASTGPT_ACC_N32, FASTGPT_ACC4(4), FASTGPT_ACC4(5), FASTGPT_ACC4(6), FASTGPT_ACC4(7)
 #define FASTGPT_ACC_N128                                                                                        \
   FASTGPT_ACC_N64, FASTGPT_ACC4(8), FASTGPT_ACC4(9), FASTGPT_ACC4(10), FASTGPT_ACC4(11), FASTGPT_ACC4(12),       \
       FASTGPT_ACC4(13), FASTGPT_ACC4(14), FASTGPT_ACC4(15)
+#define FASTGPT_REGS_N32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define FASTGPT_REGS_N64                                                                                        \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "   \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -139,7 +139,8 @@ __device__ __forceinline__ void fence_operands(float (&acc)[NT][4]) {
 #define FASTGPT_WGMMA(shape, type, regs, scale, rest)                                                            \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %" scale ", 0;\n"                                                            \
   "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " " regs rest ";\n}\n"
-// A and B from descriptors (imm-trans-a = imm-trans-b = 0: both K-major), N = 64.
+// A and B from descriptors (imm-trans-a = imm-trans-b = 0: both K-major).
+#define FASTGPT_WGMMA_SS_N32(type) FASTGPT_WGMMA("m64n32k16", type, FASTGPT_REGS_N32, "18", ", %16, %17, p, 1, 1, 0, 0")
 #define FASTGPT_WGMMA_SS_N64(type) FASTGPT_WGMMA("m64n64k16", type, FASTGPT_REGS_N64, "34", ", %32, %33, p, 1, 1, 0, 0")
 // A from registers, B from a descriptor, MN-major (imm-trans-b = 1).
 #define FASTGPT_WGMMA_RS_N64(type)                                                                               \
@@ -148,12 +149,17 @@ __device__ __forceinline__ void fence_operands(float (&acc)[NT][4]) {
   FASTGPT_WGMMA("m64n128k16", type, FASTGPT_REGS_N128, "69", ", {%64, %65, %66, %67}, %68, p, 1, 1, 1")
 
 // acc (64 x N per warpgroup) = A B (+ acc if accumulate): A (64 x 16) and B (16 x N) both K-major in shared memory,
-// given by their descriptors. N = 64.
+// given by their descriptors. N = 32 or 64: the score tiles' keys (or, transposed, queries).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&acc)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(N == 64, "the score tile: 64 keys");
+  static_assert(N == 32 || N == 64, "score tiles of 32 or 64 columns");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (std::is_same_v<T, __half>)
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (N == 32 && kHalf)
+    asm volatile(FASTGPT_WGMMA_SS_N32("f16") : FASTGPT_ACC_N32 : "l"(desc_a), "l"(desc_b), "r"(int{accumulate}));
+  else if constexpr (N == 32)
+    asm volatile(FASTGPT_WGMMA_SS_N32("bf16") : FASTGPT_ACC_N32 : "l"(desc_a), "l"(desc_b), "r"(int{accumulate}));
+  else if constexpr (kHalf)
     asm volatile(FASTGPT_WGMMA_SS_N64("f16") : FASTGPT_ACC_N64 : "l"(desc_a), "l"(desc_b), "r"(int{accumulate}));
   else
     asm volatile(FASTGPT_WGMMA_SS_N64("bf16") : FASTGPT_ACC_N64 : "l"(desc_a), "l"(desc_b), "r"(int{accumulate}));
@@ -193,11 +199,14 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[N / 8][4], const uint32_t 
 #undef FASTGPT_WGMMA_RS_N128
 #undef FASTGPT_WGMMA_RS_N64
 #undef FASTGPT_WGMMA_SS_N64
+#undef FASTGPT_WGMMA_SS_N32
 #undef FASTGPT_WGMMA
 #undef FASTGPT_REGS_N128
 #undef FASTGPT_REGS_N64
+#undef FASTGPT_REGS_N32
 #undef FASTGPT_ACC_N128
 #undef FASTGPT_ACC_N64
+#undef FASTGPT_ACC_N32
 #undef FASTGPT_ACC4
 
 }  // namespace attention

@@ -2,9 +2,9 @@
 // (emulator.h) over a list of cases, and compares them with a float64 reference. Build (from the repository root):
 //   g++ -std=c++20 -O2 -fno-strict-aliasing -DFASTGPT_PTX_EMULATION -Icsrc -Icsrc/cuda -Itests/cuda_emulator
 //       tests/cuda_emulator/attention.cpp -o attention
-// Usage: attention fwd|fwd-wgmma|bwd [case index]. "fwd" runs the forward kernel with its mma.sync products,
-// "fwd-wgmma" with its sm_90a wgmma products; "bwd" runs the forward kernel (mma.sync) first and feeds its out and
-// lse to the three backward kernels, as the op does. One line per case, then the shared-memory bank counts of all
+// Usage: attention fwd|fwd-wgmma|bwd|bwd-wgmma [case index]. "fwd" runs the forward kernel with its mma.sync
+// products, "fwd-wgmma" with its sm_90a wgmma products; "bwd" runs the forward kernel first and feeds its out and
+// lse to the three backward kernels, as the op does, all with mma.sync, "bwd-wgmma" all with wgmma. One line per case, then the shared-memory bank counts of all
 // the launches; exit status 1 if any case fails or any ldmatrix or cp.async phase conflicts (takes more than one
 // wavefront).
 //
@@ -102,11 +102,12 @@ struct Check {
   }
 };
 
-enum class Pass { kForward, kForwardWgmma, kBackward };
+enum class Pass { kForward, kForwardWgmma, kBackward, kBackwardWgmma };
 
 template <typename T, int D, MaskMode kMode, bool kDropout>
 bool run_case(int index, const Case& c, Pass pass) {
-  const bool backward = pass == Pass::kBackward;
+  const bool backward = pass == Pass::kBackward || pass == Pass::kBackwardWgmma;
+  const bool wgmma = pass == Pass::kForwardWgmma || pass == Pass::kBackwardWgmma;
   const int B = c.batch, H = c.heads, Hk = c.kv_heads, Lq = c.len_q, Lk = c.len_k, G = H / Hk;
   const double u = kIsHalf<T> ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
   const double scale = 1.3 / std::sqrt(double{D});
@@ -273,7 +274,7 @@ bool run_case(int index, const Case& c, Pass pass) {
   cuda_emu::reset_errors();
   const auto cdiv = [](int64_t a, int64_t b) { return unsigned((a + b - 1) / b); };
   bool ran = cuda_emu::launch({cdiv(Lq, FwdTile<D>::kBlockM), unsigned(H), unsigned(B)}, FwdTile<D>::kSmemBytes, [&] {
-    if (pass == Pass::kForwardWgmma)
+    if (wgmma)
       attention_fwd_kernel<T, D, kMode, kDropout, true>(p);
     else
       attention_fwd_kernel<T, D, kMode, kDropout, false>(p);
@@ -311,10 +312,19 @@ bool run_case(int index, const Case& c, Pass pass) {
     ran = ran && cuda_emu::launch({cdiv(int64_t{B} * H * Lq, kDeltaRowsPerBlock), 1, 1}, 0,
                                   [&] { attention_bwd_preprocess_kernel<T, D>(p); });
     ran = ran && cuda_emu::launch({cdiv(Lq, BwdDqTile<D>::kBlockM), unsigned(H), unsigned(B)},
-                                  BwdDqTile<D>::kSmemBytes, [&] { attention_bwd_dq_kernel<T, D, kMode, kDropout>(p); });
+                                  BwdDqTile<D>::kSmemBytes, [&] {
+                                    if (wgmma)
+                                      attention_bwd_dq_kernel<T, D, kMode, kDropout, true>(p);
+                                    else
+                                      attention_bwd_dq_kernel<T, D, kMode, kDropout, false>(p);
+                                  });
     ran = ran && cuda_emu::launch({cdiv(Lk, BwdDkvTile<D>::kBlockN), unsigned(Hk), unsigned(B)},
-                                  BwdDkvTile<D>::kSmemBytes,
-                                  [&] { attention_bwd_dkdv_kernel<T, D, kMode, kDropout>(p); });
+                                  BwdDkvTile<D>::kSmemBytes, [&] {
+                                    if (wgmma)
+                                      attention_bwd_dkdv_kernel<T, D, kMode, kDropout, true>(p);
+                                    else
+                                      attention_bwd_dkdv_kernel<T, D, kMode, kDropout, false>(p);
+                                  });
     // delta: the fp32 rowsum(dO * out) of the kernel's own out against float64; exact products, D fp32 additions.
     Check ch{"delta"};
     for (int b = 0; b < B; ++b)
@@ -336,7 +346,7 @@ bool run_case(int index, const Case& c, Pass pass) {
   const bool ok = report.ok && ran && emu_errors == 0;
   const char* verdict = ok ? "ok" : "FAIL";
   std::printf("%-5s case %2d %s %s D%-3d %-8s drop %.2f B%d H%d Hk%d Lq%d Lk%d%s |%s | emu errors %d\n",
-              verdict, index, backward ? "bwd" : pass == Pass::kForwardWgmma ? "fwd-wgmma" : "fwd",
+              verdict, index, backward ? (wgmma ? "bwd-wgmma" : "bwd") : wgmma ? "fwd-wgmma" : "fwd",
               kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask), c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.text.c_str(), emu_errors);
   std::fflush(stdout);
   return ok;
@@ -374,11 +384,14 @@ const Row kCases[] = {
 
 int main(int argc, char** argv) {
   const std::string kernel = argc > 1 ? argv[1] : "";
-  if (kernel != "fwd" && kernel != "fwd-wgmma" && kernel != "bwd") {
-    std::fprintf(stderr, "usage: %s fwd|fwd-wgmma|bwd [case index]\n", argv[0]);
+  const Pass pass = kernel == "fwd"         ? Pass::kForward
+                    : kernel == "fwd-wgmma" ? Pass::kForwardWgmma
+                    : kernel == "bwd"       ? Pass::kBackward
+                                            : Pass::kBackwardWgmma;
+  if (kernel != "fwd" && kernel != "fwd-wgmma" && kernel != "bwd" && kernel != "bwd-wgmma") {
+    std::fprintf(stderr, "usage: %s fwd|fwd-wgmma|bwd|bwd-wgmma [case index]\n", argv[0]);
     return 2;
   }
-  const Pass pass = kernel == "bwd" ? Pass::kBackward : kernel == "fwd" ? Pass::kForward : Pass::kForwardWgmma;
   const int only = argc > 2 ? std::atoi(argv[2]) : -1;
   int failed = 0, n = 0;
   for (int i = 0; i < int(std::size(kCases)); ++i) {
