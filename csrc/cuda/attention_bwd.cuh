@@ -153,8 +153,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
 
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];  // 16 x kBlockN each
     if constexpr (kUseWgmma) {
-      wgmma_gemm_ss<kBlockN, D, D>(s, q_tile, k_tile);    // S = Q K^T
-      wgmma_gemm_ss<kBlockN, D, D>(dp, do_tile, v_tile);  // dP = dO V^T
+      wgmma_gemm_ss2<kBlockN, D, D>(s, q_tile, k_tile, dp, do_tile, v_tile);  // S = Q K^T, dP = dO V^T
     } else {
       zero(s);
       zero(dp);
@@ -257,8 +256,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
 
     float s[kBlockM / 8][4], dp[kBlockM / 8][4];  // 16 keys x kBlockM queries each: S^T and dP^T
     if constexpr (kUseWgmma) {
-      wgmma_gemm_ss<kBlockM, D, D>(s, k_tile, q_tile);    // S^T = K Q^T
-      wgmma_gemm_ss<kBlockM, D, D>(dp, v_tile, do_tile);  // dP^T = V dO^T
+      wgmma_gemm_ss2<kBlockM, D, D>(s, k_tile, q_tile, dp, v_tile, do_tile);  // S^T = K Q^T, dP^T = V dO^T
     } else {
       zero(s);
       zero(dp);

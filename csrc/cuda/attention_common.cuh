@@ -235,15 +235,36 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[N / 8][4], const T* a_tile,
 // A = the 64 x K a_tile and B^T = the N x K b_tile, both K-major (S = Q K^T: A = Q, B^T = K, both [row][dim]; the
 // dK/dV kernel's S^T = K Q^T: A = K, B^T = Q).
 template <int N, int K, int COLS, typename T>
-__device__ __forceinline__ void wgmma_gemm_ss(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile) {
-  fence_operands(acc);
-  wgmma_fence();
+__device__ __forceinline__ void wgmma_issue_ss(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)
     wgmma_ss<T, N>(acc, desc_k_major<COLS>(a_tile, kk * 16), desc_k_major<COLS>(b_tile, kk * 16), kk > 0);
+}
+
+template <int N, int K, int COLS, typename T>
+__device__ __forceinline__ void wgmma_gemm_ss(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile) {
+  fence_operands(acc);
+  wgmma_fence();
+  wgmma_issue_ss<N, K, COLS>(acc, a_tile, b_tile);
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(acc);
+}
+
+// Two independent such products in one group (the backward's S and dP, or S^T and dP^T): the second chain is
+// queued behind the first instead of waiting for it.
+template <int N, int K, int COLS, typename T>
+__device__ __forceinline__ void wgmma_gemm_ss2(float (&acc0)[N / 8][4], const T* a0_tile, const T* b0_tile,
+                                               float (&acc1)[N / 8][4], const T* a1_tile, const T* b1_tile) {
+  fence_operands(acc0);
+  fence_operands(acc1);
+  wgmma_fence();
+  wgmma_issue_ss<N, K, COLS>(acc0, a0_tile, b0_tile);
+  wgmma_issue_ss<N, K, COLS>(acc1, a1_tile, b1_tile);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc0);
+  fence_operands(acc1);
 }
 
 // acc (64 x N) += A B with A in registers (this warp's 16 rows, K / 16 fragments) and B = the K x N b_tile, MN-major
