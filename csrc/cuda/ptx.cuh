@@ -1,10 +1,9 @@
 // The hardware primitives of the attention kernels: the block's dynamic shared memory, cp.async, ldmatrix and the
 // mma.sync m16n8k16 tensor-core product (sm_80+), and on sm_90a the warpgroup product wgmma with its fences, as
-// inline PTX. attention_common.cuh includes this header,
-// or, built with FASTGPT_PTX_EMULATION by a host compiler, tests/cuda_emulator/ptx_emulated.h, which defines the
-// same functions (and the CUDA built-ins the kernels use) on a CPU emulation of one thread block; whatever is added
-// here needs its emulated twin there. The register layouts of the mma fragments are described at the top of
-// attention_common.cuh.
+// inline PTX. attention_common.cuh includes this header, or, built with FASTGPT_PTX_EMULATION by a host compiler,
+// tests/cuda_emulator/ptx_emulated.h, which defines the same functions (and the CUDA built-ins the kernels use) on
+// a CPU emulation of one thread block; whatever is added here needs its emulated twin there. The register layouts
+// of the mma fragments are described at the top of attention_common.cuh.
 #pragma once
 
 #include <cuda_bf16.h>

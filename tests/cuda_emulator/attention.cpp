@@ -4,9 +4,9 @@
 //       tests/cuda_emulator/attention.cpp -o attention
 // Usage: attention fwd|fwd-wgmma|bwd|bwd-wgmma [case index]. "fwd" runs the forward kernel with its mma.sync
 // products, "fwd-wgmma" with its sm_90a wgmma products; "bwd" runs the forward kernel first and feeds its out and
-// lse to the three backward kernels, as the op does, all with mma.sync, "bwd-wgmma" all with wgmma. One line per case, then the shared-memory bank counts of all
-// the launches; exit status 1 if any case fails or any ldmatrix or cp.async phase conflicts (takes more than one
-// wavefront).
+// lse to the three backward kernels, as the op does, all with mma.sync, "bwd-wgmma" all with wgmma. One line per
+// case, then the shared-memory bank counts of all the launches; exit status 1 if any case fails or any ldmatrix or
+// cp.async phase conflicts (takes more than one wavefront).
 //
 // Tolerance. The reference works in float64 on the same 16-bit inputs, so the kernels' error comes from the
 // roundings they add: P (and Pd, dS) rounded to 16 bits before the second product, the 16-bit out that delta is
@@ -347,7 +347,8 @@ bool run_case(int index, const Case& c, Pass pass) {
   const char* verdict = ok ? "ok" : "FAIL";
   std::printf("%-5s case %2d %s %s D%-3d %-8s drop %.2f B%d H%d Hk%d Lq%d Lk%d%s |%s | emu errors %d\n",
               verdict, index, backward ? (wgmma ? "bwd-wgmma" : "bwd") : wgmma ? "fwd-wgmma" : "fwd",
-              kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask), c.dropout, B, H, Hk, Lq, Lk, c.packed ? " packed" : "", report.text.c_str(), emu_errors);
+              kIsHalf<T> ? "fp16" : "bf16", D, mask_name(c.mask), c.dropout, B, H, Hk, Lq, Lk,
+              c.packed ? " packed" : "", report.text.c_str(), emu_errors);
   std::fflush(stdout);
   return ok;
 }

@@ -41,14 +41,13 @@
 // wavefronts than phases are bank conflicts.
 // What it cannot see: timing and occupancy; bank conflicts other than those of ldmatrix and cp.async (wgmma's own
 // shared-memory reads included); whether the compiler keeps accumulator accesses out of a wgmma's flight (the
-// fence_operands of the kernels); the real
-// (weaker) ordering of memory operations, other than through the cp.async landing rule above; races through plain
-// C++ loads and stores to shared memory (only cp.async and ldmatrix accesses are tracked: the dK/dV kernel's lse /
-// delta rows and the static __shared__ arrays are not; nor are the statics filled with NaN before each block); the
-// approximation of rsqrtf; out-of-bounds plain global loads (the harness detects stray global stores with guard
-// zones); the accumulation order and rounding of the hardware mma (emulated here as a float32 sum in k order, exact
-// products) and the approximations of the hardware exp2 / log2; anything between blocks (blocks run one after the
-// other).
+// fence_operands of the kernels); the real (weaker) ordering of memory operations, other than through the cp.async
+// landing rule above; races through plain C++ loads and stores to shared memory (only cp.async and ldmatrix accesses
+// are tracked: the dK/dV kernel's lse / delta rows and the static __shared__ arrays are not; nor are the statics filled
+// with NaN before each block); the approximation of rsqrtf; out-of-bounds plain global loads (the harness detects stray
+// global stores with guard zones); the accumulation order and rounding of the hardware mma (emulated here as a float32
+// sum in k order, exact products) and the approximations of the hardware exp2 / log2; anything between blocks (blocks
+// run one after the other).
 #pragma once
 
 #include <ucontext.h>
@@ -193,8 +192,8 @@ struct Shadow {
 
 // One wgmma.mma_async of a warp: m64nNk16, this warp's 16 rows of D (+)= A B, computed when its group is waited for.
 struct Wgmma {
-  float* acc[32];            // each lane's accumulators, acc[N / 8][4] flattened
-  uint32_t a[32][4];         // A from registers: each lane's fragment (when a_in_regs)
+  float* acc[kWarpSize];     // each lane's accumulators, acc[N / 8][4] flattened
+  uint32_t a[kWarpSize][4];  // A from registers: each lane's fragment (when a_in_regs)
   uint64_t desc_a, desc_b;   // shared-memory matrix descriptors (desc_a unused when a_in_regs)
   int n;
   bool is_f16, a_in_regs, trans_b, accumulate;
@@ -205,8 +204,10 @@ struct WgmmaState {
   bool fenced = false;                    // a wgmma.fence since the warp's last wait_group
   std::vector<Wgmma> uncommitted;
   std::deque<std::vector<Wgmma>> groups;  // committed, oldest first
-  long log_epoch = -1;                    // the warpgroup's issues in that barrier interval, in order (warp 4k
-  std::vector<Wgmma> log;                 // keeps its warpgroup's), and how many of them this warp has matched
+  // Kept by a warpgroup's first warp: the warpgroup's issues in barrier interval log_epoch, in order, which the
+  // issues of its other warps must match; `logged` counts how many of them this warp has issued.
+  long log_epoch = -1;
+  std::vector<Wgmma> log;
   size_t logged = 0;
 };
 
