@@ -4,6 +4,7 @@ themselves are the benchmarks' business (bench/), never a test's."""
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastgpt
-from bench import common, profile_kernels, readme_table
+from bench import common, cuda_compile, profile_kernels, readme_table
 from bench.bench_model import flops_per_token
 from bench.bench_seq2seq import step_flops
 from fastgpt.models.gpt1 import GPT1, GPT1Config
@@ -254,3 +255,27 @@ def test_triton_choices_records_the_autotuners_picks():
     assert sorted(choice.split(":")[0] for choice in choices) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
     assert all("USE_TMA: False" in choice and "num_warps" in choice for choice in choices), choices
     assert all("run" not in vars(kernel) for kernel in kernels.AUTOTUNED)
+
+
+def test_cuda_compile_reads_ptxas_and_sass():
+    """bench.cuda_compile's parsers on the formats of ptxas -v and cuobjdump -sass (nvcc 13.0), predicated and
+    uniform-predicated instructions included; demangling where c++filt is installed."""
+    mangled = "_ZN7fastgpt9attention20attention_fwd_kernelI6__halfLi64ELNS0_8MaskModeE1ELb1ELb1EEEvNS0_6ParamsE"
+    log = (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_90a'\n"
+           "ptxas info    : Function properties for " + mangled + "\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 107 registers, used 1 barriers, 400 bytes cmem[0]\n")
+    assert cuda_compile.parse_ptxas(log) == {mangled: {"regs": 107, "stack": 8, "spill_stores": 4,
+                                                       "spill_loads": 12}}
+    sass = (f"\t\tFunction : {mangled}\n"
+            "        /*0100*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR8][R2.64] ;\n"
+            "        /*0110*/              @!P0 LDGSTS.E.BYPASS.LTC128B.128 [R7], desc[UR8][R4.64], P1 ;\n"
+            "        /*68f0*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR8], RZ, !UPT ;\n"
+            "        /*6900*/              @UP0 HGMMA.64x64x16.F32.BF16 R88, gdesc[UR8], R88 ;\n"
+            "        /*6910*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+            "\t\tFunction : other\n"
+            "        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n")
+    counts = cuda_compile.count_opcodes(sass)
+    assert counts[mangled] == {"LDGSTS": 2, "HGMMA": 2} and counts["other"] == {"HMMA": 1}
+    if shutil.which("c++filt"):
+        assert cuda_compile.demangle([mangled]) == {mangled: "attention_fwd_kernel<__half, 64, kCausal, true, true>"}
