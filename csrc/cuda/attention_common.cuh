@@ -111,9 +111,10 @@ __device__ __forceinline__ float to_float(T x) {
 // eight chunks of 16 bytes, and chunk c of row r is stored at chunk position c ^ (r % 8). This is the canonical
 // "128B swizzle" layout of the sm_90 wgmma operands (PTX ISA, "Shared Memory Matrix Layout"; its hardware swizzle
 // XORs address bits 4-6 with bits 7-9, so atoms must sit at 1024-byte boundaries, see dynamic_smem), read there
-// K-major for Q and K and MN-major for V; for COLS = 64 it is simply a row-major tile with the chunks of each row
-// permuted. ldmatrix reads one chunk from each of 8 consecutive rows of an atom: the XOR puts those 8 chunks in 8
-// different 16-byte bank groups, so neither ldmatrix nor the 16-byte cp.async stores conflict.
+// K-major by the score products and MN-major as the B of the products that take A from registers; for COLS = 64
+// it is simply a row-major tile with the chunks of each row permuted. ldmatrix reads one chunk from each of 8
+// consecutive rows of an atom: the XOR puts those 8 chunks in 8 different 16-byte bank groups, so neither ldmatrix
+// nor the 16-byte cp.async stores conflict.
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kAtomRows = 8, kAtomCols = 64, kAtomBytes = 1024;
 
