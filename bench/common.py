@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,21 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"CPU {platform.processor()} ({os.cpu_count()} cores)"
+
+
+def cuda_tool(name: str) -> str:
+    """The path of a CUDA toolkit program (nvcc, cuobjdump): Triton's wheel bundles some (cuobjdump, ptxas) and is
+    tried first, then CUDA_HOME/bin (default /usr/local/cuda), then PATH. Exits naming the program if none has it."""
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name), shutil.which(name)]
+    try:
+        import triton
+        candidates.insert(0, os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+    except ImportError:
+        pass
+    found = next((c for c in candidates if c and os.path.exists(c)), None)
+    if found is None:
+        sys.exit(f"{name} not found (in Triton's wheel, CUDA_HOME/bin or PATH)")
+    return found
 
 
 def device_slug(info: dict) -> str:

@@ -25,30 +25,16 @@ import datetime
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from .common import cuda_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The SASS opcodes the report counts, by column: tensor-core products, copies, ldmatrix.
 OPCODES = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDSM")
-
-
-def _tool(name: str) -> str:
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    candidates = [os.path.join(cuda_home, "bin", name), shutil.which(name)]
-    if name == "cuobjdump":
-        try:
-            import triton
-            candidates.insert(0, os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
-        except ImportError:
-            pass
-    found = next((c for c in candidates if c and os.path.exists(c)), None)
-    if found is None:
-        sys.exit(f"{name} not found (CUDA_HOME/bin, PATH{', Triton' if name == 'cuobjdump' else ''})")
-    return found
 
 
 def _includes() -> list[str]:
@@ -60,7 +46,7 @@ def _includes() -> list[str]:
 def compile_source(source: str, arch: str, workdir: str) -> tuple[str, str]:
     """(ptxas's verbose log, the cubin's path) for one source and one target, with setup.py's nvcc flags."""
     cubin = os.path.join(workdir, f"{os.path.basename(source)}.sm_{arch}.cubin")
-    cmd = [_tool("nvcc"), "-cubin", source, "-o", cubin, "-std=c++20", "-O3", "--use_fast_math",
+    cmd = [cuda_tool("nvcc"), "-cubin", source, "-o", cubin, "-std=c++20", "-O3", "--use_fast_math",
            "--expt-relaxed-constexpr", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-Xptxas", "-v",
            "-gencode", f"arch=compute_{arch},code=sm_{arch}", *_includes()]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -86,7 +72,7 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
 
 
 def sass_counts(cubin: str) -> dict[str, collections.Counter]:
-    return count_opcodes(subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+    return count_opcodes(subprocess.run([cuda_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                                         check=True).stdout)
 
 
@@ -153,7 +139,7 @@ def main() -> None:
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     if args.only:
         sources = [s for s in sources if os.path.basename(s)[:-3] in args.only]
-    version = re.search(r"release ([\d.]+)", subprocess.run([_tool("nvcc"), "--version"], capture_output=True,
+    version = re.search(r"release ([\d.]+)", subprocess.run([cuda_tool("nvcc"), "--version"], capture_output=True,
                                                             text=True).stdout)
     print(f"{datetime.date.today()}: nvcc {version.group(1) if version else '?'}, targets "
           f"{', '.join('sm_' + a for a in args.arch)}, {len(sources)} sources (spill: spill store + load bytes; "

@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 from fastgpt.kernels import attention, common, layer_norm, linear_gelu  # noqa: E402
+
+from .common import cuda_tool  # noqa: E402
 
 # Per-block shared memory a kernel may opt into, in bytes (CUDA programming guide, compute capabilities table),
 # and the register file per SM.
@@ -140,20 +141,13 @@ def _configs(launch: Launch) -> list[triton.Config | None]:
     return list(configs)
 
 
-def _cuobjdump() -> str:
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    found = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
-    if found is None:
-        sys.exit("cuobjdump not found (neither in Triton's wheel nor on PATH)")
-    return found
-
-
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, local-memory bytes per thread) from `cuobjdump -res-usage`."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([cuda_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump output:\n{out}")

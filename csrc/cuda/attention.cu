@@ -28,14 +28,20 @@ namespace {
 using attention::MaskMode;
 using attention::Params;
 
-// Calls body.template operator()<T, D, kMode, kDropout>() with the runtime choices as template arguments.
+// Calls body.template operator()<T, D, kMode, kDropout, kWgmma>() with the runtime choices as template arguments.
 template <typename Body>
-void dispatch(at::ScalarType dtype, int64_t head_dim, MaskMode mode, bool dropout, const Body& body) {
+void dispatch(at::ScalarType dtype, int64_t head_dim, MaskMode mode, bool dropout, bool wgmma, const Body& body) {
+  const auto with_wgmma = [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
+    if (wgmma)
+      body.template operator()<T, D, kMode, kDropout, true>();
+    else
+      body.template operator()<T, D, kMode, kDropout, false>();
+  };
   const auto with_dropout = [&]<typename T, int D, MaskMode kMode>() {
     if (dropout)
-      body.template operator()<T, D, kMode, true>();
+      with_wgmma.template operator()<T, D, kMode, true>();
     else
-      body.template operator()<T, D, kMode, false>();
+      with_wgmma.template operator()<T, D, kMode, false>();
   };
   const auto with_mode = [&]<typename T, int D>() {
     switch (mode) {
@@ -205,15 +211,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.out_w = out.mutable_data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse.mutable_data_ptr<float>();
-  const bool wgmma = use_wgmma(q.device());
-  dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0,
-           [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
+  dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0, use_wgmma(q.device()),
+           [&]<typename T, int D, MaskMode kMode, bool kDropout, bool kWgmma>() {
              using Tile = attention::FwdTile<D>;
-             const dim3 grid(ceil_div(s.len_q, Tile::kBlockM), s.heads, s.batch);
-             if (wgmma)
-               launch(attention::attention_fwd_kernel<T, D, kMode, kDropout, true>, grid, Tile::kSmemBytes, p);
-             else
-               launch(attention::attention_fwd_kernel<T, D, kMode, kDropout, false>, grid, Tile::kSmemBytes, p);
+             launch(attention::attention_fwd_kernel<T, D, kMode, kDropout, kWgmma>,
+                    dim3(ceil_div(s.len_q, Tile::kBlockM), s.heads, s.batch), Tile::kSmemBytes, p);
            });
   return {out, lse};
 }
@@ -253,26 +255,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_st = strides_of(dq);
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
-  const bool wgmma = use_wgmma(q.device());
-  dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0,
-           [&]<typename T, int D, MaskMode kMode, bool kDropout>() {
+  dispatch(q.scalar_type(), s.head_dim, mask_mode(attn_mask, is_causal), dropout_p > 0.0, use_wgmma(q.device()),
+           [&]<typename T, int D, MaskMode kMode, bool kDropout, bool kWgmma>() {
              // delta = rowsum(dO * O); its instantiation depends on (T, D) only.
              launch(attention::attention_bwd_preprocess_kernel<T, D>,
                     dim3(ceil_div(s.batch * s.heads * s.len_q, attention::kDeltaRowsPerBlock)), 0, p);
              using DqTile = attention::BwdDqTile<D>;
+             launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout, kWgmma>,
+                    dim3(ceil_div(s.len_q, DqTile::kBlockM), s.heads, s.batch), DqTile::kSmemBytes, p);
              using DkvTile = attention::BwdDkvTile<D>;
-             const dim3 dq_grid(ceil_div(s.len_q, DqTile::kBlockM), s.heads, s.batch);
-             const dim3 dkdv_grid(ceil_div(s.len_k, DkvTile::kBlockN), s.kv_heads, s.batch);
-             if (wgmma) {
-               launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout, true>, dq_grid, DqTile::kSmemBytes, p);
-               launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout, true>, dkdv_grid,
-                      DkvTile::kSmemBytes, p);
-             } else {
-               launch(attention::attention_bwd_dq_kernel<T, D, kMode, kDropout, false>, dq_grid, DqTile::kSmemBytes,
-                      p);
-               launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout, false>, dkdv_grid,
-                      DkvTile::kSmemBytes, p);
-             }
+             launch(attention::attention_bwd_dkdv_kernel<T, D, kMode, kDropout, kWgmma>,
+                    dim3(ceil_div(s.len_k, DkvTile::kBlockN), s.kv_heads, s.batch), DkvTile::kSmemBytes, p);
            });
   return {dq, dk, dv};
 }
