@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of Python ints, for the launchers: triton.cdiv and triton.next_power_of_2 are constexpr functions
     that cost 2 us a call from Python (Triton 3.6 and 3.9), a dozen of them per attention forward and backward."""
