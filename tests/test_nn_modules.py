@@ -409,6 +409,33 @@ def test_layer_runs_wrapped_and_hooked_submodules(device, backend, norm_first):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("kind", ["Encoder", "Decoder"])
+def test_layer_runs_replaced_dropouts(device, backend, kind):
+    """Dropout modules replaced by nn.Identity (a common way to strip dropout), the feed-forward's inner one
+    included, in training mode: the replacements run, with PyTorch's outputs and gradients. (The attention's own
+    dropout is a float, 0 here.)"""
+    torch.manual_seed(0)
+    cls = f"Transformer{kind}Layer"
+    theirs = getattr(torch.nn, cls)(E, H, 24, dropout=0.0, batch_first=True).to(device)
+    ours = getattr(fnn, cls)(E, H, 24, dropout=0.0, batch_first=True).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    for layer in (theirs, ours):
+        for name, module in list(layer.named_children()):
+            if isinstance(module, torch.nn.Dropout):
+                setattr(layer, name, torch.nn.Identity())
+    args = (torch.randn(B, L, E, device=device),) + ((torch.randn(B, S, E, device=device),) if kind == "Decoder"
+                                                     else ())
+    with fastgpt.use_backend(backend):
+        out = ours(*args)
+    expected = theirs(*args)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs.get_parameter(name).grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_monte_carlo_dropout_follows_the_dropout_module(device, backend):
     """model.eval() with the dropout modules put back in training mode (Monte Carlo dropout): every dropout
     applies, in the feed-forward too, so two passes differ; with them in eval the passes are equal."""

@@ -72,8 +72,10 @@ def _feed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     activation = _activation_name(layer.activation)
     if activation is None or not _runs_as_is(linear1, torch.nn.Linear):
         return linear2(dropout(layer.activation(linear1(x))))
-    dropout_off = not dropout.training or dropout.p == 0.0  # the dropout module's own mode (eval, or MC dropout)
-    if dropout_off and _runs_as_is(linear2, torch.nn.Linear) and _runs_as_is(dropout, torch.nn.Dropout):
+    # A plain Dropout that is off in its own mode (eval, or MC dropout) or by p = 0; any other module in its place
+    # (nn.Identity, to strip dropout) runs its own forward.
+    dropout_off = _runs_as_is(dropout, torch.nn.Dropout) and (not dropout.training or dropout.p == 0.0)
+    if dropout_off and _runs_as_is(linear2, torch.nn.Linear):
         return feed_forward(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, activation)
     if activation in ("gelu", "gelu_tanh"):
         hidden = linear_gelu(x, linear1.weight, linear1.bias, "tanh" if activation == "gelu_tanh" else "none")
