@@ -31,6 +31,9 @@ Conventions shared by the kernels:
   stages) and keeps the faster. On sm_90a (bench/triton_compile.py) the TMA configs compile to the same
   wgmma products and shared memory (plus the barriers), in fewer registers in 69 of 87 configs (no
   address tensors) under Triton 3.6; head dim 256 keeps pointers (its dK/dV tiles spill with TMA).
+- No warp specialization: on sm_90a, Triton 3.6's and 3.9's `tl.range(..., warp_specialize=True)` over the forward
+  loop compiles the 8-warp configs unchanged (the same registers, no setmaxnreg: no producer/consumer split) and
+  fails in its NVGPUWarpSpecialization pass on the 4-warp ones (tried 2026-11-25).
 """
 
 import os
