@@ -21,7 +21,8 @@ Conventions shared by the kernels:
   1 = bool (True = attend, stored as uint8), 2 = additive float. A key-padding mask (stride over Lq
   equal to 0) loads one (BLOCK_N,) row per key tile (MASK_ROW).
 - Under the Triton interpreter bf16 arithmetic is wrong (upstream issue 11584), so DOT_FP32 upcasts
-  every operand to fp32 there; on GPUs fp16/bf16 feed the tensor cores and fp32 uses ieee dots.
+  every operand to fp32 there; on GPUs fp16/bf16 feed the tensor cores and fp32 uses ieee dots. The results
+  are stored through common.to_dtype, which rounds to nearest bf16 where the interpreter would truncate.
 - The tiles a loop walks (K and V forward and in dQ, Q and dO in dK/dV) reach shared memory one of two
   ways, the constexpr USE_TMA of the config (_load_rows): pointers (every thread computes its addresses,
   cp.async copies them, masked at the sequence's end) or, on Hopper, TMA: a host-made descriptor of each
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from fastgpt.kernels.common import (benchmark_candidates, cdiv, copy_path_candidates, next_power_of_2, stream_uniforms,
-                                    tma_addressable, tma_descriptor, tma_policy)
+                                    tma_addressable, tma_descriptor, tma_policy, to_dtype)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # q/k and v head dims the kernels handle
@@ -371,7 +372,7 @@ def _attn_fwd(Q,  # (B, H, Lq, D) queries
     out = acc * inv_l[:, None]
     lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, to_dtype(out, Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + off_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -539,10 +540,10 @@ def _attn_bwd_dkdv(Q,  # (B, H, Lq, D) queries
     dk = dk * sm_scale
     kv_rows = offs_n[:, None] < Lk
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             + offs_d[None, :] * stride_dkd, to_dtype(dk, DK.dtype.element_ty),
              mask=kv_rows & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             + offs_dv[None, :] * stride_dvd, to_dtype(dv, DV.dtype.element_ty),
              mask=kv_rows & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -643,7 +644,7 @@ def _attn_bwd_dq(Q,  # (B, H, Lq, D) queries
                             DROPOUT, DOT_FP32, DOT_PRECISION, IS_CAUSAL, True, USE_TMA)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             + offs_d[None, :] * stride_dqd, to_dtype(dq, DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
 
 
