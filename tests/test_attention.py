@@ -69,10 +69,11 @@ def _mask(kind, device, dtype, B, H, Lq, Lk):
     raise ValueError(kind)
 
 
-def _check(device, backend, q, k, v, grad_out, attn_mask=None, is_causal=False, dropout_p=0.0, keep=None):
+def _check(device, backend, q, k, v, grad_out, attn_mask=None, is_causal=False, dropout_p=0.0, keep=None,
+           kernel=True):
     """Output and gradients of `backend` within 2x PyTorch's own same-dtype error of float64 (tests.utils)."""
     gqa = q.shape[-3] != k.shape[-3]
-    if backend in attention._OPS:  # the kernel must take these inputs, not hand them to reference
+    if kernel and backend in attention._OPS:  # the kernel must take these inputs, not hand them to reference
         assert attention._kernel_supports(backend, q, k, v, attn_mask)
 
     def ours(q, k, v):
@@ -122,6 +123,39 @@ def test_dtypes_gqa_strided(device, backend, dtype, kind, is_causal):
     B, H, Hk, Lq, Lk = 1, 4, 2, 47, 97
     _check(device, backend, *_inputs(device, dtype, B, H, Hk, Lq, Lk, 64, 64, transposed=True),
            _mask(kind, device, dtype, B, H, Lq, Lk), is_causal)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_mask_with_16bit_inputs(device, backend, dtype):
+    """A float32 additive mask with float16/bfloat16 inputs, which PyTorch takes (bool, float32 or the query's
+    dtype): its values are added as they are, not rounded to the inputs' dtype (a bias of tens, as ALiBi's, would
+    lose tenths in bfloat16). The Triton kernels read it; the C++ ones read the inputs' dtype and hand it on."""
+    B, H, Lq, Lk = 2, 2, 37, 61
+    q, k, v, grad_out = _inputs(device, dtype, B, H, H, Lq, Lk, 32, 32)
+    mask = torch.randn(B, 1, Lq, Lk, device=device) * 30
+    _check(device, backend, q, k, v, grad_out, mask, kernel=backend != "csrc")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("q_shape,kv_shape", [((2, 3, 17), (2, 1, 29)), ((2, 1, 17), (2, 3, 29)),
+                                              ((1, 17), (3, 29))], ids=str)
+def test_heads_broadcast(device, backend, q_shape, kv_shape):
+    """Without enable_gqa a head dim of 1 broadcasts against the other's, as in PyTorch: one key/value head for
+    every query head, one query head against several, a (1, L, D) query against (B, L, D) keys and values; the
+    gradients summed over the broadcast."""
+    D = 32
+    q = torch.randn(*q_shape, D, device=device)
+    k, v = (torch.randn(*kv_shape, D, device=device) for _ in range(2))
+    grad_out = torch.randn(*torch.broadcast_shapes(q_shape[:-1], kv_shape[:-1]), q_shape[-1], D, device=device)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    with fastgpt.use_backend(backend):
+        got = _grads(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out)
+    expected = _grads(lambda q, k, v: attend(q, k, v, is_causal=True), [t.double() for t in (q, k, v)],
+                      grad_out.double())
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -454,12 +488,13 @@ def test_numbers_in_any_form(device, backend):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("call,error", [
     (lambda q, k, v: scaled_dot_product_attention(q, k[..., :16], v), "head dim"),
-    (lambda q, k, v: scaled_dot_product_attention(q, k[:, :1], v[:, :1]), "enable_gqa"),
+    (lambda q, k, v: scaled_dot_product_attention(q[:, :1].expand(1, 3, 5, 32), k, v), "enable_gqa"),
     (lambda q, k, v: scaled_dot_product_attention(q, k, v, torch.ones(3, 7, dtype=torch.bool)), "attn_mask"),
     (lambda q, k, v: scaled_dot_product_attention(q, k, v, torch.ones(5, 7, dtype=torch.int32)), "attn_mask"),
+    (lambda q, k, v: scaled_dot_product_attention(q, k, v, torch.ones(5, 7, dtype=torch.float64)), "attn_mask"),
     (lambda q, k, v: scaled_dot_product_attention(q, k, v, dropout_p=1.0), "dropout_p"),
     (lambda q, k, v: scaled_dot_product_attention(q, k.double(), v), "dtype"),
-], ids=["head_dim", "heads", "mask_shape", "mask_dtype", "dropout_p", "mixed_dtypes"])
+], ids=["head_dim", "heads", "mask_shape", "mask_dtype", "mask_float64", "dropout_p", "mixed_dtypes"])
 def test_bad_input(device, backend, call, error):
     q, k, v, _ = _inputs(device, torch.float32, 1, 2, 2, 5, 7, 32, 32)
     with fastgpt.use_backend(backend), pytest.raises((ValueError, TypeError), match=error):

@@ -2,10 +2,11 @@
 
     out = dropout(softmax(q @ k^T * scale + mask)) @ v
 
-query (..., H, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv), their batch dims broadcast together (2-D
-inputs (L, D) are one head); with enable_gqa, H is a multiple of Hk and query head h reads key/value head
-h // (H // Hk). is_causal is aligned top-left, as in PyTorch: query i sees keys j <= i, also when Lq != Lk.
-attn_mask is boolean (True = may attend) or additive float, broadcastable to (..., H, Lq, Lk). A query row whose
+query (..., H, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv), their batch dims broadcast together, the
+heads too (H or Hk may be 1), as PyTorch's matrix products broadcast them (2-D inputs (L, D) are one head); with
+enable_gqa, H is a multiple of Hk and query head h reads key/value head h // (H // Hk). is_causal is aligned
+top-left, as in PyTorch: query i sees keys j <= i, also when Lq != Lk. attn_mask is boolean (True = may attend) or
+additive, float32 or the query's dtype, broadcastable to (..., H, Lq, Lk). A query row whose
 keys are all masked gives 0, and 0 gradients; no keys at all (Lk = 0) gives zeros. Under autocast the inputs (and
 a float mask) take autocast's dtype, as PyTorch casts them.
 
@@ -103,8 +104,9 @@ if backends.CSRC_LOADED:
         "fastgpt::attention_fwd", device.upper())}
 
 
-def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[int, ...]:
-    """Raises on bad input; returns the batch dims query, key and value broadcast to."""
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[tuple[int, ...], int, int]:
+    """Raises on bad input; returns the batch dims query, key and value broadcast to, and the query's and the
+    key/value's heads once broadcast (equal without enable_gqa)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(_OP, name, t)
         if name != "query":
@@ -137,8 +139,12 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             raise ValueError(f"{_OP}: with enable_gqa, query's heads ({heads}) must be a multiple of key's "
                              f"({kv_heads})")
     elif heads != kv_heads:
-        raise ValueError(f"{_OP}: expected query and key with the same number of heads ({heads} vs {kv_heads}); "
-                         f"pass enable_gqa=True for grouped-query attention")
+        # Heads broadcast like a batch dim: one of them may be 1 (a single key/value head shared by every query
+        # head, or a (1, L, D) query against (B, L, D) keys).
+        if 1 not in (heads, kv_heads):
+            raise ValueError(f"{_OP}: expected query and key with the same number of heads ({heads} vs "
+                             f"{kv_heads}), or one of them 1; pass enable_gqa=True for grouped-query attention")
+        heads = kv_heads = max(heads, kv_heads)
     check_dropout_p(_OP, dropout_p)
     check_scale(_OP, scale)
     if attn_mask is not None:
@@ -146,16 +152,16 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             raise ValueError(f"{_OP}: pass either attn_mask or is_causal=True, not both")
         check_tensor(_OP, "attn_mask", attn_mask, floating=False)
         check_like(_OP, "attn_mask", attn_mask, "query", query, dtype=False)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"{_OP}: expected attn_mask to be bool or of query's dtype ({query.dtype}), "
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"{_OP}: expected attn_mask to be bool, float32 or of query's dtype ({query.dtype}), "
                             f"got {attn_mask.dtype}")
-        target = (*batch_shape, *query.shape[-3:-1], key.shape[-2])
+        target = (*batch_shape, heads, query.shape[-2], key.shape[-2])
         # Broadcastable to target, not beyond it: each of the mask's trailing dims is 1 or target's.
         if attn_mask.dim() > len(target) or any(m != 1 and m != t for m, t in zip(attn_mask.shape[::-1],
                                                                                   target[::-1])):
             raise ValueError(f"{_OP}: expected attn_mask broadcastable to {target} (..., H, Lq, Lk), "
                              f"got {tuple(attn_mask.shape)}")
-    return batch_shape
+    return batch_shape, heads, kv_heads
 
 
 def _reference(query, key, value, attn_mask, dropout_keep, dropout_p, is_causal, scale):
@@ -191,6 +197,8 @@ def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
         return False
     if attn_mask is not None and attn_mask.requires_grad:  # the kernels give no gradient for the mask
         return False
+    if backend == "csrc" and attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
+        return False  # the C++ kernels read an additive mask in the inputs' dtype (a float32 one with 16-bit inputs)
     if backend == "triton":
         from fastgpt.kernels.attention import HEAD_DIMS
         return query.shape[-1] in HEAD_DIMS and value.shape[-1] in HEAD_DIMS
@@ -254,9 +262,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p, is_causal,
                                             scale, enable_gqa)[0]
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
-    batch_shape = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    query, key, value = (t if t.shape[:-3] == batch_shape else t.expand(*batch_shape, *t.shape[-3:])
-                         for t in (query, key, value))
+    batch_shape, heads, kv_heads = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    query, key, value = (t if t.shape[:-2] == (*batch_shape, h) else t.expand(*batch_shape, h, *t.shape[-2:])
+                         for t, h in ((query, heads), (key, kv_heads), (value, kv_heads)))
     head_dim = query.shape[-1]
     scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else float(scale)
     dropout_p = float(dropout_p)
