@@ -289,8 +289,11 @@ def test_bad_token_ids():
         model(torch.tensor([[0, 61]]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[-1, 3]]))
-    with pytest.raises(TypeError, match="integer tensor"):
-        model(torch.tensor([[0.0, 1.0]]))
+    for ids in (torch.tensor([[0.0, 1.0]]), torch.tensor([[0, 1]], dtype=torch.uint8)):  # nn.Embedding's rule
+        with pytest.raises(TypeError, match=r"int64 or int32 tensor, got torch\.(float32|uint8)"):
+            model(ids)
+    torch.testing.assert_close(model(torch.tensor([[0, 1]], dtype=torch.int32)).logits,
+                               model(torch.tensor([[0, 1]])).logits)
     with pytest.raises(ValueError, match="unsqueeze"):
         model(torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="longer than the context, n_positions = 24"):

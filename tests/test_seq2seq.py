@@ -230,6 +230,8 @@ def test_bad_input():
     src = _batch()
     with pytest.raises(ValueError, match=r"src holds token ids outside the vocabulary \[0, 13\)"):
         model(src + 10, src)
+    with pytest.raises(TypeError, match=r"src to be an int64 or int32 tensor, got torch\.uint8"):  # nn.Embedding's
+        model.greedy_decode(src.to(torch.uint8))
     with pytest.raises(ValueError, match="beyond max_len = 40"):
         model(torch.full((1, 41), 3), src[:1])
     with pytest.raises(ValueError, match=r"expected src_padding of shape \(3, 7\)"):

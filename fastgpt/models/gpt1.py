@@ -46,7 +46,7 @@ from fastgpt.nn.transformer import add_norm
 from fastgpt.ops.attention import scaled_dot_product_attention
 from fastgpt.ops.linear_gelu import gelu_ffn
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INTEGER_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -235,7 +235,7 @@ class GPT1(nn.Module):
     def _check_ids(self, name: str, ids, past: int = 0) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in _INTEGER_DTYPES:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"GPT1: expected {name} to be an integer tensor, got {got}")
+            raise TypeError(f"GPT1: expected {name} to be an int64 or int32 tensor, got {got}")
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"GPT1: expected {name} of shape (batch, length) with length >= 1, got "
                              f"{tuple(ids.shape)}"

@@ -33,7 +33,7 @@ from torch import nn
 from fastgpt.nn.transformer import Transformer, add_norm
 from fastgpt.ops.attention import scaled_dot_product_attention
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INTEGER_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 
 @dataclass
@@ -155,7 +155,7 @@ class Seq2SeqTransformer(nn.Module):
     def _check_ids(self, name: str, ids, vocab_size: int, offset: int = 0) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in _INTEGER_DTYPES:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"Seq2SeqTransformer: expected {name} to be an integer tensor, got {got}")
+            raise TypeError(f"Seq2SeqTransformer: expected {name} to be an int64 or int32 tensor, got {got}")
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"Seq2SeqTransformer: expected {name} of shape (batch, length), length >= 1, got "
                              f"{tuple(ids.shape)}")
