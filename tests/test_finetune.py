@@ -223,3 +223,8 @@ def test_a_fresh_run_leaves_an_existing_runs_files_alone(pretrained, tmp_path):
     with pytest.raises(ckpt_io.CheckpointError, match=rf"--out-dir {run} already holds a run \(summary.json\)"):
         finetune(_config(pretrained, tmp_path, out_dir=str(run)), log=quiet)
     assert (run / "summary.json").read_text() == "the user's\n" and not (run / "checkpoints").exists()
+    # A finished run's directory: the error suggests no --resume, which finetune does not have.
+    done = tmp_path / "done"
+    finetune(_config(pretrained, tmp_path, out_dir=str(done)), log=quiet)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"checkpoints\): write this one to another --out-dir$"):
+        finetune(_config(pretrained, tmp_path, out_dir=str(done)), log=quiet)

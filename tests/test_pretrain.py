@@ -1,6 +1,7 @@
 """Pretraining: schedule and weight-decay groups, exact resume, crash-safe checkpoints, DDP (2 gloo processes) equal
 to one process, sampling, and clear errors for bad inputs. Tiny models (2 layers, 32 wide, 16-token context)."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 import fastgpt
 from fastgpt.cli import main
 from fastgpt.train import checkpoint as ckpt_io
-from fastgpt.train.config import PretrainConfig
+from fastgpt.train.config import PretrainConfig, build_parser, resolve_config
 from fastgpt.train.distributed import LaunchError, resolve_device
 from fastgpt.train.metrics import read_metrics
 from fastgpt.train.pretrain import build_model, pretrain
@@ -170,7 +171,7 @@ def test_empty_prompt_samples_from_end_of_text(corpus, cache_dir, tmp_path):
 _CRASH_SCRIPT = """
 import os, sys, torch
 from fastgpt.train import checkpoint
-from fastgpt.train.config import PretrainConfig
+from fastgpt.train.config import PretrainConfig, build_parser, resolve_config
 from fastgpt.train.pretrain import pretrain
 
 calls = []
@@ -334,6 +335,38 @@ def test_resume_refuses_what_it_cannot_honour(corpus, cache_dir, tmp_path, capsy
     assert main([*resume, "--max-steps", "3", "--log-interval", "1", "--out-dir", str(run)]) == 0
 
 
+def test_resume_refuses_data_that_changed(corpus, cache_dir, tmp_path, capsys):
+    """The tokenizer is trained on the data: a resume whose data gives another one (the data changed since the run
+    began) would remap the token ids under the trained weights. It is refused, naming the cause."""
+    data, run = tmp_path / "data.txt", tmp_path / "run"
+    data.write_text(corpus.read_text())
+    assert main(_cli([str(data)], cache_dir, run, "--max-steps", "2")) == 0
+    data.write_text(corpus.read_text().replace("king", "emperor"))
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--max-steps", "4"]) == 2
+    assert "the tokenizer trained on the data now differs from the run's" in capsys.readouterr().err
+    assert [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")] == ["step_0000002"]
+
+
+def test_a_diverged_run_stops_before_saving_or_sampling(corpus, cache_dir, tmp_path, capsys):
+    """Weights that are no longer finite end the run with a clear error: at an evaluation (before sampling from
+    NaN logits, which raised from torch.multinomial) or at a checkpoint (before pruning would replace the good
+    checkpoints with them); the checkpoints saved before are kept."""
+    run = tmp_path / "run"
+    assert main(_cli([str(corpus)], cache_dir, run, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "6",
+                     "--eval-interval", "1", "--eval-batches", "1", "--sample-tokens", "2")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged by step 2 (validation loss nan): the weights are no longer finite" in err, err
+    assert not (run / "checkpoints").exists()
+
+    root = tmp_path / "ckpts"
+    weights = {"w": torch.ones(3)}
+    ckpt_io.save_checkpoint(root, 2, weights, {}, {}, keep=1)
+    with pytest.raises(ckpt_io.DivergedError, match=r"by step 4 \(at a checkpoint\).*\(w\)"):
+        ckpt_io.save_checkpoint(root, 4, {"w": torch.tensor([1.0, float("inf"), 0.0])}, {}, {}, keep=1)
+    assert [p.name for p in root.iterdir()] == ["step_0000002"]
+
+
 def test_keep_last_n_checkpoints(corpus, cache_dir, tmp_path):
     pretrain(tiny(corpus, cache_dir, tmp_path, max_steps=8, checkpoint_interval=2, keep_checkpoints=2), log=quiet)
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000006", "step_0000008"]
@@ -400,6 +433,8 @@ def _cli(corpus_or_data, cache_dir, out_dir, *extra):
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--grad-clip", "-1"), "--grad-clip must be >= 0"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--min-lr-ratio", "-3"), "--min-lr-ratio must be in [0, 1]"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--lr", "0"), "--lr must be > 0"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--lr", "inf"), "--lr must be > 0, got inf"),
+        (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--seed", "-1"), "--seed must be >= 0, got -1"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--beta2", "1"), "--beta2 must be in [0, 1)"),
         (lambda d: [str(_write(d / "ok.txt", "a b c\n"))], ("--adam-eps", "nan"), "--adam-eps must be > 0"),
@@ -430,6 +465,7 @@ def _write(path, text):
     ('{"prompts": ["a", 1]}', "prompts must be list[str], got ['a', 1]"),
     ('{"backend": 3}', "backend must be str | None, got 3"),
     ('{"epochs": 3}', "unknown settings ['epochs']"),
+    ('{"preset": "huge"}', "preset must be one of gpt1, small, tiny, got 'huge'"),
     ('["max_steps"]', "expected a JSON object of settings, got list"),
     ('{"max_steps": ', "not JSON"),
 ])
@@ -447,6 +483,16 @@ def test_config_file_string_for_a_list(corpus, cache_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(settings))
     assert main(["pretrain", "--config", str(tmp_path / "config.json")]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == [str(corpus)]
+
+
+def test_config_file_names_the_preset(tmp_path):
+    """A preset named in --config is where the run starts (its settings, then the file's); --preset wins."""
+    (tmp_path / "config.json").write_text('{"preset": "small", "max_steps": 3}')
+    parser = build_parser(argparse.ArgumentParser())
+    config = resolve_config(parser.parse_args(["--config", str(tmp_path / "config.json")]))
+    assert (config.preset, config.n_layer, config.vocab_size, config.max_steps) == ("small", 6, 8192, 3)
+    config = resolve_config(parser.parse_args(["--config", str(tmp_path / "config.json"), "--preset", "gpt1"]))
+    assert (config.preset, config.n_layer, config.vocab_size, config.max_steps) == ("gpt1", 12, 40478, 3)
 
 
 def test_unknown_preset(capsys):

@@ -9,8 +9,9 @@ It is written into a hidden temporary directory and renamed into place only when
 POSIX filesystems), so a process killed mid-write leaves at most a `.tmp-*` directory, which loaders ignore and the
 next save deletes; the previous checkpoint stays intact. A step saved again (a run resumed and stopped at the same
 step) is exchanged with the old one in one atomic renameat2 (Linux). Older checkpoints beyond `keep` are removed
-after the rename, never later steps. A run directory holds one run: claim_run_dir refuses another run's, and a
-resumed run continues in its checkpoint's run directory (run_dir_of).
+after the rename, never later steps. Weights that are no longer finite (a diverged run) are not saved: pruning
+would replace the good checkpoints with them. A run directory holds one run: claim_run_dir refuses another run's,
+and a resumed run continues in its checkpoint's run directory (run_dir_of).
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupted, or from another configuration."""
 
 
+class DivergedError(CheckpointError):
+    """Weights that are no longer finite: a diverged run, whose checkpoints so far stay as they are."""
+
+
+def nonfinite_weights(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in `weights` that hold a NaN or an infinity."""
+    return [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def diverged(step: int, why: str, names: list[str]) -> DivergedError:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return DivergedError(f"training diverged by step {step} ({why}): the weights are no longer finite ({shown}); "
+                         f"stopped without saving them, the run's checkpoints so far are kept. Start again with a "
+                         f"lower learning rate or a longer warm-up")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -58,7 +75,11 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict, meta: dict, keep: int,
                     files: dict[str, str] | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically, with `files` ({name: text}, e.g. the tokenizer's JSON) beside
-    the weights; keep the newest `keep` up to this step. Returns its directory."""
+    the weights; keep the newest `keep` up to this step. Returns its directory. Raises DivergedError, writing and
+    pruning nothing, when a weight is not finite."""
+    bad = nonfinite_weights(weights)
+    if bad:
+        raise diverged(step, "at a checkpoint", bad)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
@@ -116,18 +137,18 @@ def _step(ckpt: Path) -> int:
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "loss_curve.png", "tensorboard")
 
 
-def claim_run_dir(out_dir: Path, resume_from: Path | None = None) -> None:
+def claim_run_dir(out_dir: Path, resume_from: Path | None = None, resumable: bool = True) -> None:
     """Refuse a fresh run into `out_dir` when it holds any of a run's files (it would overwrite the settings and the
     summary there, append to the metrics, prune the checkpoints, and a later step there would pass for this run's
-    latest) and, resuming from a checkpoint in `out_dir`, one older than the latest there (another trajectory,
-    which the new one would shadow)."""
+    latest; the error suggests --resume for commands that have it, `resumable`) and, resuming from a checkpoint in
+    `out_dir`, one older than the latest there (another trajectory, which the new one would shadow)."""
     out_dir = Path(out_dir)
     root = out_dir / "checkpoints"
     existing = list_checkpoints(root)
     if resume_from is None:
         found = [name for name in RUN_FILES if (out_dir / name).exists()] + (["checkpoints"] if existing else [])
         if found:
-            resume = f", or continue that run with --resume {out_dir}" if existing else ""
+            resume = f", or continue that run with --resume {out_dir}" if existing and resumable else ""
             raise CheckpointError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}): write this one to "
                                   f"another --out-dir{resume}")
         return

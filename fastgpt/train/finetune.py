@@ -70,6 +70,7 @@ class FinetuneConfig:
         check_range(self, "lm_weight", 0)
         check_range(self, "clf_dropout", 0, 1, open_high=True)
         check_range(self, "grad_clip", 0, note=" (0: no clipping)")
+        check_range(self, "seed", 0)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -177,7 +178,7 @@ def _finetune(c: FinetuneConfig, device: torch.device, log) -> dict:
     scheduler = make_scheduler(optimizer, warmup, total, 0.0, decay="linear")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     out_dir = Path(c.out_dir or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-    ckpt_io.claim_run_dir(out_dir)
+    ckpt_io.claim_run_dir(out_dir, resumable=False)
     log(f"fastgpt finetune: {task.description}")
     log(f"labels {task.labels}; {len(train_rows):,} train / {len(val_rows):,} val examples of at most {max_length} "
         f"tokens; from {base_ckpt} ({model.num_parameters() / 1e6:.2f}M parameters with the classifier); "

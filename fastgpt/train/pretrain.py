@@ -91,6 +91,14 @@ def backend_context(name: str | None, device: torch.device):
     return fastgpt.use_backend(name)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf past a float's range (a diverging run's loss of hundreds), where math.exp raises."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def rng_state(device: torch.device) -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -167,6 +175,16 @@ class Run:
         self.data = prepare_data(c.data, c.vocab_size, c.val_fraction, c.cache_dir, log=self.log)
         if info.is_main:
             dist_utils.barrier(info)
+        if self.resume_from is not None:
+            # The tokenizer is trained on the data: another one means the data changed since the run began, and the
+            # token ids the model learnt would mean other text.
+            saved = Path(self.resume_from) / "tokenizer.json"
+            if saved.exists() and saved.read_text(encoding="utf-8") != Path(self.data.tokenizer_path).read_text(
+                    encoding="utf-8"):
+                raise ckpt_io.CheckpointError(
+                    f"--resume {self.resume_from}: the tokenizer trained on the data now differs from the run's "
+                    f"({saved}): the data changed since the run began, and the token ids the model learnt would "
+                    f"change meaning; resume with the run's data, or start a new run")
         self.tokenizer = self.data.tokenizer()
         self.sampler = BatchSampler(self.data.train, c.block_size, c.batch_size, c.seed, info.rank, info.world_size)
         next(validation_batches(self.data.val, c.block_size, c.batch_size, 1))  # a clear error now if val is too small
@@ -328,15 +346,22 @@ class Run:
     def _eval_and_sample_full(self, samples: bool) -> float:
         c = self.config
         val_loss = evaluate(self.model, self.data.val, c, self.info, self.amp_dtype)
-        self.log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} "
+        self.log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f} "
                  f"(unigram baseline {self.data.meta['unigram_val_loss']:.3f})")
         if self.info.is_main:
-            self.metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(val_loss))
-            if samples and c.sample_tokens > 0:
-                for prompt, text in zip(c.prompts, generate_samples(self.model, self.tokenizer, c.prompts,
-                                                                     c.sample_tokens, self.info.device, self.amp_dtype)):
-                    self.log(f"sample [{prompt!r}]: {text!r}")
-                    self.metrics.log(self.step, sample_prompt=prompt, sample=text)
+            self.metrics.log(self.step, val_loss=val_loss, val_ppl=perplexity(val_loss))
+        if not math.isfinite(val_loss):
+            # Diverged weights end the run here, before a sample draws from NaN logits or a checkpoint saves them
+            # (save_checkpoint would refuse them too). Finite weights (an fp16 overflow) go on, without samples.
+            bad = ckpt_io.nonfinite_weights(self.model.state_dict())
+            if bad:
+                raise ckpt_io.diverged(self.step, f"validation loss {val_loss}", bad)
+            samples = False
+        if self.info.is_main and samples and c.sample_tokens > 0:
+            for prompt, text in zip(c.prompts, generate_samples(self.model, self.tokenizer, c.prompts,
+                                                                 c.sample_tokens, self.info.device, self.amp_dtype)):
+                self.log(f"sample [{prompt!r}]: {text!r}")
+                self.metrics.log(self.step, sample_prompt=prompt, sample=text)
         return val_loss
 
     def _loop(self) -> dict:
@@ -404,7 +429,7 @@ class Run:
         baseline = self.data.meta["unigram_val_loss"]
         summary = {
             "steps": self.step, "tokens": self.tokens_seen, "train_seconds": round(train_time, 1),
-            "final_train_loss": losses[-1] if losses else None, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+            "final_train_loss": losses[-1] if losses else None, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
             "unigram_baseline": baseline, "parameters": self.n_params, "run_dir": str(self.out_dir), "losses": losses,
         }
         if info.is_main:
@@ -413,7 +438,7 @@ class Run:
                 self.log(note)
             (self.out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
         self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {train_time:.0f} s | final val loss "
-                 f"{val_loss:.4f} (perplexity {math.exp(val_loss):.1f}) vs unigram baseline {baseline:.4f} | "
+                 f"{val_loss:.4f} (perplexity {perplexity(val_loss):.1f}) vs unigram baseline {baseline:.4f} | "
                  f"{self.n_params / 1e6:.2f}M params | {self.out_dir}")
         return summary
 

@@ -100,6 +100,7 @@ class TranslationConfig:
         check_range(self, "beta2", 0, 1, open_high=True)
         check_range(self, "adam_eps", 0, open_low=True)
         check_range(self, "grad_clip", 0, note=" (0: no clipping)")
+        check_range(self, "seed", 0)
         check_range(self, "length_penalty", 0, float("inf"), open_high=True, note=" (0: no length normalisation)")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"--test-limit must be >= 1, got {self.test_limit}")
