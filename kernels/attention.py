@@ -8,8 +8,8 @@ Conventions shared by the kernels:
 - Scores live in the log2 domain: s = (q . k) * scale * log2(e) (+ additive mask * log2(e)), so the
   exponentials are exp2. The row statistic saved for the backward pass is the log-sum-exp in that domain,
   lse_i = m_i + log2(l_i) = log2(sum_j exp2(s_ij)), and P_ij = exp2(s_ij - lse_i) there: no conversion to
-  the natural log and back, whose two roundings cost P about 1e-7 * |s| (1e-3 relative at scores of 1e4, a
-  large additive mask on attended keys, against PyTorch's 1e-7; exact, P = 1, for a row one key dominates).
+  the natural log and back, whose two roundings would cost P a relative error of about 1e-7 * |s| (1e-3 with an
+  additive mask of 1e4 on the keys a row attends).
 - A query row whose keys are all masked has l_i = 0: its output is 0 and its lse is +inf, so the
   recomputed probabilities exp2(s - lse) in the backward pass are 0 and so are its gradients.
 - Causal masking is top-left aligned (query i sees keys j <= i, also when Lq != Lk). Key blocks
