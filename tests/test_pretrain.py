@@ -171,7 +171,7 @@ def test_empty_prompt_samples_from_end_of_text(corpus, cache_dir, tmp_path):
 _CRASH_SCRIPT = """
 import os, sys, torch
 from fastgpt.train import checkpoint
-from fastgpt.train.config import PretrainConfig, build_parser, resolve_config
+from fastgpt.train.config import PretrainConfig
 from fastgpt.train.pretrain import pretrain
 
 calls = []
