@@ -106,7 +106,7 @@ if backends.CSRC_LOADED:
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[tuple[int, ...], int, int]:
     """Raises on bad input; returns the batch dims query, key and value broadcast to, and the query's and the
-    key/value's heads once broadcast (equal without enable_gqa)."""
+    key/value's heads once broadcast."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(_OP, name, t)
         if name != "query":
@@ -139,12 +139,13 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             raise ValueError(f"{_OP}: with enable_gqa, query's heads ({heads}) must be a multiple of key's "
                              f"({kv_heads})")
     elif heads != kv_heads:
-        # Heads broadcast like a batch dim: one of them may be 1 (a single key/value head shared by every query
-        # head, or a (1, L, D) query against (B, L, D) keys).
+        # Heads broadcast like a batch dim: one of them may be 1. A single key/value head shared by every query
+        # head is grouped-query attention with one group (the kernels read it in place and sum its gradients
+        # themselves); a single query head (a (1, L, D) query against (B, L, D) keys) is broadcast.
         if 1 not in (heads, kv_heads):
             raise ValueError(f"{_OP}: expected query and key with the same number of heads ({heads} vs "
                              f"{kv_heads}), or one of them 1; pass enable_gqa=True for grouped-query attention")
-        heads = kv_heads = max(heads, kv_heads)
+        heads = max(heads, kv_heads)
     check_dropout_p(_OP, dropout_p)
     check_scale(_OP, scale)
     if attn_mask is not None:
