@@ -18,7 +18,7 @@ import torch
 
 from .common import device_flag, device_slug, environment, results_root
 
-SUITE = ("layer_norm", "attention", "linear_gelu", "model", "seq2seq")
+SUITE = ("layer_norm", "attention", "linear_gelu", "model", "seq2seq", "overhead")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,7 @@
 """fastgpt.ops.layer_norm / add_layer_norm and fastgpt.nn.LayerNorm against a float64 reference, every backend."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,6 +305,8 @@ BAD_INPUTS = [
      "expected residual to have the same dtype"),
     (lambda: add_layer_norm(torch.randn(4, 8), torch.randn(8), (8,)), ValueError, "expected residual of shape"),
     (lambda: layer_norm(torch.randn(4, 8), (0,)), ValueError, "positive ints"),
+    (lambda: layer_norm(torch.randn(4, 8), -8), ValueError, "positive ints"),
+    (lambda: layer_norm(torch.randn(4, 8), (True,)), ValueError, "positive ints"),
     # () normalizes nothing: PyTorch refused it while the kernels returned the bias.
     (lambda: layer_norm(torch.randn(4, 8), ()), ValueError, "normalized_shape with at least one dim"),
     (lambda: layer_norm(torch.randn(4, 8), 8.0), TypeError, "expected normalized_shape to be an int or a sequence"),
@@ -364,6 +368,64 @@ def test_eager_call_matches_the_registered_op(fwd, bwd):
         torch.testing.assert_close(eager, registered, rtol=0, atol=0)
     with torch.no_grad():
         assert not _OPS[backend](x, r, w, b, 1e-5, 0.0, seed)[0].requires_grad
+
+
+def test_direct_when_eager_bypasses_the_dispatcher_only_where_nothing_watches():
+    """direct_when_eager calls a Python custom op's own function in plain eager code, and the op itself wherever the
+    dispatcher's work could be seen: a dispatch mode, a torch function mode, the profiler, a tensor subclass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastgpt.ops._registration import direct_when_eager
+
+    ran = []
+
+    class Op:  # stands for a torch.library.custom_op: callable, with the function it wraps as _init_fn
+        def __init__(self):
+            self._init_fn = lambda x: ran.append("kernel") or x + 1
+
+        def __call__(self, x):
+            ran.append("op")
+            return x + 1
+
+    class Watching(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    call = direct_when_eager(Op())
+    x = torch.randn(3)
+    for context, arg, expected in [(contextlib.nullcontext(), x, "kernel"),
+                                   (contextlib.nullcontext(), torch.nn.Parameter(x), "kernel"),
+                                   (contextlib.nullcontext(), x.as_subclass(Subclass), "op"), (Watching(), x, "op"),
+                                   (torch.device("cpu"), x, "op"), (torch.profiler.profile(), x, "op")]:
+        ran.clear()
+        with context:
+            torch.testing.assert_close(call(arg), x + 1)
+        assert ran == [expected], (context, type(arg))
+    assert direct_when_eager(torch.ops.aten.add.Tensor) is torch.ops.aten.add.Tensor  # a C++ op: as it is
+
+
+@pytest.mark.skipif("triton" not in fastgpt.available_backends("cpu"), reason="the triton backend does not run here")
+def test_triton_ops_seen_by_a_dispatch_mode():
+    """With a dispatch mode active (FlopCounterMode, FakeTensorMode, a logger), the Triton backend's forward and
+    backward reach the mode as its custom ops, as they did before eager calls bypassed the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Logging(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(5, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    with fastgpt.use_backend("triton"), Logging():
+        out = layer_norm(x, 24, w)
+        out.backward(torch.randn_like(out))
+    assert "fastgpt_triton.layer_norm_fwd.default" in seen and "fastgpt_triton.layer_norm_bwd.default" in seen
 
 
 @pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))

@@ -22,6 +22,8 @@ def check_tensor(op: str, name: str, value, *, floating: bool = True) -> None:
 def as_real(value) -> float | None:
     """`value` as a Python float when it is a real number as torch's float arguments take them (int, float, a NumPy
     scalar, a 0-d tensor), else None. bool is not taken for a number."""
+    if type(value) is float or type(value) is int:  # the common case, before the ABC check (a us)
+        return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():

@@ -209,10 +209,22 @@ def _kernel_supports(backend, query, key, value, attn_mask) -> bool:
         # csrc/cuda/attention.cu: tensor cores (sm_80+), half precision, head dims 64 and 128 with Dv = D, and a
         # grid of (batch, heads) blocks within CUDA's 65535 limit on grid dims y and z.
         return (query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128)
-                and value.shape[-1] == query.shape[-1]
-                and torch.cuda.get_device_capability(query.device)[0] >= 8
+                and value.shape[-1] == query.shape[-1] and _gpu(query.device.index)[1] >= 8
                 and math.prod(query.shape[:-3]) <= 65535 and query.shape[-3] <= 65535)
     return True
+
+
+_GPUS: dict[int, tuple[str, int]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _gpu(device_index: int) -> tuple[str, int]:
+    """GPU `device_index`'s name and major compute capability, asked of torch once (a few us a call). A constant to
+    torch.compile."""
+    if device_index not in _GPUS:
+        _GPUS[device_index] = (torch.cuda.get_device_name(device_index),
+                               torch.cuda.get_device_capability(device_index)[0])
+    return _GPUS[device_index]
 
 
 def faster_kernel(rows: list[dict], dtype: str, head_dim: int, causal: bool, seq_len: int) -> str | None:
@@ -238,7 +250,7 @@ def faster_kernel(rows: list[dict], dtype: str, head_dim: int, causal: bool, seq
 def _cuda_preference(device_index: int, dtype: str, head_dim: int, causal: bool, seq_len: int) -> tuple[str, ...]:
     """The backend order on GPU `device_index` for this shape: the measured faster kernel first (faster_kernel), else
     the default order. A constant to torch.compile."""
-    return _preference_on_gpu(torch.cuda.get_device_name(device_index), dtype, head_dim, causal, seq_len)
+    return _preference_on_gpu(_gpu(device_index)[0], dtype, head_dim, causal, seq_len)
 
 
 # Cached: the recorded rows are read from a file and scanned once per GPU and shape, not on every call.
@@ -299,4 +311,5 @@ def _kernel_attention(fwd_op, query, key, value, attn_mask, dropout_p, is_causal
     if attn_mask is not None:  # a broadcast view: size-1 dims become zero strides, nothing is copied
         mask = attn_mask.expand(*batch_shape, heads, lq, lk).reshape(batch, heads, lq, lk)
     out, _lse = fwd_op(q, k, v, mask, bool(is_causal), scale, dropout_p, seed)
-    return out.view(*batch_shape, heads, lq, value.shape[-1])
+    # (B, H, Lq, Dv) back to the batch dims: only where they were flattened (a view is a node in the autograd graph).
+    return out if query.dim() == 4 else out.view(*batch_shape, heads, lq, value.shape[-1])

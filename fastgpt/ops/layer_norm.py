@@ -141,17 +141,23 @@ def _check(op, input, residual, normalized_shape, weight, bias, dropout_p) -> tu
     check_tensor(op, "input" if residual is None else "x", input)
     check_dropout_p(op, dropout_p)
     # Sizes as torch.nn.LayerNorm and F.layer_norm take them: any integer (a NumPy one included; a bare int
-    # (np.int64) failed as 'not iterable', one inside a tuple as not an int), never a bool.
-    if isinstance(normalized_shape, numbers.Integral):
+    # (np.int64) failed as 'not iterable', one inside a tuple as not an int), never a bool. A plain int or a tuple
+    # of them (every module's case) skips the ABC checks, a few us a call.
+    if type(normalized_shape) is int:
         normalized_shape = (normalized_shape,)
-    try:
-        normalized_shape = tuple(normalized_shape)
-    except TypeError:
-        raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, "
-                        f"got {type(normalized_shape).__name__}") from None
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in normalized_shape):
+    if not (type(normalized_shape) is tuple and all(type(s) is int for s in normalized_shape)):
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        try:
+            normalized_shape = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, "
+                            f"got {type(normalized_shape).__name__}") from None
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape):
+            raise ValueError(f"{op}: expected normalized_shape to be positive ints, got {normalized_shape}")
+        normalized_shape = tuple(int(s) for s in normalized_shape)
+    if not all(s > 0 for s in normalized_shape):
         raise ValueError(f"{op}: expected normalized_shape to be positive ints, got {normalized_shape}")
-    normalized_shape = tuple(int(s) for s in normalized_shape)
     # () normalizes nothing: PyTorch (the reference backend) refuses it, and the kernels, taking each element for a
     # row of one, returned the bias.
     if not normalized_shape:
@@ -211,9 +217,16 @@ def _layer_norm(op, input, residual, normalized_shape, weight, bias, eps, dropou
             weight = torch.ones_like(bias)
         return F.layer_norm(z, normalized_shape, weight, bias, eps)
     output, _mean, _rstd = _OPS[backend](
-        input.reshape(rows, cols).contiguous(),
-        None if residual is None else residual.reshape(rows, cols).contiguous(),
-        None if weight is None else weight.reshape(cols).contiguous(),
-        None if bias is None else bias.reshape(cols).contiguous(),
+        _as_shape(input, (rows, cols)), None if residual is None else _as_shape(residual, (rows, cols)),
+        None if weight is None else _as_shape(weight, (cols,)), None if bias is None else _as_shape(bias, (cols,)),
         float(eps), float(dropout_p), seed)
-    return output.view(input.shape)
+    return output if output.shape == input.shape else output.view(input.shape)
+
+
+def _as_shape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`t` as a contiguous tensor of `shape`: itself when it is one already. A reshape that changes nothing still
+    adds a view node to the autograd graph, about 5 us of host time per node in a backward pass (CPU, torch 2.13),
+    as much as a small LayerNorm's kernel."""
+    if t.shape == shape and t.is_contiguous():
+        return t
+    return t.reshape(shape).contiguous()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fastgpt import backends
 from fastgpt.ops._autocast import autocast_disabled, autocast_inputs
 from fastgpt.ops._checks import check_dropout_p, check_like, check_tensor
-from fastgpt.ops._registration import refuse_create_graph, register_kernel_op
+from fastgpt.ops._registration import direct_when_eager, refuse_create_graph, register_kernel_op
 from fastgpt.ops.philox import dropout_seed, elementwise_dropout_keep
 
 APPROXIMATIONS = ("none", "tanh")
@@ -72,7 +72,8 @@ def _dact_fake(grad, weight, pre, activation, bias_grad):
 
 
 class _Ops:
-    """One backend's four custom ops; `call` is `fwd` as eager code calls it (set by _register)."""
+    """One backend's four custom ops; `call` is `fwd` as eager code calls it, and once registered (_register),
+    `bwd`, `bwd_recompute` and `dact` are theirs (direct_when_eager)."""
 
     def __init__(self, fwd, bwd, bwd_recompute, dact):
         self.fwd, self.bwd, self.bwd_recompute, self.dact = fwd, bwd, bwd_recompute, dact
@@ -110,6 +111,7 @@ def _register(ops: _Ops) -> _Ops:
     torch.library.register_fake(ops.dact)(_dact_fake)
     ops.call = register_kernel_op(ops.fwd, ops.bwd, _fwd_fake, _bwd_fake, lambda _bwd: _autograd_for(ops),
                                   _setup_context)
+    ops.bwd, ops.bwd_recompute, ops.dact = map(direct_when_eager, (ops.bwd, ops.bwd_recompute, ops.dact))
     return ops
 
 

@@ -107,7 +107,14 @@ def draw_seed() -> torch.Tensor:
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
 
+# The seed of the calls that do not drop: one tensor, made outside inference mode (a tensor made inside it could
+# not be saved for a backward pass), and never written to.
+with torch.inference_mode(False):
+    _NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
 def dropout_seed(p: float) -> torch.Tensor:
     """The seed an op call hands its kernels: a fresh draw when it drops (p > 0), else 0, which they ignore (a
-    tensor all the same, so that the kernels' signatures take one type)."""
-    return draw_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    tensor all the same, so that the kernels' signatures take one type; the same one each time, as making it cost
+    more than a us a call)."""
+    return draw_seed() if p > 0.0 else _NO_SEED
