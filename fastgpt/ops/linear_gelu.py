@@ -215,11 +215,14 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     backend = backends.select(input.device, lambda name: _kernel_supports(name, input, weight))
     if backend == "reference":
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
-    x2d = input.reshape(-1, input.shape[-1]).contiguous()
+    # (tokens, in_features): a 2-D input as it is (a reshape that changes nothing is still a node in the autograd
+    # graph, some us of host time in the backward pass).
+    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     with autocast_disabled(input.device.type):
-        out, _pre = _OPS[backend].call(x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                      activation, not recompute, 0.0, dropout_seed(0.0))
-    return out.view(*input.shape[:-1], weight.shape[0])
+        out, _pre = _OPS[backend].call(x2d.contiguous(), weight.contiguous(),
+                                      None if bias is None else bias.contiguous(), activation, not recompute, 0.0,
+                                      dropout_seed(0.0))
+    return out if input.dim() == 2 else out.view(*input.shape[:-1], weight.shape[0])
 
 
 def gelu_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -279,7 +282,8 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
     p = p if training else 0.0
     seed = dropout_seed(p)
     backend = backends.select(x.device, lambda name: _kernel_supports(name, x, w1) and w2.numel() > 0)
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (tokens, d_model); -1 cannot be inferred for width 0
+    # (tokens, d_model), -1 not inferred (it cannot be for width 0); a 2-D x as it is, as in linear_gelu.
+    x2d = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if backend == "reference":
         act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[activation]
         out = F.linear(act(F.linear(x2d, w1, b1)), w2, b2)
@@ -291,4 +295,4 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
                                      w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation,
                                      p, seed, recompute)
-    return out.view(*x.shape[:-1], w2.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], w2.shape[0])
