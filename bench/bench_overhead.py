@@ -4,9 +4,9 @@ the PyTorch call they replace.
     python -m bench.bench_overhead            # on the GPU if there is one, else on CPU
     python -m bench.bench_overhead --quick    # fewer calls
 
-Every op at one token-sized shape (GPT-1's widths, 8 rows; attention: one query per head over 8 keys), without
-grad ("fwd") and forward+backward ("fwd+bwd": the backward's host work, autograd's included, through
-torch.autograd.grad). On a GPU the calls are queued back to back and the device synchronized once per batch of
+Every op at one small shape (8 rows of GPT-1's widths on a GPU, narrower on a CPU: WIDTHS; attention: one query
+per head over 8 keys), without grad ("fwd") and forward+backward ("fwd+bwd": the backward's host work, autograd's
+included, through torch.autograd.grad). On a GPU the calls are queued back to back and the device synchronized once per batch of
 calls: the kernels are shorter than their launches, so the time per call is the host's, the floor under any call
 of the op in eager mode (decoding a token at a time, small batches). On a CPU it includes the (tiny) kernels.
 The metric is microseconds per call; speedup_vs_best_peer is PyTorch's time over fastgpt's.
@@ -28,36 +28,37 @@ from fastgpt.ops.linear_gelu import linear_gelu
 
 from .common import Row, chosen_dtypes, environment, fastgpt_backends, finish, standard_parser
 
-ROWS, D_MODEL, D_FF, HEADS, HEAD_DIM = 8, 768, 3072, 12, 64
+ROWS = 8
+# (d_model, d_ff, heads, head dim): GPT-1's on a GPU; on a CPU, where a GPT-1-sized product alone takes half a
+# millisecond, widths small enough that the kernels cost little beside the host's work.
+WIDTHS = {"cuda": (768, 3072, 12, 64), "cpu": (64, 256, 4, 16)}
 
-# op -> (shape label, inputs(device, dtype) -> tensors (the ones to differentiate first), PyTorch's call,
-# fastgpt's call): both calls take the tensors.
-OPS = {
-    "layer_norm": (f"{ROWS}x{D_MODEL}",
-                   lambda dev, dt: (torch.randn(ROWS, D_MODEL, device=dev, dtype=dt),
-                                    torch.rand(D_MODEL, device=dev, dtype=dt) + 0.5,
-                                    torch.randn(D_MODEL, device=dev, dtype=dt)),
-                   lambda x, w, b: F.layer_norm(x, (D_MODEL,), w, b),
-                   lambda x, w, b: layer_norm(x, D_MODEL, w, b)),
-    "add_layer_norm": (f"{ROWS}x{D_MODEL}",
-                       lambda dev, dt: (torch.randn(ROWS, D_MODEL, device=dev, dtype=dt),
-                                        torch.randn(ROWS, D_MODEL, device=dev, dtype=dt),
-                                        torch.rand(D_MODEL, device=dev, dtype=dt) + 0.5,
-                                        torch.randn(D_MODEL, device=dev, dtype=dt)),
-                       lambda x, r, w, b: F.layer_norm(x + r, (D_MODEL,), w, b),
-                       lambda x, r, w, b: add_layer_norm(x, r, D_MODEL, w, b)),
-    "linear_gelu": (f"{ROWS}x{D_MODEL}->{D_FF}",
-                    lambda dev, dt: (torch.randn(ROWS, D_MODEL, device=dev, dtype=dt),
-                                     torch.randn(D_FF, D_MODEL, device=dev, dtype=dt) * D_MODEL ** -0.5,
-                                     torch.randn(D_FF, device=dev, dtype=dt)),
-                    lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"),
-                    lambda x, w, b: linear_gelu(x, w, b, approximate="tanh")),
-    "attention": (f"1x{HEADS}x1x{ROWS}x{HEAD_DIM}",
-                  lambda dev, dt: (torch.randn(1, HEADS, 1, HEAD_DIM, device=dev, dtype=dt),
-                                   torch.randn(1, HEADS, ROWS, HEAD_DIM, device=dev, dtype=dt),
-                                   torch.randn(1, HEADS, ROWS, HEAD_DIM, device=dev, dtype=dt)),
-                  F.scaled_dot_product_attention, scaled_dot_product_attention),
-}
+
+def ops(device: torch.device, dtype: torch.dtype) -> dict:
+    """op -> (shape label, inputs, PyTorch's call, fastgpt's call); both calls take the inputs."""
+    d_model, d_ff, heads, head_dim = WIDTHS[device.type]
+
+    def randn(*size, scale=1.0, shift=0.0):
+        return torch.randn(*size, device=device, dtype=dtype) * scale + shift
+
+    return {
+        "layer_norm": (f"{ROWS}x{d_model}", (randn(ROWS, d_model), randn(d_model, scale=0.5, shift=1.0),
+                                             randn(d_model)),
+                       lambda x, w, b: F.layer_norm(x, (d_model,), w, b),
+                       lambda x, w, b: layer_norm(x, d_model, w, b)),
+        "add_layer_norm": (f"{ROWS}x{d_model}", (randn(ROWS, d_model), randn(ROWS, d_model),
+                                                 randn(d_model, scale=0.5, shift=1.0), randn(d_model)),
+                           lambda x, r, w, b: F.layer_norm(x + r, (d_model,), w, b),
+                           lambda x, r, w, b: add_layer_norm(x, r, d_model, w, b)),
+        "linear_gelu": (f"{ROWS}x{d_model}->{d_ff}", (randn(ROWS, d_model), randn(d_ff, d_model, scale=d_model ** -0.5),
+                                                      randn(d_ff)),
+                        lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"),
+                        lambda x, w, b: linear_gelu(x, w, b, approximate="tanh")),
+        # One query per head (a decoding step) over ROWS keys.
+        "attention": (f"1x{heads}x1x{ROWS}x{head_dim}", (randn(1, heads, 1, head_dim), randn(1, heads, ROWS, head_dim),
+                                                          randn(1, heads, ROWS, head_dim)),
+                      F.scaled_dot_product_attention, scaled_dot_product_attention),
+    }
 
 
 def per_call_us(fn, device: torch.device, calls: int, repeats: int = 7) -> list[float]:
@@ -78,12 +79,13 @@ def per_call_us(fn, device: torch.device, calls: int, repeats: int = 7) -> list[
     return sorted(figures)
 
 
-def bench_op(op: str, dtype: torch.dtype, device: torch.device, impls: list[str], calls: int) -> list[Row]:
-    shape, make, peer, ours = OPS[op]
-    tensors = make(device, dtype)
+def bench_op(op: str, spec: tuple, dtype: torch.dtype, device: torch.device, impls: list[str],
+             calls: int) -> list[Row]:
+    shape, tensors, peer, ours = spec
     leaves = [t.detach().requires_grad_() for t in tensors]
     with torch.no_grad():
-        expected = peer(*tensors).float()
+        grad = peer(*tensors)  # the output's gradient in the backward pass: any tensor of its shape and dtype
+    expected = grad.float()
     rows = []
     for impl in impls:
         backend = impl.removeprefix("fastgpt-")
@@ -95,7 +97,7 @@ def bench_op(op: str, dtype: torch.dtype, device: torch.device, impls: list[str]
 
         def forward_backward():
             out = call(*leaves)
-            return torch.autograd.grad(out, leaves, out)
+            return torch.autograd.grad(out, leaves, grad)
 
         with fastgpt.use_backend(backend) if impl != "torch-eager" else contextlib.nullcontext():
             # Validate before timing: the same output as PyTorch's, to the dtype's rounding.
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     impls = [f"fastgpt-{name}" for name in fastgpt_backends(device, args.include_interpreter)] + ["torch-eager"]
     calls = 50 if args.quick else 500
     info = environment(device)
-    rows = [row for op in OPS for dtype in dtypes for row in bench_op(op, dtype, device, impls, calls)]
+    rows = [row for dtype in dtypes for op, spec in ops(device, dtype).items()
+            for row in bench_op(op, spec, dtype, device, impls, calls)]
     finish("overhead", rows, info, args)
 
 

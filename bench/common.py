@@ -166,24 +166,34 @@ def rotations(bytes_per_call: int) -> int:
 
 def time_calls(fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 3,
                repeats: int = 30, min_seconds: float = 0.2) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile milliseconds of one call, rotating through `fns` (one per input copy)."""
+    """Median, 20th and 80th percentile milliseconds of one call, rotating through `fns` (one per input copy).
+
+    On a GPU the calls are queued back to back in batches of `repeats`, as a training loop queues them, each between
+    two events read once the batch is done: a call's time is the device's, from the start of its first kernel to
+    the end of its last, plus only the host time the device waited for (a call whose host work outlasts its
+    kernels is timed as long as that work). Synchronizing after every call instead started each one on an idle
+    device, so that its host work up to the first launch counted as device time, tens of us for any Python op."""
     for i in range(warmup):
         fns[i % len(fns)]()
-    times = []
+    times: list[float] = []
     cuda = device.type == "cuda"
     started = time.perf_counter()
     i = 0
     while len(times) < repeats or (time.perf_counter() - started < min_seconds and len(times) < 10 * repeats):
-        fn = fns[i % len(fns)]
-        i += 1
         if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
+            events = []
+            for _ in range(repeats):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fns[i % len(fns)]()
+                end.record()
+                events.append((begin, end))
+                i += 1
+            events[-1][1].synchronize()
+            times += [begin.elapsed_time(end) for begin, end in events]
         else:
+            fn = fns[i % len(fns)]
+            i += 1
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

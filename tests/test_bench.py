@@ -156,6 +156,37 @@ def test_a_run_stopped_part_way_keeps_its_rows_and_says_so(tmp_path):
     assert "partial" not in readme_table.render(tmp_path)
 
 
+def test_time_calls_queues_gpu_calls_and_reads_their_events_once_per_batch(monkeypatch):
+    """On a GPU, time_calls queues a batch of calls between events and synchronizes once per batch: each call's
+    time is its own events' (here a fake clock that each call moves by its cost), rotating through the inputs."""
+    clock, syncs, ran = [0.0], [], []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            syncs.append(len(ran))
+
+        def elapsed_time(self, other):
+            return other.at - self.at
+
+    def call(cost):
+        def fn():
+            ran.append(cost)
+            clock[0] += cost
+        return fn
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    median, p20, p80 = common.time_calls([call(1.0), call(3.0)], torch.device("cuda"), warmup=2, repeats=4,
+                                         min_seconds=0.0)
+    assert ran == [1.0, 3.0] * 3 and syncs == [6]  # two warm-up calls, then one batch of four, one wait
+    assert (median, p20, p80) == (2.0, 1.0, 3.0)
+
+
 def test_quick_runs_keep_out_of_the_recorded_results():
     parser = common.standard_parser("test")
     assert common.results_root(parser.parse_args([])) == common.RESULTS
