@@ -173,6 +173,30 @@ def test_same_mask_on_every_backend(device, backend):
     assert torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("device,backend", [p for p in DEVICE_BACKENDS if p.values[1] != "reference"])
+def test_inference_stores_no_pre_activation(device, backend):
+    """Without a gradient to compute, the kernels write no pre-activation (it is only the backward's), and the
+    output is the one a training call gives, bit for bit: linear_gelu, and gelu_ffn's two products."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    store_pre = []
+
+    class Recording(TorchDispatchMode):  # the ops' arguments (a mode sees the custom ops themselves)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().endswith("::linear_gelu_fwd"):
+                store_pre.append(args[4])
+            return func(*args, **(kwargs or {}))
+
+    x, w1, b1, w2, b2 = _make_ffn((7, 32), 48, torch.float32, device, True)
+    with fastgpt.use_backend(backend):
+        trained = linear_gelu(x, w1, b1), gelu_ffn(x, w1, b1, w2, b2)
+        with torch.no_grad(), Recording():
+            inferred = linear_gelu(x, w1, b1), gelu_ffn(x, w1, b1, w2, b2)
+    assert store_pre == [False, False, False]
+    for t, i in zip(trained, inferred):
+        torch.testing.assert_close(i, t.detach(), rtol=0, atol=0)
+
+
 # --- the matrix product's two ways to shared memory: TMA descriptors (Hopper) and pointers ------------------------
 
 # (epilogue, activation, bias, dropout_p): every epilogue of kernels/linear_gelu._matmul_fused, with both layouts of

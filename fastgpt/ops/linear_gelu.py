@@ -218,9 +218,11 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # (tokens, in_features): a 2-D input as it is (a reshape that changes nothing is still a node in the autograd
     # graph, some us of host time in the backward pass).
     x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    # The pre-activation is stored only for a backward pass to come (not in inference, nor with recompute).
+    store_pre = not recompute and _needs_grad(input, weight, bias)
     with autocast_disabled(input.device.type):
         out, _pre = _OPS[backend].call(x2d.contiguous(), weight.contiguous(),
-                                      None if bias is None else bias.contiguous(), activation, not recompute, 0.0,
+                                      None if bias is None else bias.contiguous(), activation, store_pre, 0.0,
                                       dropout_seed(0.0))
     return out if input.dim() == 2 else out.view(*input.shape[:-1], weight.shape[0])
 
@@ -260,6 +262,11 @@ def _check_linear(op, input, weight, bias, input_name="input", weight_name="weig
             raise ValueError(f"{op}: expected {bias_name} of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of `tensors` (None among them is skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_approximate(op, approximate):
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"{op}: expected approximate to be 'none' or 'tanh', got {approximate!r}")
@@ -291,8 +298,12 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             keep = elementwise_dropout_keep(seed, out.shape[0], out.shape[1], p, out.device)
             out = torch.where(keep, out * (1.0 / (1.0 - p)), 0.0)
     else:
+        x2d, w1, b1, w2, b2 = (None if t is None else t.contiguous() for t in (x2d, w1, b1, w2, b2))
         with autocast_disabled(x.device.type):
-            out = _FeedForward.apply(x2d.contiguous(), w1.contiguous(), None if b1 is None else b1.contiguous(),
-                                     w2.contiguous(), None if b2 is None else b2.contiguous(), backend, activation,
-                                     p, seed, recompute)
+            if _needs_grad(x, w1, b1, w2, b2):
+                out = _FeedForward.apply(x2d, w1, b1, w2, b2, backend, activation, p, seed, recompute)
+            else:  # inference: no autograd.Function, and no pre-activation stored
+                ops = _OPS[backend]
+                h, _ = ops.call(x2d, w1, b1, activation, False, 0.0, seed)
+                out, _ = ops.call(h, w2, b2, "none", False, p, seed)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], w2.shape[0])
