@@ -372,7 +372,8 @@ def test_eager_call_matches_the_registered_op(fwd, bwd):
 
 def test_direct_when_eager_bypasses_the_dispatcher_only_where_nothing_watches():
     """direct_when_eager calls a Python custom op's own function in plain eager code, and the op itself wherever the
-    dispatcher's work could be seen: a dispatch mode, a torch function mode, the profiler, a tensor subclass."""
+    dispatcher's work could be seen: a dispatch mode, a torch function mode, the profiler, the JIT tracer, a tensor
+    subclass."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastgpt.ops._registration import direct_when_eager
@@ -404,6 +405,9 @@ def test_direct_when_eager_bypasses_the_dispatcher_only_where_nothing_watches():
         with context:
             torch.testing.assert_close(call(arg), x + 1)
         assert ran == [expected], (context, type(arg))
+    ran.clear()
+    torch.jit.trace(call, x, check_trace=False)  # the tracer records the op, not what its function does
+    assert ran == ["op"]
     assert direct_when_eager(torch.ops.aten.add.Tensor) is torch.ops.aten.add.Tensor  # a C++ op: as it is
 
 

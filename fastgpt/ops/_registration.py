@@ -28,9 +28,10 @@ def direct_when_eager(op) -> Callable:
     launchers) pays about 13 us a call in the dispatcher before its function runs (dynamo disabled around it, the
     outputs checked for aliasing; measured on a CPU with the launch itself stubbed out), several times what a small
     kernel takes on a GPU. When nothing could see the dispatcher's work, the function the op wraps is called
-    directly, with the same arguments and results: not under torch.compile (which traces the op), nor under a torch
-    function or dispatch mode (FakeTensorMode, FlopCounterMode, torch.device(...)), nor while the autograd profiler
-    records (it names ops), nor for tensor subclasses (DTensor, wrapper subclasses) other than nn.Parameter.
+    directly, with the same arguments and results: not under torch.compile or torch.jit.trace (which record the op),
+    nor under a torch function or dispatch mode (FakeTensorMode, FlopCounterMode, torch.device(...)), nor while the
+    autograd profiler records (it names ops), nor for tensor subclasses (DTensor, wrapper subclasses) other than
+    nn.Parameter.
     C++ ops (OpOverloads) are returned as they are: their dispatch is the C++ dispatcher's, a few us."""
     import torch
 
@@ -42,8 +43,9 @@ def direct_when_eager(op) -> Callable:
     profiler = torch.autograd.profiler
 
     def call(*args):
-        if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() or profiler._is_profiler_enabled
+        if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+                or profiler._is_profiler_enabled
                 or any(type(a) not in plain for a in args if isinstance(a, torch.Tensor))):
             return op(*args)
         return kernel(*args)
