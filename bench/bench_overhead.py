@@ -4,12 +4,13 @@ the PyTorch call they replace.
     python -m bench.bench_overhead            # on the GPU if there is one, else on CPU
     python -m bench.bench_overhead --quick    # fewer calls
 
-Every op at one small shape (8 rows of GPT-1's widths on a GPU, narrower on a CPU: WIDTHS; attention: one query
-per head over 8 keys), without grad ("fwd") and forward+backward ("fwd+bwd": the backward's host work, autograd's
-included, through torch.autograd.grad). On a GPU the calls are queued back to back and the device synchronized once per batch of
-calls: the kernels are shorter than their launches, so the time per call is the host's, the floor under any call
-of the op in eager mode (decoding a token at a time, small batches). On a CPU it includes the (tiny) kernels.
-The metric is microseconds per call; speedup_vs_best_peer is PyTorch's time over fastgpt's.
+Every op at one small shape (8 rows of GPT-1's widths on a GPU, narrower on a CPU: WIDTHS; attention: one query per
+head over 8 keys), without grad ("fwd") and forward+backward ("fwd+bwd": the backward's host work, autograd's
+included, through torch.autograd.grad). On a GPU the calls are queued back to back and the device synchronized once
+per batch of calls: the kernels are shorter than their launches, so the time per call is the host's, the floor under
+any call of the op in eager mode (decoding a token at a time, small batches). On a CPU it includes the (tiny)
+kernels. Each implementation's output and input gradients are checked against float64 before it is timed. The metric
+is microseconds per call; speedup_vs_best_peer is PyTorch's time over fastgpt's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from fastgpt.ops.attention import scaled_dot_product_attention
 from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
 from fastgpt.ops.linear_gelu import linear_gelu
 
-from .common import Row, chosen_dtypes, environment, fastgpt_backends, finish, standard_parser
+from .common import (GRAD_TOLERANCE, Row, check_gradients, chosen_dtypes, environment, fastgpt_backends, finish,
+                     standard_parser)
 
 ROWS = 8
 # (d_model, d_ff, heads, head dim): GPT-1's on a GPU; on a CPU, where a GPT-1-sized product alone takes half a
@@ -85,7 +87,9 @@ def bench_op(op: str, spec: tuple, dtype: torch.dtype, device: torch.device, imp
     leaves = [t.detach().requires_grad_() for t in tensors]
     with torch.no_grad():
         grad = peer(*tensors)  # the output's gradient in the backward pass: any tensor of its shape and dtype
-    expected = grad.float()
+    exact = [t.detach().double().requires_grad_() for t in tensors]
+    expected = peer(*exact)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
     rows = []
     for impl in impls:
         backend = impl.removeprefix("fastgpt-")
@@ -100,8 +104,10 @@ def bench_op(op: str, spec: tuple, dtype: torch.dtype, device: torch.device, imp
             return torch.autograd.grad(out, leaves, grad)
 
         with fastgpt.use_backend(backend) if impl != "torch-eager" else contextlib.nullcontext():
-            # Validate before timing: the same output as PyTorch's, to the dtype's rounding.
-            torch.testing.assert_close(forward().float(), expected, atol=2e-2, rtol=2e-2)
+            # Validate before timing: the output and the input gradients against float64.
+            tolerance = GRAD_TOLERANCE[dtype]
+            torch.testing.assert_close(forward().double(), expected.detach(), atol=tolerance, rtol=tolerance)
+            check_gradients(f"{impl} {op} {shape} {dtype}", forward_backward(), expected_grads, dtype)
             for pass_, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
                 figures = per_call_us(fn, device, calls)
                 median = statistics.median(figures)

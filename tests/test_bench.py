@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastgpt
-from bench import common, cuda_compile, profile_kernels, readme_table
+from bench import bench_overhead, common, cuda_compile, profile_kernels, readme_table
 from bench.bench_model import flops_per_token
 from bench.bench_seq2seq import step_flops
 from fastgpt.models.gpt1 import GPT1, GPT1Config
@@ -185,6 +185,19 @@ def test_time_calls_queues_gpu_calls_and_reads_their_events_once_per_batch(monke
                                          min_seconds=0.0)
     assert ran == [1.0, 3.0] * 3 and syncs == [6]  # two warm-up calls, then one batch of four, one wait
     assert (median, p20, p80) == (2.0, 1.0, 3.0)
+
+
+def test_overhead_benchmark_checks_then_times_every_op_both_passes(tmp_path):
+    """bench.bench_overhead --quick on this CPU: each op, without grad and forward+backward, for every CPU backend
+    it times and PyTorch, after checking their outputs and gradients."""
+    bench_overhead.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("*/overhead.json")
+    rows = json.loads(result.read_text())["rows"]
+    impls = {f"fastgpt-{name}" for name in common.fastgpt_backends(torch.device("cpu"), False)} | {"torch-eager"}
+    assert {(r["op"], r["pass_"], r["impl"]) for r in rows} == {
+        (op, pass_, impl) for op in ("layer_norm", "add_layer_norm", "linear_gelu", "attention")
+        for pass_ in ("fwd", "fwd+bwd") for impl in impls}
+    assert all(r["unit"] == "us/call" and r["metric"] > 0 for r in rows)
 
 
 def test_quick_runs_keep_out_of_the_recorded_results():
