@@ -156,15 +156,20 @@ if backends.CSRC_LOADED:
                                   torch.ops.fastgpt.linear_gelu_dact.default))
 
 
+def _block(ops: _Ops, x, w1, b1, w2, b2, activation: str, store_pre: bool, dropout_p: float, seed):
+    """The block's two products on one backend's ops: (out, the hidden activation h, pre or empty)."""
+    h, pre = ops.call(x, w1, b1, activation, store_pre, 0.0, seed)
+    out, _ = ops.call(h, w2, b2, "none", False, dropout_p, seed)
+    return out, h, pre
+
+
 class _FeedForward(torch.autograd.Function):
     """The whole block on one backend's ops: its backward fuses act' into the product dz W2 (the `dact` op),
     which per-op autograd of two linear layers cannot express."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, backend: str, activation: str, dropout_p: float, seed, recompute: bool):
-        ops = _OPS[backend]
-        h, pre = ops.call(x, w1, b1, activation, not recompute, 0.0, seed)
-        out, _ = ops.call(h, w2, b2, "none", False, dropout_p, seed)
+        out, h, pre = _block(_OPS[backend], x, w1, b1, w2, b2, activation, not recompute, dropout_p, seed)
         ctx.save_for_backward(x, w1, b1, w2, b2, None if recompute else h, None if recompute else pre, seed)
         ctx.backend, ctx.activation, ctx.dropout_p = backend, activation, dropout_p
         return out
@@ -303,7 +308,5 @@ def _feed_forward(op, x, w1, b1, w2, b2, activation, dropout_p, training, recomp
             if _needs_grad(x, w1, b1, w2, b2):
                 out = _FeedForward.apply(x2d, w1, b1, w2, b2, backend, activation, p, seed, recompute)
             else:  # inference: no autograd.Function, and no pre-activation stored
-                ops = _OPS[backend]
-                h, _ = ops.call(x2d, w1, b1, activation, False, 0.0, seed)
-                out, _ = ops.call(h, w2, b2, "none", False, p, seed)
+                out, _, _ = _block(_OPS[backend], x2d, w1, b1, w2, b2, activation, False, p, seed)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], w2.shape[0])
